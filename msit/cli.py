@@ -1,0 +1,192 @@
+"""The `msit` command line: one entry point, a subcommand per job, `--help` on each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from msit.errors import MsitError
+
+DEFAULT_SYNTH_DIR = "data/synth"
+DEFAULT_PREPARED_DIR = "data/prepared"
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three numbers like 0.8,0.1,0.1, got {text!r}") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three numbers train,val,test, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _add_synth_args(p: argparse.ArgumentParser) -> None:
+    from msit.data.synth import SynthConfig
+
+    d = SynthConfig()
+    p.add_argument("--users", type=int, default=d.users, help="number of users (default %(default)s)")
+    p.add_argument("--items", type=int, default=d.items, help="number of items (default %(default)s)")
+    p.add_argument("--scenes", type=int, default=d.scenes, help="number of scenes, the last one sparse "
+                   "(default %(default)s)")
+    p.add_argument("--events-per-user", type=float, default=d.events_per_user,
+                   help="mean events per user (default %(default)s)")
+    p.add_argument("--sparse-scene-share", type=float, default=d.sparse_scene_share,
+                   help="share of events in the sparse scene (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
+
+
+def _synth_config(args: argparse.Namespace):
+    from msit.data.synth import SynthConfig
+
+    return SynthConfig(users=args.users, items=args.items, scenes=args.scenes, events_per_user=args.events_per_user,
+                       sparse_scene_share=args.sparse_scene_share, seed=args.seed)
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="YAML mapping your columns to roles (see README); inferred when omitted")
+    p.add_argument("--history-length", type=int, default=50, help="past events kept per event (default 50)")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="values seen fewer times in training map to out-of-vocabulary (default 1)")
+    p.add_argument("--split-ratios", type=_ratios, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
+                   help="per-user chronological split when the log has no split column (default 0.8,0.1,0.1)")
+    p.add_argument("--on-bad-rows", choices=["error", "drop"], default="error",
+                   help="stop on invalid rows (default) or drop them and report counts per reason")
+    p.add_argument("--multi-max-len", type=int, default=16, help="values kept per multi-valued feature")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+
+
+def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
+    from msit.data.prepare import PrepareConfig, prepare
+    from msit.data.spec import SceneLogSpec
+    from msit.ray_env import init_ray
+
+    spec = SceneLogSpec.load(args.spec) if args.spec else None
+    cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, history_length=args.history_length,
+                        min_count=args.min_count, split_ratios=args.split_ratios, on_bad_rows=args.on_bad_rows,
+                        multi_max_len=args.multi_max_len, overwrite=args.overwrite)
+    init_ray(num_cpus=args.num_cpus)
+    return prepare(cfg, log=_log)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from msit.data import synth
+
+    info = synth.write(_synth_config(args), args.out, fmt=args.format)
+    print(f"wrote {info['rows']:,} events of {args.users:,} users in scenes {info['scenes']} "
+          f"(sparse: {info['sparse_scene']}) to {args.out}; spec: {Path(args.out) / 'spec.yaml'}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    result = _prepare(args, args.inputs, args.out)
+    counts = result.feature_spec.row_counts
+    print(f"prepared {counts['train']:,} train / {counts['val']:,} val / {counts['test']:,} test rows "
+          f"({counts['input']:,} read, {result.bad_rows.bad_rows:,} dropped) into {args.out}")
+
+
+def cmd_data_movielens(args: argparse.Namespace) -> None:
+    from msit.data import movielens
+
+    rows = movielens.write(args.raw, args.protocol, args.out)
+    print(f"wrote {rows:,} rows ({args.protocol} protocol) to {args.out}")
+
+
+def cmd_data_infer_spec(args: argparse.Namespace) -> None:
+    from msit.data import sources
+    from msit.data.spec import infer_spec
+
+    found = sources.resolve(args.inputs)
+    spec, notes = infer_spec(sources.read_sample(found), where=found.files[0])
+    for note in notes:
+        _log(f"note: {note}")
+    print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from msit.data import synth
+
+    out = Path(args.out)
+    _log(f"== 1. synthetic scene log -> {out / 'synth'}")
+    synth.write(_synth_config(args), out / "synth")
+    _log(f"== 2. msit data prepare -> {out / 'prepared'}")
+    args.spec = str(out / "synth" / "spec.yaml")
+    args.overwrite = True
+    result = _prepare(args, [str(out / "synth")], str(out / "prepared"))
+    spec = result.feature_spec
+    print(f"\nprepared scene log in {out / 'prepared'}:")
+    print(f"  scenes: {', '.join(spec.scenarios)}")
+    print(f"  rows:   {spec.row_counts['train']:,} train / {spec.row_counts['val']:,} val / "
+          f"{spec.row_counts['test']:,} test; history length {spec.history_length}")
+    print(f"  vocab:  {spec.fields['user_id'].vocab_size:,} users, {spec.fields['item_id'].vocab_size:,} items "
+          "(incl. padding and out-of-vocabulary)")
+    print(f"  spec:   {out / 'prepared' / 'feature_spec.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msit", description="Multi-scenario interest transfer on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the main job on built-in synthetic data",
+                          description="Generate a synthetic scene log and prepare it (more steps follow).")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default %(default)s)")
+    _add_synth_args(demo)
+    _add_prepare_args(demo)
+    demo.set_defaults(func=cmd_demo, users=3000)
+
+    data = sub.add_parser("data", help="make, convert and prepare scene logs",
+                          description="Make, convert and prepare scene logs.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+
+    p = data_sub.add_parser("synth", help="write a seeded synthetic scene log",
+                            description="Write a seeded synthetic scene log (Parquet shards or CSV) with spec.yaml.")
+    p.add_argument("--out", default=DEFAULT_SYNTH_DIR, help="output directory (default %(default)s)")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    _add_synth_args(p)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data_sub.add_parser("prepare", help="validate, encode and add behaviour histories (Ray Data)",
+                            description="Read scene logs (Parquet/CSV file, directory or glob; local, s3://, gs://), "
+                            "validate, fit vocabularies, encode, build behaviour histories, split, and write "
+                            "Parquet shards plus feature_spec.json.")
+    p.add_argument("inputs", nargs="+", help="files, directories or globs of scene logs")
+    p.add_argument("--out", default=DEFAULT_PREPARED_DIR, help="output directory (default %(default)s)")
+    _add_prepare_args(p)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data_sub.add_parser("movielens", help="convert raw MovieLens-100K into a scene log",
+                            description="Convert raw MovieLens-100K files into a scene log (age or genre protocol).")
+    p.add_argument("--raw", required=True, help="folder holding u.data, u.user, u.item, u.genre")
+    p.add_argument("--protocol", required=True, choices=["age", "genre"])
+    p.add_argument("--out", required=True, help="output .csv or .parquet file")
+    p.set_defaults(func=cmd_data_movielens)
+
+    p = data_sub.add_parser("infer-spec", help="print the inferred column roles as a YAML spec",
+                            description="Infer which columns play which role and print it as a spec YAML to edit.")
+    p.add_argument("inputs", nargs="+", help="files, directories or globs of scene logs")
+    p.set_defaults(func=cmd_data_infer_spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MsitError as e:
+        print(f"msit: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("msit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

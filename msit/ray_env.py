@@ -1,0 +1,23 @@
+"""Starting or joining Ray, the same way for every command."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start a local
+    one on 127.0.0.1. `num_cpus` only applies to a new local instance."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level="WARNING",
+             **kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = False
