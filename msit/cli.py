@@ -63,13 +63,11 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
     from msit.data.prepare import PrepareConfig, prepare
     from msit.data.spec import SceneLogSpec
-    from msit.ray_env import init_ray
 
     spec = SceneLogSpec.load(args.spec) if args.spec else None
     cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, history_length=args.history_length,
                         min_count=args.min_count, split_ratios=args.split_ratios, on_bad_rows=args.on_bad_rows,
-                        multi_max_len=args.multi_max_len, overwrite=args.overwrite)
-    init_ray(num_cpus=args.num_cpus)
+                        multi_max_len=args.multi_max_len, overwrite=args.overwrite, num_cpus=args.num_cpus)
     return prepare(cfg, log=_log)
 
 

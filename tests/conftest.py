@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"benchmark data not found at {SHARED_DATA}: clone the repo with ../shared beside it")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (start-up costs ~10 s)."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    import ray
+
+    from msit.ray_env import init_ray
+
+    # More logical CPUs than cores, so that Ray Data tasks never wait on each other on a 2-core box.
+    init_ray(num_cpus=4, quiet=True)
+    yield
+    ray.shutdown()
