@@ -88,7 +88,7 @@ def test_shards_feed_torch_batches_with_fixed_shapes(synth_run):
 
 def test_item_and_user_tables_have_one_row_per_key(synth_run):
     log, result = synth_run
-    items, users = _read(result.out / "items"), _read(result.out / "users")
+    items, users = _read(result.out / "items.parquet"), _read(result.out / "users.parquet")
     assert items.item_key.is_unique and len(items) == log.item_id.nunique()
     assert users.user_key.is_unique and len(users) == log.user_id.nunique()
     title = log.drop_duplicates("item_id").set_index(log.drop_duplicates("item_id").item_id.astype(str)).title
