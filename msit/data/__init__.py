@@ -1,0 +1,1 @@
+"""Scene logs: the spec, validation, vocabularies, histories, the prepare pipeline and datasets."""

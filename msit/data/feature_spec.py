@@ -1,0 +1,75 @@
+"""The feature spec: what `msit data prepare` fitted, written beside the processed shards as
+`feature_spec.json`. Training, evaluation and serving read it to size embeddings and to encode
+new requests exactly as the training data was encoded."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msit.data.vocab import Vocabulary
+from msit.errors import MsitError
+
+FEATURE_SPEC_FILE = "feature_spec.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FieldInfo:
+    role: str  # "user" | "item" | "scene" | "context"
+    type: str  # "id" | "categorical" | "numeric" | "multi" | "text"
+    vocab_size: int | None = None
+    mean: float | None = None  # numeric: training mean and std used to standardise
+    std: float | None = None
+    sep: str | None = None  # multi: separator in the raw data
+    max_len: int | None = None  # multi: tokens kept per row
+
+
+@dataclass
+class FeatureSpec:
+    scenarios: list[str]  # scene names; scene_id = position + 2 (0 padding, 1 unknown scene)
+    fields: dict[str, FieldInfo]  # processed column -> what it holds
+    vocabularies: dict[str, list[str]]  # vocab name -> values in index order (incl. <pad>, <oov>)
+    history_length: int
+    row_counts: dict[str, Any]  # input, bad rows dropped per reason, train / val / test
+    source: dict[str, Any] = field(default_factory=dict)  # inputs, the completed scene-log spec, options
+    format_version: int = FORMAT_VERSION
+
+    def vocabulary(self, name: str) -> Vocabulary:
+        return Vocabulary(self.vocabularies[name])
+
+    def scene_index(self, scene: str) -> int:
+        return int(self.vocabulary("scenario").encode(np.array([scene], dtype=object))[0])
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FEATURE_SPEC_FILE
+        write_json_atomic(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> FeatureSpec:
+        path = Path(directory)
+        path = path / FEATURE_SPEC_FILE if path.is_dir() else path
+        if not path.is_file():
+            raise MsitError(f"no {FEATURE_SPEC_FILE} at {directory}: run `msit data prepare` first")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise MsitError(f"{path}: feature spec format {data.get('format_version')} is not supported "
+                            f"(expected {FORMAT_VERSION}); re-run `msit data prepare`")
+        data["fields"] = {k: FieldInfo(**v) for k, v in data["fields"].items()}
+        return cls(**data)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
