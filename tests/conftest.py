@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The benchmark data lives in ../shared/data beside the repo (override with MSIT_SHARED_DATA).
+SHARED_DATA = Path(os.environ.get("MSIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")

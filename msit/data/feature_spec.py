@@ -4,6 +4,7 @@ new requests exactly as the training data was encoded."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -46,6 +47,12 @@ class FeatureSpec:
 
     def scene_index(self, scene: str) -> int:
         return int(self.vocabulary("scenario").encode(np.array([scene], dtype=object))[0])
+
+    def fingerprint(self) -> str:
+        """Identifies the encoding: two specs with one fingerprint map every raw value to the same index."""
+        encoding = {"vocabularies": self.vocabularies, "fields": {k: asdict(v) for k, v in self.fields.items()},
+                    "history_length": self.history_length}
+        return hashlib.sha256(json.dumps(encoding, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FEATURE_SPEC_FILE

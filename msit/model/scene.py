@@ -1,0 +1,29 @@
+"""SceneEncoder: scene awareness g^s, from the scene's embedding, context and description."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from msit.model.config import ModelConfig
+from msit.model.features import FeatureEmbedder
+
+
+class SceneEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_scenes: int, scene_text: np.ndarray | None = None):
+        super().__init__()
+        self.register_buffer("scene_ids", torch.arange(n_scenes) + 2, persistent=False)
+        self.text = None
+        if scene_text is not None:  # frozen embeddings of scene descriptions, (scene vocab, text_dim)
+            self.register_buffer("scene_text", torch.as_tensor(scene_text).float())
+            self.text = nn.Linear(self.scene_text.shape[1], cfg.embed_dim)
+
+    def _scene(self, embed: FeatureEmbedder, ids: torch.Tensor) -> torch.Tensor:
+        out = embed.scene(ids)
+        return out + self.text(self.scene_text[ids]) if self.text is not None else out
+
+    def forward(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        every_scene = self._scene(embed, self.scene_ids)  # (S, d): g^s of each source scene
+        target = self._scene(embed, batch["scene_id"]) + embed.context_repr(batch)  # (B, d): g^t with context
+        return every_scene.expand(len(target), -1, -1), target

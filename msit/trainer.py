@@ -1,0 +1,159 @@
+"""Single-process training without Ray: for tests, debugging and benchmarks.
+
+The step functions (`train_step`, `predict`) are the ones Ray Train's loop calls too, so both paths
+train the same way. Seeded and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from msit.data.feature_spec import FeatureSpec
+from msit.errors import ConfigError, MsitError
+from msit.metrics import scene_metrics
+from msit.model import batch_columns
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 2  # epochs without a better val AUC before stopping
+    seed: int = 0
+    eval_batch_size: int = 4096
+    grad_clip: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
+                              f"weight_decay={self.weight_decay}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch:
+    """One split of a prepared directory as in-memory tensors (the columns models read)."""
+    path = Path(prepared_dir) / split
+    if not path.is_dir():
+        raise MsitError(f"no {split!r} split at {path}: is {prepared_dir} a directory made by `msit data prepare`?")
+    table = pq.read_table(path, columns=batch_columns(spec))
+    out = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        values = column.to_numpy(zero_copy_only=False)
+        if values.dtype == object:  # fixed-length list columns (histories, multi-valued features)
+            values = np.stack(values)
+        out[name] = torch.as_tensor(values)
+    return out
+
+
+def iterate(data: Batch, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+            ) -> Iterator[Batch]:
+    n = len(data["label"])
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        yield {k: v[index] for k, v in data.items()}
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Binary cross-entropy, plus the model's own regulariser (the transfer-attention KL) if any."""
+    output = model(batch)
+    loss = nn.functional.binary_cross_entropy_with_logits(output.logits, batch["label"].float())
+    return loss + output.regularization if output.regularization is not None else loss
+
+
+def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float = 5.0) -> float:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Batch, batch_size: int = 4096) -> np.ndarray:
+    """Probabilities for every row, in order."""
+    model.eval()
+    chunks = [torch.sigmoid(model(batch).logits.float()) for batch in iterate(data, batch_size)]
+    return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: nn.Module, data: Batch, spec: FeatureSpec, batch_size: int = 4096) -> dict:
+    probs = predict(model, data, batch_size)
+    names = {i + 2: s for i, s in enumerate(spec.scenarios)}
+    return scene_metrics(data["label"].numpy(), probs, data["scene_id"].numpy(), data["user_id"].numpy(), names)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on embeddings, norms and biases: decay would shrink rare ids towards zero.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed" not in name and "embedding" not in name else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val: dict
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_auc, val_logloss, per scene
+    seconds: float = 0.0
+
+
+def fit(model: nn.Module, train: Batch, val: Batch, spec: FeatureSpec, cfg: TrainConfig,
+        log: Callable[[str], None] = print, progress: bool = False) -> FitResult:
+    """Train with early stopping on val AUC; the model ends with its best epoch's weights."""
+    seed_everything(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    best_auc, best_state, best_epoch, best_val, history = -1.0, None, 0, {}, []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        losses = []
+        batches = iterate(train, cfg.batch_size, shuffle=True, generator=generator)
+        total = (len(train["label"]) + cfg.batch_size - 1) // cfg.batch_size
+        for batch in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False):
+            losses.append(train_step(model, batch, optimizer, cfg.grad_clip))
+        metrics = evaluate(model, val, spec, cfg.eval_batch_size)
+        val_auc = metrics["overall"]["auc"]
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auc": val_auc,
+                        "val_logloss": metrics["overall"]["logloss"],
+                        "val_scene_auc": {s: m["auc"] for s, m in metrics["scenes"].items()}})
+        log(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val AUC {val_auc:.4f}, "
+            f"val log loss {metrics['overall']['logloss']:.4f}")
+        if val_auc > best_auc:
+            best_auc, best_epoch, best_val = val_auc, epoch, metrics
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            log(f"early stop: no better val AUC for {cfg.patience} epochs; best epoch {best_epoch}")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(best_epoch, best_val, history, time.perf_counter() - start)

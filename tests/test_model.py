@@ -1,0 +1,141 @@
+"""MSIT and the baselines as plain PyTorch modules: shapes, masking, explanations, configs, save/load."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from msit.errors import ConfigError, MsitError
+from msit.model import FAMILIES, FUSIONS, ModelConfig, build_model
+from msit.model_dir import load_model_dir, save_model_dir
+from tests.model_helpers import HISTORY, SCENES, item_table, random_batch, tiny_spec
+
+SPEC = tiny_spec()
+
+
+def _model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(embed_dim=16, **kwargs), SPEC, item_table())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gives_one_finite_logit_per_row_and_trains(family):
+    model = _model(family=family)
+    batch = random_batch(12)
+    out = model(batch)
+    assert out.logits.shape == (12,) and torch.isfinite(out.logits).all()
+    nn_loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logits, batch["label"].float())
+    nn_loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_every_fusion_and_head_count_runs_forward_and_backward(fusion, heads):
+    model = _model(fusion=fusion, interest_heads=heads, transfer_heads=heads)
+    out = model(random_batch(8))
+    out.logits.sum().backward()
+    assert out.transfer_attention.shape == (8, len(SCENES))
+    assert out.behaviour_attention.shape == (8, len(SCENES), HISTORY)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_explanations_are_distributions():
+    model = _model().eval()
+    batch = random_batch(32)
+    out = model(batch)
+    assert (out.transfer_attention >= 0).all()
+    assert torch.allclose(out.transfer_attention.sum(-1), torch.ones(32), atol=1e-5)
+    behaviour = out.behaviour_attention  # per scene: sums to 1 where that scene has history, else 0
+    in_scene = (batch["history_scene_ids"][:, None, :] == torch.arange(2, 5)[None, :, None]) & \
+        (batch["history_item_ids"][:, None, :] != 0)
+    sums = behaviour.sum(-1)
+    assert (behaviour >= 0).all()
+    assert torch.allclose(sums[in_scene.any(-1)], torch.ones(int(in_scene.any(-1).sum())), atol=1e-5)
+    assert (sums[~in_scene.any(-1)] == 0).all()
+    assert (behaviour[~in_scene] == 0).all()  # padding and other scenes' events are never attended
+
+
+def test_padding_never_changes_the_score():
+    model = _model().eval()
+    batch = random_batch(16, history_lengths=[3] * 16)
+    noisy = dict(batch)
+    for key in ("history_labels", "history_time_gaps"):
+        noisy[key] = batch[key].clone()
+        noisy[key][:, 3:] = 1  # garbage in the padded slots
+    assert torch.equal(model(batch).logits, model(noisy).logits)
+
+
+def test_no_history_or_history_in_one_scene_gives_finite_scores():
+    model = _model().eval()
+    empty = random_batch(4, history_lengths=[0, 0, 0, 0])
+    assert torch.isfinite(model(empty).logits).all()
+    one_scene = random_batch(4, history_lengths=[6, 6, 6, 6])
+    one_scene["history_scene_ids"][:] = 2
+    out = model(one_scene)
+    assert torch.isfinite(out.logits).all()
+    assert (out.behaviour_attention[:, 1:].sum(-1) == 0).all()
+
+
+def test_unknown_scene_and_unknown_ids_still_score():
+    batch = random_batch(4)
+    batch["scene_id"][:] = 1
+    batch["user_id"][:] = 1
+    batch["item_id"][:] = 1
+    for family in FAMILIES:
+        assert torch.isfinite(_model(family=family).eval()(batch).logits).all()
+
+
+def test_same_seed_same_model_and_scores():
+    batch = random_batch(8)
+    a, b = _model(seed=3).eval(), _model(seed=3).eval()
+    assert torch.equal(a(batch).logits, b(batch).logits)
+    assert not torch.equal(a(batch).logits, _model(seed=4).eval()(batch).logits)
+
+
+def test_history_truncation_uses_the_most_recent_events():
+    model = _model(history_length=2).eval()
+    batch = random_batch(8, history_lengths=[6] * 8)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["history_item_ids"][:, 2:] = 5  # older than the two kept events
+    assert torch.equal(model(batch).logits, model(changed).logits)
+
+
+def test_transfer_kl_regulariser_only_when_weighted():
+    assert _model()(random_batch(4)).regularization is None
+    reg = _model(transfer_kl_weight=0.5)(random_batch(4)).regularization
+    assert reg is not None and reg.item() >= 0
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"embed_dim": 30, "interest_heads": 4}, "embed_dim 30 is not divisible by interest_heads 4"),
+    ({"transfer_heads": 3}, "embed_dim 32 is not divisible by transfer_heads 3"),
+    ({"fusion": "max"}, r"fusion must be one of \['attention', 'concat', 'gate', 'sum'\], got 'max'"),
+    ({"family": "din"}, "family must be one of"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+    ({"transfer_layers": 0}, "transfer_layers must be at least 1"),
+])
+def test_invalid_configs_are_refused_with_a_message(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_then_load_gives_identical_scores(tmp_path, family):
+    model = _model(family=family).eval()
+    batch = random_batch(16)
+    cfg = ModelConfig(embed_dim=16, family=family)
+    save_model_dir(tmp_path / "m", model, cfg, SPEC, {"note": "test"})
+    loaded = load_model_dir(tmp_path / "m")
+    assert dataclasses.asdict(loaded.config) == dataclasses.asdict(cfg)
+    assert loaded.info == {"note": "test"}
+    assert torch.equal(loaded.model(batch).logits, model(batch).logits)
+    save_model_dir(tmp_path / "m", model, cfg, SPEC)  # replacing an existing directory works
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["feature_spec.json", "model.json",
+                                                                   "model.safetensors"]
+
+
+def test_loading_a_non_model_directory_says_what_is_missing(tmp_path):
+    with pytest.raises(MsitError, match=r"missing \['model.safetensors', 'model.json', 'feature_spec.json'\]"):
+        load_model_dir(tmp_path)
