@@ -58,6 +58,8 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--multi-max-len", type=int, default=16, help="values kept per multi-valued feature")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+    p.add_argument("--encoding-from", metavar="DIR", help="encode with the vocabularies of this model or prepared "
+                   "directory instead of fitting new ones (to evaluate or fine-tune a model on new logs)")
 
 
 def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
@@ -67,7 +69,8 @@ def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
     spec = SceneLogSpec.load(args.spec) if args.spec else None
     cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, history_length=args.history_length,
                         min_count=args.min_count, split_ratios=args.split_ratios, on_bad_rows=args.on_bad_rows,
-                        multi_max_len=args.multi_max_len, overwrite=args.overwrite, num_cpus=args.num_cpus)
+                        multi_max_len=args.multi_max_len, overwrite=args.overwrite, num_cpus=args.num_cpus,
+                        encoding_from=getattr(args, "encoding_from", None))
     return prepare(cfg, log=_log)
 
 
@@ -108,6 +111,26 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from msit.data.feature_spec import FeatureSpec
+    from msit.metrics import format_table
+    from msit.model_dir import load_model_dir
+    from msit.trainer import evaluate, load_split
+
+    loaded = load_model_dir(args.model)
+    data_spec = FeatureSpec.load(args.data)
+    if data_spec.fingerprint() != loaded.spec.fingerprint():
+        raise MsitError(f"{args.data} was encoded with other vocabularies than the model {args.model}; "
+                        f"prepare the logs with `msit data prepare LOGS --encoding-from {args.model}`")
+    metrics = evaluate(loaded.model, load_split(args.data, args.split, loaded.spec), loaded.spec)
+    print(f"{loaded.config.family} on {args.data} ({args.split}):")
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from msit.data import synth
 
@@ -138,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_args(demo)
     _add_prepare_args(demo)
     demo.set_defaults(func=cmd_demo, users=3000)
+
+    p = sub.add_parser("evaluate", help="per-scene AUC, log loss and GAUC of a model directory",
+                       description="Score a prepared split with a model directory and print the per-scene table.")
+    p.add_argument("--model", required=True, help="model directory (model.safetensors, model.json, feature_spec.json)")
+    p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make, convert and prepare scene logs",
                           description="Make, convert and prepare scene logs.")

@@ -26,3 +26,17 @@ def ray_session():
     init_ray(num_cpus=4, quiet=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_prepared(ray_session, tmp_path_factory):
+    """A small synthetic scene log, prepared once for the session: (log dir, prepared dir)."""
+    from msit.data import synth
+    from msit.data.prepare import PrepareConfig, prepare
+    from msit.data.spec import SceneLogSpec
+
+    root = tmp_path_factory.mktemp("small")
+    synth.write(synth.SynthConfig(users=400, items=300, events_per_user=25, seed=11), root / "log", progress=False)
+    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"), history_length=10,
+                          spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
+    return root / "log", root / "prepared"

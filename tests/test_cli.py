@@ -8,7 +8,7 @@ import pytest
 
 from msit.cli import main
 
-COMMANDS = [[], ["demo"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "movielens"],
+COMMANDS = [[], ["demo"], ["evaluate"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "movielens"],
             ["data", "infer-spec"]]
 
 

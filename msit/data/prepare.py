@@ -28,6 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
+from msit.config import from_dict
 from msit.data import sources as src
 from msit.data.feature_spec import FeatureSpec, FieldInfo
 from msit.data.history import add_histories, assign_split
@@ -40,7 +41,7 @@ from msit.data.validate import (
     drop_bad_rows,
     summarize_bad_rows,
 )
-from msit.data.vocab import Encoders, count_batch, encode_batch, multi_fields
+from msit.data.vocab import Encoders, count_batch, encode_batch, encoders_from_feature_spec, multi_fields
 from msit.errors import ConfigError, DataValidationError
 from msit.ray_env import init_ray
 
@@ -57,6 +58,7 @@ class PrepareConfig:
     multi_max_len: int = 16  # tokens kept per multi-valued feature
     num_partitions: int | None = None  # of the per-user shuffle; default from the row count
     num_cpus: int | None = None  # of a new local Ray instance, if Ray is not running yet
+    encoding_from: str | None = None  # a model or prepared directory: reuse its encoding instead of fitting one
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -113,6 +115,10 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     sources = src.resolve(cfg.inputs)
     sample = src.read_sample(sources)
     check_not_empty(len(sample), sources.describe())  # the sample reads on until it finds rows
+    reused = FeatureSpec.load(cfg.encoding_from) if cfg.encoding_from else None
+    if reused is not None:  # the same roles and features as the data the encoding was fitted on
+        cfg.history_length = reused.history_length
+        cfg.spec = from_dict(SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec")
     spec, notes = infer_spec(sample, cfg.spec, where=sources.files[0])
     for note in notes:
         log(f"      note: {note}")
@@ -151,11 +157,15 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
         steps.start(f"using the split column {spec.columns['split']!r}")
     good = good.materialize()
 
-    steps.start("fitting vocabularies on the training split")
-    counts = good.map_batches(count_batch, batch_format="pandas", fn_kwargs={"spec": spec})
-    counts = counts.groupby(["field", "value"], num_partitions=_partitions(cfg, total_rows)).sum("count")
-    counts = counts.to_pandas().rename(columns={"sum(count)": "count"})
-    encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
+    if reused is not None:
+        steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")
+        encoders = encoders_from_feature_spec(reused)
+    else:
+        steps.start("fitting vocabularies on the training split")
+        counts = good.map_batches(count_batch, batch_format="pandas", fn_kwargs={"spec": spec})
+        counts = counts.groupby(["field", "value"], num_partitions=_partitions(cfg, total_rows)).sum("count")
+        counts = counts.to_pandas().rename(columns={"sum(count)": "count"})
+        encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
     if len(encoders.vocabularies["item_id"]) <= 2:
         raise DataValidationError("the training split is empty: no rows have split == 'train'")
     for col, n in encoders.multi_truncated.items():

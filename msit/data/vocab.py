@@ -126,6 +126,14 @@ class Encoders:
         return cls(vocabularies, stats, max_len, truncated)
 
 
+def encoders_from_feature_spec(spec) -> Encoders:
+    """The encoders of an earlier `prepare` (e.g. a model's), to encode new logs exactly the same way."""
+    vocabularies = {name: Vocabulary(values) for name, values in spec.vocabularies.items()}
+    stats = {c: {"mean": f.mean, "std": f.std} for c, f in spec.fields.items() if f.type == "numeric"}
+    max_len = {c: f.max_len for c, f in spec.fields.items() if f.type == "multi"}
+    return Encoders(vocabularies, stats, max_len, {c: 0 for c in max_len})
+
+
 # Lookup indexes per fitted Encoders object, built once per Ray worker process, not per batch.
 _INDEX_CACHE: dict[str, dict[str, pd.Index]] = {}
 

@@ -71,6 +71,12 @@ class FeatureEmbedder(nn.Module):
             for role in ("user", "item", "context") if fields_of(spec, role, "numeric")})
         self.fields = {role: {kind: fields_of(spec, role, kind) for kind in ("categorical", "multi", "numeric")}
                        for role in ("user", "item", "context")}
+        # Small initial embeddings: at N(0, 1), id embeddings barely move within a few epochs of AdamW.
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.05)
+                with torch.no_grad():
+                    module.weight[0].zero_()
 
         # The item table: persistent buffers, so a saved model carries it.
         n_items = spec.fields["item_id"].vocab_size
