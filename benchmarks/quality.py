@@ -2,8 +2,9 @@
 
 Trains every model on split == train, chooses the epoch on val only (early stopping on val AUC),
 reports test AUC / log loss / GAUC overall and per scene, over several seeds, single process.
-Writes benchmarks/results/quality.json after every run, so an interrupted run resumes where it
-stopped (runs already in the JSON with the same settings are skipped).
+Writes benchmarks/results/quality.json ({protocol: {model: summary}}) and quality_runs.json (settings,
+every run with its per-epoch history) after every run, so an interrupted benchmark resumes where it
+stopped: runs already recorded with the same settings are skipped.
 
     python benchmarks/quality.py [--seeds 3] [--protocols genre age] [--models msit star ...]
 """
@@ -57,6 +58,36 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def write_reports(report: dict, out: Path, runs_path: Path) -> None:
+    """quality.json: {protocol: {model: summary}}; quality_runs.json: the settings and every run."""
+    by: dict[str, dict[str, list]] = {}
+    for r in report["runs"]:
+        by.setdefault(r["protocol"], {}).setdefault(r["model"], []).append(r)
+    summary = {p: {m: summarize(rs) for m, rs in models.items()} for p, models in by.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    runs_path.write_text(json.dumps(report, indent=1))
+
+
+def markdown_table(report: dict, protocols: list[str]) -> str:
+    lines = []
+    for protocol in protocols:
+        results = report.get(protocol, {})
+        if not results:
+            continue
+        scenes = list(next(iter(results.values()))["scenarios"])
+        header = ["model", "AUC", "log loss", "GAUC", *(f"AUC {s}" for s in scenes), "seeds", "train s"]
+        lines += [f"**{protocol}** (test, mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
+                  "|---" * len(header) + "|"]
+        for family, r in sorted(results.items(), key=lambda kv: -kv[1]["overall_auc_mean"]):
+            per_scene = " | ".join(f"{r['scenarios'][s]['auc_mean']:.4f}" for s in scenes)
+            lines.append(f"| {family} | {r['overall_auc_mean']:.4f} ± {r['overall_auc_std']:.4f} | "
+                         f"{r['overall_logloss_mean']:.4f} | {r['gauc_mean']:.4f} | {per_scene} | "
+                         f"{len(r['seeds'])} | {r['train_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -65,15 +96,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"), help="prepared data")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    parser.add_argument("--table", action="store_true", help="print the results as a markdown table and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text()), args.protocols))
+        return
     torch.set_num_threads(args.threads)
 
     out = Path(args.out)
-    report = json.loads(out.read_text()) if out.is_file() else {}
+    runs_path = out.with_name("quality_runs.json")  # every run in full: settings, per-epoch history, test metrics
+    report = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
+    if not report and out.is_file() and "runs" in json.loads(out.read_text()):  # older single-file layout
+        report = json.loads(out.read_text())
     settings = {"model": MODEL, "train": TRAIN, "threads": args.threads}
     if report.get("settings") != settings:
         report = {"settings": settings, "runs": []}
     done = {(r["protocol"], r["model"], r["seed"]) for r in report["runs"]}
+    write_reports(report, out, runs_path)
 
     for protocol in args.protocols:
         data = prepared_dir(protocol, Path(args.cache))
@@ -95,17 +134,12 @@ def main() -> None:
                 report["runs"].append({"protocol": protocol, "model": family, "seed": seed, "test": test,
                                        "val_auc": result.best_val["overall"]["auc"], "best_epoch": result.best_epoch,
                                        "train_s": result.seconds, "history": result.history})
-                by = {}
-                for r in report["runs"]:
-                    by.setdefault(r["protocol"], {}).setdefault(r["model"], []).append(r)
-                for p, models in by.items():
-                    report[p] = {m: summarize(rs) for m, rs in models.items()}
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps(report, indent=1))
+                write_reports(report, out, runs_path)
 
+    summary = json.loads(out.read_text())
     for protocol in args.protocols:
         print(f"\n{protocol}: mean test AUC over seeds (std)")
-        for family, s in sorted(report.get(protocol, {}).items(), key=lambda kv: -kv[1]["overall_auc_mean"]):
+        for family, s in sorted(summary.get(protocol, {}).items(), key=lambda kv: -kv[1]["overall_auc_mean"]):
             print(f"  {family:18s} {s['overall_auc_mean']:.4f} ({s['overall_auc_std']:.4f})  "
                   f"logloss {s['overall_logloss_mean']:.4f}  GAUC {s['gauc_mean']:.4f}  seeds {s['seeds']}")
 

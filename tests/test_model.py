@@ -104,8 +104,12 @@ def test_history_truncation_uses_the_most_recent_events():
 
 def test_transfer_kl_regulariser_only_when_weighted():
     assert _model()(random_batch(4)).regularization is None
-    reg = _model(transfer_kl_weight=0.5)(random_batch(4)).regularization
-    assert reg is not None and reg.item() >= 0
+    model = _model(transfer_kl_weight=0.5, dropout=0.5).train()  # weights stay distributions in training too
+    out = model(random_batch(16))
+    assert torch.allclose(out.transfer_attention.sum(-1), torch.ones(16), atol=1e-5)
+    p = out.transfer_attention.clamp(min=1e-8)
+    expected = 0.5 * (p * (p / (1 / len(SCENES))).log()).sum(-1).mean()
+    assert out.regularization.item() == pytest.approx(expected.item(), rel=1e-5) and out.regularization.item() > 0
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -177,3 +177,14 @@ def test_refuses_to_overwrite_and_bad_options(tmp_path):
         PrepareConfig(inputs=["x"], out="y", split_ratios=(0.5, 0.1, 0.1))
     with pytest.raises(ConfigError, match="on_bad_rows"):
         PrepareConfig(inputs=["x"], out="y", on_bad_rows="ignore")
+
+
+def test_filesystem_uris_take_the_pyarrow_filesystem_path(ray_session, tmp_path):
+    """file:// goes through pyarrow's filesystem resolution, the same code path as s3:// and gs://."""
+    _write_csv(tmp_path / "part-0.csv", _log_rows())
+    result = prepare(PrepareConfig(inputs=[f"file://{tmp_path}/part-*.csv"], out=str(tmp_path / "out"),
+                                   spec=SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category",
+                                                              "label": "clicked"}), history_length=4),
+                     log=lambda _: None)
+    assert result.feature_spec.row_counts["input"] == 60
+    assert result.feature_spec.source["files"] == 1

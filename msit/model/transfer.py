@@ -13,14 +13,17 @@ class TransferLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.embed_dim
-        self.attention = nn.MultiheadAttention(d, cfg.transfer_heads, dropout=cfg.dropout, batch_first=True)
+        # Dropout on the attention's output, not on its weights: the weights are the explanation (and the
+        # KL regulariser's input), and must stay a distribution over scenes while training too.
+        self.attention = nn.MultiheadAttention(d, cfg.transfer_heads, batch_first=True)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d))
 
     def forward(self, query: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # query (B, 1, d), fused (B, S, d) -> new query (B, 1, d), weights (B, S) averaged over heads
         attended, weights = self.attention(query, fused, fused, need_weights=True, average_attn_weights=True)
-        query = self.norm1(query + attended)
+        query = self.norm1(query + self.dropout(attended))
         return self.norm2(query + self.ffn(query)), weights[:, 0]
 
 
