@@ -153,6 +153,26 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(metrics, indent=1))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from msit.ray_env import init_ray
+    from msit.ray_train import TrainRunConfig, run_training
+
+    cfg = TrainRunConfig.load(args.config)
+    for name, value in (("data", args.data), ("output", args.output)):
+        if value:
+            setattr(cfg, name, value)
+    if args.num_workers:
+        cfg.scaling.num_workers = args.num_workers
+    if args.epochs:
+        cfg.train.epochs = args.epochs
+    if args.name:
+        cfg.run.name = args.name
+    if args.storage_path:
+        cfg.run.storage_path = args.storage_path
+    init_ray(num_cpus=args.num_cpus)
+    run_training(cfg, log=_log)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from msit.data import synth
 
@@ -183,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_args(demo)
     _add_prepare_args(demo)
     demo.set_defaults(func=cmd_demo, users=3000)
+
+    p = sub.add_parser("train", help="data-parallel training on Ray Train",
+                       description="Train a model on Ray Train (DDP over N workers, CPU or GPU) from a YAML config; "
+                       "checkpoints every epoch and exports the best by val AUC as a model directory. Running the "
+                       "same config (run name and storage path) again resumes an interrupted run.")
+    p.add_argument("--config", required=True, help="YAML: data, output, model, train, scaling, run")
+    p.add_argument("--data", help="override: prepared directory")
+    p.add_argument("--output", help="override: where the best model directory goes")
+    p.add_argument("--num-workers", type=int, help="override: Ray Train workers")
+    p.add_argument("--epochs", type=int, help="override: epochs")
+    p.add_argument("--name", help="override: run name (a new name starts a fresh run)")
+    p.add_argument("--storage-path", help="override: checkpoint storage (local, NFS, s3://, gs://)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="per-scene AUC, log loss and GAUC of a model directory",
                        description="Score a prepared split with a model directory and print the per-scene table.")

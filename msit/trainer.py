@@ -87,10 +87,14 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss + output.regularization if output.regularization is not None else loss
 
 
-def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float = 5.0) -> float:
+def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float = 5.0,
+               amp_dtype: torch.dtype | None = None) -> float:
+    """One optimizer step; `amp_dtype` (e.g. torch.bfloat16 on GPU) runs the forward pass under autocast."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = loss_fn(model, batch)
+    device_type = batch["label"].device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        loss = loss_fn(model, batch)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -101,7 +105,9 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
 def predict(model: nn.Module, data: Batch, batch_size: int = 4096) -> np.ndarray:
     """Probabilities for every row, in order."""
     model.eval()
-    chunks = [torch.sigmoid(model(batch).logits.float()) for batch in iterate(data, batch_size)]
+    device = next(model.parameters()).device
+    chunks = [torch.sigmoid(model({k: v.to(device) for k, v in batch.items()}).logits.float()).cpu()
+              for batch in iterate(data, batch_size)]
     return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
 
 

@@ -8,8 +8,8 @@ import pytest
 
 from msit.cli import main
 
-COMMANDS = [[], ["demo"], ["evaluate"], ["data"], ["data", "synth"], ["data", "prepare"], ["data", "movielens"],
-            ["data", "infer-spec"], ["data", "embed-text"]]
+COMMANDS = [[], ["demo"], ["train"], ["evaluate"], ["data"], ["data", "synth"], ["data", "prepare"],
+            ["data", "movielens"], ["data", "infer-spec"], ["data", "embed-text"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "msit")

@@ -1,0 +1,173 @@
+"""Data-parallel training on Ray Train: the edge where Ray meets msit.
+
+`run_training` builds a `TorchTrainer` whose workers run `train_loop_per_worker`: each reads its
+shard of the prepared training split (Ray Data, `iter_torch_batches`), wraps the model in DDP with
+`prepare_model`, and calls the same `train_step` as the single-process trainer. Rank 0 evaluates on
+the validation split every epoch and attaches a checkpoint: a model directory (weights in
+safetensors, config, feature spec) plus the optimizer state and the epoch. A restarted worker
+group resumes from the latest checkpoint, the epoch counter continuing. The best checkpoint by val
+AUC is exported as a self-contained model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+
+from msit.config import from_dict, load_yaml
+from msit.data.feature_spec import FeatureSpec
+from msit.errors import ConfigError, MsitError
+from msit.model import ModelConfig, batch_columns, build_for_data
+from msit.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
+from msit.trainer import TrainConfig, evaluate, load_split, make_optimizer, seed_everything, train_step
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class ScalingSpec:
+    num_workers: int = 2
+    use_gpu: bool | str = "auto"  # True, False, or "auto": use GPUs when the cluster has any
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunSpec:
+    name: str = "msit"  # the same name and storage path resume a run (Ray's own semantics)
+    storage_path: str = "runs/ray_results"  # local path, NFS or s3:// / gs:// shared by all nodes
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # best by val AUC (Ray also keeps the latest)
+
+
+@dataclass
+class TrainRunConfig:
+    data: str  # a prepared directory (msit data prepare)
+    output: str  # where the best model directory is exported
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainRunConfig:
+        return from_dict(cls, load_yaml(path), where=str(path))
+
+
+def _use_gpu(setting: bool | str) -> bool:
+    if setting == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"scaling.use_gpu must be true, false or auto, got {setting!r}")
+
+
+def _save_checkpoint(directory: Path, model, cfg: TrainRunConfig, spec: FeatureSpec, optimizer, state: dict) -> None:
+    save_model_dir(directory, model, cfg.model, spec, {"train": state})
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg: TrainRunConfig = config["cfg"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    seed_everything(cfg.train.seed)
+    spec = FeatureSpec.load(cfg.data)
+    device = ray.train.torch.get_device()
+    model = build_for_data(cfg.model, cfg.data, spec)
+    optimizer_model = model
+    first_epoch, best_auc, best_epoch = 1, -1.0, 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
+        with checkpoint.as_directory() as directory:
+            model.load_state_dict(load_model_dir(directory).model.state_dict())
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+            optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True)
+        first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(optimizer_model, cfg.train)
+    if checkpoint is not None:
+        optimizer.load_state_dict(optimizer_state)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    val = load_split(cfg.data, "val", spec) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(first_epoch, cfg.train.epochs + 1):
+        losses = []
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
+                                              local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                              local_shuffle_seed=cfg.train.seed + epoch):
+            losses.append(train_step(model, batch, optimizer, cfg.train.grad_clip, amp))
+        metrics = {"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1)}
+        stop = torch.zeros(1, device=device)
+        if rank == 0:
+            evaluation = evaluate(optimizer_model, val, spec)
+            metrics |= {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
+                        **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+            if metrics["val_auc"] > best_auc:
+                best_auc, best_epoch = metrics["val_auc"], epoch
+            stop[0] = float(epoch - best_epoch >= cfg.train.patience)
+            state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics}
+            with tempfile.TemporaryDirectory() as directory:
+                _save_checkpoint(Path(directory), optimizer_model, cfg, spec, optimizer, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        if context.get_world_size() > 1:  # every rank stops at the same epoch
+            torch.distributed.broadcast(stop, src=0)
+        if stop.item():
+            break
+
+
+def run_training(cfg: TrainRunConfig, log=print) -> Path:
+    """Fit on Ray Train and export the best checkpoint to `cfg.output`; returns that directory."""
+    spec = FeatureSpec.load(cfg.data)
+    if not (Path(cfg.data) / "train").is_dir():
+        raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
+    train = ray.data.read_parquet(str(Path(cfg.data) / "train"), columns=batch_columns(spec))
+    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve())
+            if "://" not in cfg.run.storage_path else cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_auc",
+                                                         checkpoint_score_order="max")),
+        datasets={"train": train},
+    )
+    log(f"training {cfg.model.family} on {cfg.scaling.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+        f"run {cfg.run.name!r} in {cfg.run.storage_path}")
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_auc", mode="max")
+    if best is None:
+        raise MsitError(f"run {cfg.run.name!r} finished without a checkpoint")
+    with best.as_directory() as directory:
+        export = Path(cfg.output)
+        staging = Path(tempfile.mkdtemp(dir=export.parent if export.parent.exists() else None))
+        for name in (WEIGHTS_FILE, CONFIG_FILE, "feature_spec.json"):
+            shutil.copy2(Path(directory) / name, staging / name)
+    loaded = load_model_dir(staging)  # re-save through the one writer: atomic, and proves it loads
+    save_model_dir(export, loaded.model, loaded.config, loaded.spec, loaded.info)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"best epoch {loaded.info['train']['best_epoch']} (val AUC {loaded.info['train']['best_val_auc']:.4f}) "
+        f"exported to {export}")
+    return export
+
+
