@@ -12,6 +12,7 @@ AUC is exported as a self-contained model directory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class RunSpec:
     storage_path: str = "runs/ray_results"  # local path, NFS or s3:// / gs:// shared by all nodes
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # best by val AUC (Ray also keeps the latest)
+    kill_worker_after_epoch: int | None = None  # fault drill: the last worker dies once after this epoch
 
 
 @dataclass
@@ -86,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = build_for_data(cfg.model, cfg.data, spec)
     optimizer_model = model
-    first_epoch, best_auc, best_epoch = 1, -1.0, 0
+    first_epoch, best_auc, best_epoch, history = 1, -1.0, 0, []
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
@@ -95,10 +97,13 @@ def train_loop_per_worker(config: dict) -> None:
             state = json.loads((Path(directory) / STATE_FILE).read_text())
             optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True)
         first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]
+        history = state["history"]
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(optimizer_model, cfg.train)
     if checkpoint is not None:
         optimizer.load_state_dict(optimizer_state)
+    if rank == 0:
+        print(f"[msit] attempt starts at epoch {first_epoch}", flush=True)
     amp = torch.bfloat16 if device.type == "cuda" else None
     val = load_split(cfg.data, "val", spec) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
@@ -118,7 +123,9 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics["val_auc"] > best_auc:
                 best_auc, best_epoch = metrics["val_auc"], epoch
             stop[0] = float(epoch - best_epoch >= cfg.train.patience)
-            state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics}
+            history.append({**metrics, "first_epoch_of_attempt": first_epoch})
+            state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics,
+                     "history": history}
             with tempfile.TemporaryDirectory() as directory:
                 _save_checkpoint(Path(directory), optimizer_model, cfg, spec, optimizer, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -128,6 +135,19 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.broadcast(stop, src=0)
         if stop.item():
             break
+        _fault_drill(cfg, context, epoch)
+
+
+def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
+    """With run.kill_worker_after_epoch set, the last worker process dies hard, once per run."""
+    drill = cfg.run.kill_worker_after_epoch
+    if drill is None or epoch != drill or context.get_world_rank() != context.get_world_size() - 1:
+        return
+    marker = Path(cfg.run.storage_path) / cfg.run.name / ".fault_drill_done"
+    if not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed after epoch {epoch}")
+        os._exit(1)
 
 
 def run_training(cfg: TrainRunConfig, log=print) -> Path:
@@ -137,7 +157,14 @@ def run_training(cfg: TrainRunConfig, log=print) -> Path:
         raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
     train = ray.data.read_parquet(str(Path(cfg.data) / "train"), columns=batch_columns(spec))
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
+    cpus = cfg.scaling.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 0)
+    if cfg.scaling.num_workers * cpus > total - 1:
+        # Workers holding every CPU starve Ray Data's read tasks and the run hangs silently: keep one free.
+        cpus = max(total - 1, 0.1 * cfg.scaling.num_workers) / cfg.scaling.num_workers
+        log(f"note: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
+            f"on this {total:g}-CPU cluster; using {cpus:.2f} CPU per worker")
+    resources = {"CPU": cpus, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
@@ -166,8 +193,52 @@ def run_training(cfg: TrainRunConfig, log=print) -> Path:
     loaded = load_model_dir(staging)  # re-save through the one writer: atomic, and proves it loads
     save_model_dir(export, loaded.model, loaded.config, loaded.spec, loaded.info)
     shutil.rmtree(staging, ignore_errors=True)
+    with result.checkpoint.as_directory() as directory:  # the latest checkpoint holds the whole history
+        history = json.loads((Path(directory) / STATE_FILE).read_text())["history"]
+    write_run_outputs(history, run_outputs_dir(cfg))
+    log(f"per-epoch metrics, TensorBoard logs and curves.png in {run_outputs_dir(cfg)}")
     log(f"best epoch {loaded.info['train']['best_epoch']} (val AUC {loaded.info['train']['best_val_auc']:.4f}) "
         f"exported to {export}")
     return export
 
 
+
+
+def run_outputs_dir(cfg: TrainRunConfig) -> Path:
+    output = Path(cfg.output)
+    return output.with_name(f"{output.name}_training")
+
+
+def write_run_outputs(history: list[dict], directory: Path) -> None:
+    """metrics.json / metrics.csv (one row per epoch), TensorBoard event files and curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from tensorboardX import SummaryWriter
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps(history, indent=1))
+    frame = pd.DataFrame(history)
+    frame.to_csv(directory / "metrics.csv", index=False)
+    with SummaryWriter(str(directory / "tensorboard")) as writer:
+        for row in history:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, int | float):
+                    writer.add_scalar(key, value, row["epoch"])
+
+    fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_ax.plot(frame["epoch"], frame["train_loss"], marker="o")
+    loss_ax.set(title="train loss", xlabel="epoch", ylabel="BCE")
+    for column in [c for c in frame.columns if c.startswith("val_auc")]:
+        label = "overall" if column == "val_auc" else column.split("/", 1)[1]
+        auc_ax.plot(frame["epoch"], frame[column], marker="o", label=label, linewidth=2.5 if label == "overall" else 1)
+    auc_ax.set(title="validation AUC by scene", xlabel="epoch", ylabel="AUC")
+    auc_ax.legend()
+    for ax in (loss_ax, auc_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    fig.savefig(directory / "curves.png", dpi=110)
+    plt.close(fig)
