@@ -11,6 +11,7 @@ AUC is exported as a self-contained model directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -150,8 +151,15 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
         os._exit(1)
 
 
+def _absolute(path: str) -> str:
+    """Workers run in their own working directory: local paths must be absolute (URIs stay as they are)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def run_training(cfg: TrainRunConfig, log=print) -> Path:
     """Fit on Ray Train and export the best checkpoint to `cfg.output`; returns that directory."""
+    cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), output=_absolute(cfg.output),
+                              run=dataclasses.replace(cfg.run, storage_path=_absolute(cfg.run.storage_path)))
     spec = FeatureSpec.load(cfg.data)
     if not (Path(cfg.data) / "train").is_dir():
         raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
@@ -171,8 +179,7 @@ def run_training(cfg: TrainRunConfig, log=print) -> Path:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve())
-            if "://" not in cfg.run.storage_path else cfg.run.storage_path,
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute="val_auc",

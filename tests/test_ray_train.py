@@ -40,9 +40,11 @@ def test_two_workers_learn_and_export_the_best_checkpoint(small_prepared, tmp_pa
     assert any((outputs / "tensorboard").iterdir())
 
 
-def test_a_dead_worker_resumes_from_the_checkpoint_not_from_epoch_one(small_prepared, tmp_path):
+def test_a_dead_worker_resumes_from_the_checkpoint_not_from_epoch_one(small_prepared, tmp_path, monkeypatch):
     _, prepared = small_prepared
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user writes them in a config: workers run elsewhere
     cfg = _config(prepared, tmp_path, "fault-drill", epochs=3, max_failures=1, kill_worker_after_epoch=2)
+    cfg.output, cfg.run.storage_path = "model", "ray_results"
     run_training(cfg, log=lambda _: None)
     assert (tmp_path / "ray_results" / "fault-drill" / ".fault_drill_done").is_file()  # a worker really died
     history = json.loads((run_outputs_dir(cfg) / "metrics.json").read_text())
