@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from msit.data.vocab import Vocabulary
 from msit.errors import MsitError
 
@@ -44,9 +42,6 @@ class FeatureSpec:
 
     def vocabulary(self, name: str) -> Vocabulary:
         return Vocabulary(self.vocabularies[name])
-
-    def scene_index(self, scene: str) -> int:
-        return int(self.vocabulary("scenario").encode(np.array([scene], dtype=object))[0])
 
     def fingerprint(self) -> str:
         """Identifies the encoding: two specs with one fingerprint map every raw value to the same index."""

@@ -51,12 +51,6 @@ class FeatureGroup:
     def columns(self) -> list[str]:
         return [*self.categorical, *self.numeric, *self.multi, *self.text]
 
-    def type_of(self, column: str) -> str:
-        for kind in FEATURE_TYPES:
-            if column in getattr(self, kind):
-                return kind
-        raise KeyError(column)
-
     def is_empty(self) -> bool:
         return not self.columns()
 
