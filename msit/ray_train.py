@@ -23,6 +23,7 @@ import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
+from safetensors.torch import load_file
 
 from msit.config import from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
@@ -94,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
         with checkpoint.as_directory() as directory:
-            model.load_state_dict(load_model_dir(directory).model.state_dict())
+            model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
             state = json.loads((Path(directory) / STATE_FILE).read_text())
             optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True)
         first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +116,10 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     sample = src.read_sample(sources)
     check_not_empty(len(sample), sources.describe())  # the sample reads on until it finds rows
     reused = FeatureSpec.load(cfg.encoding_from) if cfg.encoding_from else None
-    if reused is not None:  # the same roles and features as the data the encoding was fitted on
-        cfg.history_length = reused.history_length
-        cfg.spec = from_dict(SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec")
+    if reused is not None:  # the same roles and features as the data the encoding was fitted on (the
+        # caller's config is left as it was)
+        cfg = replace(cfg, history_length=reused.history_length, spec=from_dict(
+            SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec"))
     spec, notes = infer_spec(sample, cfg.spec, where=sources.files[0])
     for note in notes:
         log(f"      note: {note}")
@@ -151,11 +152,11 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
 
     if "split" not in spec.columns:
         steps.start(f"splitting each user's events chronologically {cfg.split_ratios}")
+        # Materialised: the split feeds two passes (vocabularies, encoding) and the shuffle must run once.
         good = good.groupby("user_id", num_partitions=_partitions(cfg, total_rows)).map_groups(
-            assign_split, batch_format="numpy", fn_kwargs={"ratios": cfg.split_ratios})
+            assign_split, batch_format="numpy", fn_kwargs={"ratios": cfg.split_ratios}).materialize()
     else:
         steps.start(f"using the split column {spec.columns['split']!r}")
-    good = good.materialize()
 
     if reused is not None:
         steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")

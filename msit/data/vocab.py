@@ -64,9 +64,10 @@ def count_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
         parts.append(pd.DataFrame({"field": field_name, "value": counts.index.astype(str),
                                    "count": counts.to_numpy(dtype="float64")}))
 
+    multi = multi_fields(spec)
     for col in vocab_fields(spec):
-        if col in multi_fields(spec):
-            tokens = multi_tokens(train[col], multi_fields(spec)[col])
+        if col in multi:
+            tokens = multi_tokens(train[col], multi[col])
             add(_LEN + col, tokens.map(len).value_counts())
             add(col, tokens.explode().dropna().value_counts())
         else:
