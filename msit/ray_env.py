@@ -13,9 +13,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    kwargs = {} if address else {"num_cpus": num_cpus, "include_dashboard": False}
-    ray.init(address=address, log_to_driver=not quiet, configure_logging=True, logging_level="WARNING",
-             **kwargs)
+    # "local", not None: ray.init(None) would join whatever cluster /tmp/ray last recorded, even a dead one.
+    kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus, "include_dashboard": False}
+    ray.init(log_to_driver=not quiet, configure_logging=True, logging_level="WARNING", **kwargs)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -88,8 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.train.seed)
     spec = FeatureSpec.load(cfg.data)
     device = ray.train.torch.get_device()
-    model = build_for_data(cfg.model, cfg.data, spec)
-    optimizer_model = model
+    model = build_for_data(cfg.model, cfg.data, spec)  # the bare module: checkpoints and evaluation use it
     first_epoch, best_auc, best_epoch, history = 1, -1.0, 0, []
 
     checkpoint = ray.train.get_checkpoint()
@@ -100,8 +99,8 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True)
         first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]
         history = state["history"]
-    model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(optimizer_model, cfg.train)
+    ddp_model = ray.train.torch.prepare_model(model)  # DDP-wrapped (when world size > 1): training steps use it
+    optimizer = make_optimizer(model, cfg.train)
     if checkpoint is not None:
         optimizer.load_state_dict(optimizer_state)
     if rank == 0:
@@ -115,11 +114,11 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
                                               local_shuffle_buffer_size=4 * cfg.train.batch_size,
                                               local_shuffle_seed=cfg.train.seed + epoch):
-            losses.append(train_step(model, batch, optimizer, cfg.train.grad_clip, amp))
+            losses.append(train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp))
         metrics = {"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1)}
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            evaluation = evaluate(optimizer_model, val, spec)
+            evaluation = evaluate(model, val, spec)
             metrics |= {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
                         **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
             if metrics["val_auc"] > best_auc:
@@ -129,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
             state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics,
                      "history": history}
             with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(Path(directory), optimizer_model, cfg, spec, optimizer, state)
+                _save_checkpoint(Path(directory), model, cfg, spec, optimizer, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         else:
             ray.train.report(metrics, checkpoint=None)
