@@ -154,24 +154,55 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(metrics, indent=1))
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from msit.ray_env import init_ray
-    from msit.ray_train import TrainRunConfig, run_training
-
-    cfg = TrainRunConfig.load(args.config)
-    for name, value in (("data", args.data), ("output", args.output)):
-        if value:
-            setattr(cfg, name, value)
-    if args.num_workers:
-        cfg.scaling.num_workers = args.num_workers
+def _apply_run_overrides(cfg, args: argparse.Namespace) -> None:
+    """Command-line overrides shared by train and tune configs."""
+    for name in ("data", "output"):
+        if getattr(args, name):
+            setattr(cfg, name, getattr(args, name))
     if args.epochs:
         cfg.train.epochs = args.epochs
     if args.name:
         cfg.run.name = args.name
     if args.storage_path:
         cfg.run.storage_path = args.storage_path
+    if args.use_gpu:
+        cfg.scaling.use_gpu = {"true": True, "false": False}.get(args.use_gpu, args.use_gpu)
+
+
+def _add_run_overrides(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", help="override: prepared directory")
+    p.add_argument("--output", help="override: where the best model directory goes")
+    p.add_argument("--epochs", type=int, help="override: epochs" + (" (most per trial)" if what == "search" else ""))
+    p.add_argument("--name", help=f"override: {what} name (a new name starts afresh; the same one resumes)")
+    p.add_argument("--storage-path", help="override: checkpoint storage (local, NFS, s3://, gs://)")
+    p.add_argument("--use-gpu", choices=["auto", "true", "false"],
+                   help="override: GPUs for Train workers. Use true on an autoscaling cluster whose GPU nodes may be "
+                   "scaled to zero: auto decides from the GPUs present when the job starts")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from msit.ray_env import init_ray
+    from msit.ray_train import TrainRunConfig, run_training
+
+    cfg = TrainRunConfig.load(args.config)
+    _apply_run_overrides(cfg, args)
+    if args.num_workers:
+        cfg.scaling.num_workers = args.num_workers
     init_ray(num_cpus=args.num_cpus)
     run_training(cfg, log=_log)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from msit.ray_env import init_ray
+    from msit.ray_tune import TuneRunConfig, run_search
+
+    cfg = TuneRunConfig.load(args.config)
+    _apply_run_overrides(cfg, args)
+    if args.max_concurrent_trials:
+        cfg.search.max_concurrent_trials = args.max_concurrent_trials
+    init_ray(num_cpus=args.num_cpus)
+    run_search(cfg, log=_log)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -228,14 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoints every epoch and exports the best by val AUC as a model directory. Running the "
                        "same config (run name and storage path) again resumes an interrupted run.")
     p.add_argument("--config", required=True, help="YAML: data, output, model, train, scaling, run")
-    p.add_argument("--data", help="override: prepared directory")
-    p.add_argument("--output", help="override: where the best model directory goes")
+    _add_run_overrides(p, "run")
     p.add_argument("--num-workers", type=int, help="override: Ray Train workers")
-    p.add_argument("--epochs", type=int, help="override: epochs")
-    p.add_argument("--name", help="override: run name (a new name starts a fresh run)")
-    p.add_argument("--storage-path", help="override: checkpoint storage (local, NFS, s3://, gs://)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="architecture search on Ray Tune (heads, fusion, width, ...)",
+                       description="Search model and training settings on Ray Tune from a YAML config: every trial "
+                       "trains on Ray Train, ASHA stops weak trials early. Writes trials.csv, best_config.yaml and "
+                       "heatmap.png to <output>_search/ and exports the best trial's model to <output>. Running "
+                       "the same config (search name and storage path) again resumes an interrupted search.")
+    p.add_argument("--config", required=True, help="YAML: data, output, model, train, scaling, search, run")
+    _add_run_overrides(p, "search")
+    p.add_argument("--max-concurrent-trials", type=int, help="override: trials running at once")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="per-scene AUC, log loss and GAUC of a model directory",
                        description="Score a prepared split with a model directory and print the per-scene table.")

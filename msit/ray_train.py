@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class ScalingSpec:
     use_gpu: bool | str = "auto"  # True, False, or "auto": use GPUs when the cluster has any
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    torch_threads: int | None = None  # intra-op threads per worker; None: Ray's default (the worker's CPUs)
 
 
 @dataclass
@@ -85,6 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: TrainRunConfig = config["cfg"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
     seed_everything(cfg.train.seed)
     spec = FeatureSpec.load(cfg.data)
     device = ray.train.torch.get_device()
@@ -110,12 +114,18 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     for epoch in range(first_epoch, cfg.train.epochs + 1):
-        losses = []
+        losses, samples = [], 0
+        started_at, started = time.time(), time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
                                               local_shuffle_buffer_size=4 * cfg.train.batch_size,
                                               local_shuffle_seed=cfg.train.seed + epoch):
             losses.append(train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp))
-        metrics = {"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1)}
+            samples += len(batch["label"])
+        # Throughput of the training pass alone (validation and checkpointing excluded), over all workers.
+        samples = _sum_over_workers(samples, device, context.get_world_size())
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1), "train_samples": samples,
+                   "train_seconds": seconds, "train_samples_per_s": samples / seconds, "epoch_started_at": started_at}
         stop = torch.zeros(1, device=device)
         if rank == 0:
             evaluation = evaluate(model, val, spec)
@@ -139,6 +149,14 @@ def train_loop_per_worker(config: dict) -> None:
         _fault_drill(cfg, context, epoch)
 
 
+def _sum_over_workers(value: int, device: torch.device, world_size: int) -> int:
+    if world_size == 1:
+        return value
+    total = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
 def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
     """With run.kill_worker_after_epoch set, the last worker process dies hard, once per run."""
     drill = cfg.run.kill_worker_after_epoch
@@ -156,59 +174,71 @@ def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def run_training(cfg: TrainRunConfig, log=print) -> Path:
-    """Fit on Ray Train and export the best checkpoint to `cfg.output`; returns that directory."""
-    cfg = dataclasses.replace(cfg, data=_absolute(cfg.data), output=_absolute(cfg.output),
-                              run=dataclasses.replace(cfg.run, storage_path=_absolute(cfg.run.storage_path)))
+def resolve_paths(cfg):
+    """Local paths of a train or tune config (data, output, run.storage_path) made absolute for workers."""
+    return dataclasses.replace(cfg, data=_absolute(cfg.data), output=_absolute(cfg.output),
+                               run=dataclasses.replace(cfg.run, storage_path=_absolute(cfg.run.storage_path)))
+
+
+def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget: float | None = None,
+                 log=print) -> TorchTrainer:
+    """The TorchTrainer of a run. `cpu_budget`: the cluster CPUs this run may hold (default all of them;
+    Tune gives each concurrent trial its share)."""
     spec = FeatureSpec.load(cfg.data)
     if not (Path(cfg.data) / "train").is_dir():
         raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
     train = ray.data.read_parquet(str(Path(cfg.data) / "train"), columns=batch_columns(spec))
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
-    cpus = cfg.scaling.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 0)
-    if cfg.scaling.num_workers * cpus > total - 1:
+    cpus, workers = cfg.scaling.cpus_per_worker, cfg.scaling.num_workers
+    budget = ray.cluster_resources().get("CPU", 0) if cpu_budget is None else cpu_budget
+    if workers * cpus > budget - 1:
         # Workers holding every CPU starve Ray Data's read tasks and the run hangs silently: keep one free.
-        cpus = max(total - 1, 0.1 * cfg.scaling.num_workers) / cfg.scaling.num_workers
-        log(f"note: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
-            f"on this {total:g}-CPU cluster; using {cpus:.2f} CPU per worker")
+        cpus = max(budget - 1, 0.1 * workers) / workers
+        log(f"note: {workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
+            f"of the {budget:g} this run may use; using {cpus:.2f} CPU per worker")
     resources = {"CPU": cpus, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
-    trainer = TorchTrainer(
+    log(f"training {cfg.model.family} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+        f"run {cfg.run.name!r} in {cfg.run.storage_path}")
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute="val_auc",
                                                          checkpoint_score_order="max")),
         datasets={"train": train},
     )
-    log(f"training {cfg.model.family} on {cfg.scaling.num_workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-        f"run {cfg.run.name!r} in {cfg.run.storage_path}")
-    result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_auc", mode="max")
-    if best is None:
-        raise MsitError(f"run {cfg.run.name!r} finished without a checkpoint")
-    with best.as_directory() as directory:
-        export = Path(cfg.output)
+
+
+def export_checkpoint(checkpoint: ray.train.Checkpoint, export: Path) -> dict:
+    """Copy a checkpoint's model directory (not the optimizer) to `export`; returns its training info."""
+    with checkpoint.as_directory() as directory:
         staging = Path(tempfile.mkdtemp(dir=export.parent if export.parent.exists() else None))
         for name in (WEIGHTS_FILE, CONFIG_FILE, "feature_spec.json"):
             shutil.copy2(Path(directory) / name, staging / name)
     loaded = load_model_dir(staging)  # re-save through the one writer: atomic, and proves it loads
     save_model_dir(export, loaded.model, loaded.config, loaded.spec, loaded.info)
     shutil.rmtree(staging, ignore_errors=True)
+    return loaded.info["train"]
+
+
+def run_training(cfg: TrainRunConfig, log=print) -> Path:
+    """Fit on Ray Train and export the best checkpoint to `cfg.output`; returns that directory."""
+    cfg = resolve_paths(cfg)
+    result = make_trainer(cfg, log=log).fit()
+    best = result.get_best_checkpoint(metric="val_auc", mode="max")
+    if best is None:
+        raise MsitError(f"run {cfg.run.name!r} finished without a checkpoint")
+    info = export_checkpoint(best, Path(cfg.output))
     with result.checkpoint.as_directory() as directory:  # the latest checkpoint holds the whole history
         history = json.loads((Path(directory) / STATE_FILE).read_text())["history"]
     write_run_outputs(history, run_outputs_dir(cfg))
     log(f"per-epoch metrics, TensorBoard logs and curves.png in {run_outputs_dir(cfg)}")
-    log(f"best epoch {loaded.info['train']['best_epoch']} (val AUC {loaded.info['train']['best_val_auc']:.4f}) "
-        f"exported to {export}")
-    return export
-
-
+    log(f"best epoch {info['best_epoch']} (val AUC {info['best_val_auc']:.4f}) exported to {cfg.output}")
+    return Path(cfg.output)
 
 
 def run_outputs_dir(cfg: TrainRunConfig) -> Path:
@@ -232,7 +262,7 @@ def write_run_outputs(history: list[dict], directory: Path) -> None:
     with SummaryWriter(str(directory / "tensorboard")) as writer:
         for row in history:
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, int | float):
+                if key not in ("epoch", "epoch_started_at") and isinstance(value, int | float):
                     writer.add_scalar(key, value, row["epoch"])
 
     fig, (loss_ax, auc_ax) = plt.subplots(1, 2, figsize=(10, 4))
