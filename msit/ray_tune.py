@@ -148,25 +148,30 @@ def _sample(rng: random.Random, domain: Any) -> Any:
 
 
 def _optuna_space(cfg: TuneRunConfig):
-    """Define-by-run: head counts are offered only among those dividing the sampled width."""
+    """Define-by-run: head counts are offered only among those dividing the sampled width.
+
+    Optuna needs a fixed set of choices per parameter name, so a head count is sampled under a name
+    per width (`heads@32`) and returned under its own name; `_params` drops the per-width names."""
     space = cfg.search.space
 
-    def define(trial) -> None:
-        embed_dim = trial.suggest_categorical("embed_dim", space["embed_dim"]) if "embed_dim" in space \
+    def define(trial) -> dict[str, Any]:
+        width = trial.suggest_categorical("embed_dim", space["embed_dim"]) if "embed_dim" in space \
             else cfg.model.embed_dim
+        heads = {}
         for name, domain in space.items():
             if name == "embed_dim":
                 continue
             if name in (HEADS, "interest_heads", "transfer_heads"):
-                fits = [h for h in domain if embed_dim % h == 0]
+                fits = [h for h in domain if width % h == 0]
                 if not fits:
-                    raise ConfigError(f"search.space.{name}: no head count in {domain} divides width {embed_dim}")
-                trial.suggest_categorical(name, fits)
+                    raise ConfigError(f"search.space.{name}: no head count in {domain} divides width {width}")
+                heads[name] = trial.suggest_categorical(f"{name}@{width}", fits)
             elif _is_choices(domain):
                 trial.suggest_categorical(name, domain)
             else:
                 kind, lo, hi = _range(domain)
                 trial.suggest_float(name, lo, hi, log=kind == "log_uniform")
+        return heads
 
     return define
 
@@ -237,7 +242,10 @@ def _optuna_searcher(cfg: TuneRunConfig):
 
 
 def _params(config: dict) -> dict:
-    return dict(config["params"]) if "params" in config else dict(config)
+    """A trial's searched params: grid/random nest them under "params"; Optuna's are flat."""
+    if "params" in config:
+        return dict(config["params"])
+    return {k: v for k, v in config.items() if "@" not in k}
 
 
 def trials_table(results) -> pd.DataFrame:

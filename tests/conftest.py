@@ -40,3 +40,20 @@ def small_prepared(ray_session, tmp_path_factory):
     prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"), history_length=10,
                           spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
     return root / "log", root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def small_model(small_prepared, tmp_path_factory):
+    """A small MSIT model trained for one epoch on `small_prepared` (single process): (model dir, prepared dir)."""
+    from msit.data.feature_spec import FeatureSpec
+    from msit.model import ModelConfig, build_for_data
+    from msit.model_dir import save_model_dir
+    from msit.trainer import TrainConfig, fit, load_split
+
+    _, prepared = small_prepared
+    spec = FeatureSpec.load(prepared)
+    config = ModelConfig(embed_dim=16, mlp_dims=(32,))
+    model = build_for_data(config, prepared, spec)
+    fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
+        TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
+    return save_model_dir(tmp_path_factory.mktemp("model") / "model", model, config, spec), prepared

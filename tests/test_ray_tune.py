@@ -38,6 +38,26 @@ def test_invalid_combinations_are_pruned_before_running(tmp_path):
     assert expand_space(random_cfg) == (trials, pruned)  # seeded
 
 
+def test_optuna_only_offers_head_counts_that_divide_the_sampled_width(tmp_path):
+    optuna = pytest.importorskip("optuna", reason="optuna is in the test extra")  # installed by `make test`
+    from msit.ray_tune import _optuna_searcher, _optuna_space, _params
+
+    cfg = _search("unused", tmp_path, algorithm="optuna", space={
+        "embed_dim": [12, 16], "heads": [1, 3, 4, 8], "dropout": {"uniform": [0.0, 0.3]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    define = _optuna_space(cfg)
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        returned = define(trial)  # as Ray's OptunaSearch builds a config: the suggestions, then what define returns
+        params = _params({**trial.params, **returned})
+        width, heads = params["embed_dim"], params["heads"]
+        assert width % heads == 0 and 0.0 <= params["dropout"] <= 0.3 and set(params) == set(cfg.search.space)
+        seen.add((width, heads))
+    assert {(12, 3), (16, 8)} <= seen  # both widths, each with a head count only it allows
+    assert _optuna_searcher(cfg) is not None
+
+
 @pytest.mark.parametrize("search, message", [
     ({"space": {"hedas": [1, 2]}}, "unknown parameter(s) ['hedas']"),
     ({"space": {"heads": 4}}, "search.space.heads: expected a non-empty list"),
@@ -75,6 +95,12 @@ def test_a_small_search_reports_every_trial_and_exports_a_model_that_retrains(sm
 
     best_yaml = yaml.safe_load((out / "best_config.yaml").read_text())
     assert best_yaml["model"]["interest_heads"] == best["heads"] and best_yaml["model"]["fusion"] == best["fusion"]
+    # The same name and storage path resume: here every trial had finished, so nothing reruns.
+    logs.clear()
+    run_search(cfg, log=logs.append)
+    assert any(line.startswith("resuming search 'search'") for line in logs)
+    assert pd.read_csv(out / "trials.csv").drop(columns="checkpoint_path").equals(table.drop(columns="checkpoint_path"))
+
     retrain = TrainRunConfig.load(out / "best_config.yaml")
     retrain.train.epochs = 1
     retrained = load_model_dir(run_training(retrain, log=lambda _: None))

@@ -1,0 +1,249 @@
+"""Scoring requests with a model directory: encoding, batching, explanations. No Ray, no HTTP.
+
+A request names raw ids (as in the scene logs); the scorer encodes them with the model's own
+vocabularies (unknown users and items become out-of-vocabulary, and still get a score), builds the
+user's behaviour history (from the request, or else from the history store) exactly as `msit data
+prepare` builds it, and scores every candidate. Several requests are scored in one forward pass.
+A client's mistake raises `RequestError`, naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from msit.data.vocab import OOV, PAD
+from msit.model.features import fields_of
+from msit.model_dir import WEIGHTS_FILE, load_model_dir
+from msit.ranking import scene_catalogues
+from msit.serving.history_store import HistoryStore, UserRecord
+
+TOP_HISTORY = 5  # past events listed per candidate in an explanation
+
+
+class RequestError(ValueError):
+    """A client's mistake: `field` is the path of the offending field in the request body."""
+
+    def __init__(self, field: tuple[str | int, ...], message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+@dataclass
+class Scored:
+    scores: list[float]
+    explanations: list[dict] | None = None
+    oov_ids: int = 0  # unknown user/candidate ids in the request (they were scored as out-of-vocabulary)
+    ids: int = 0
+
+
+@dataclass
+class _Encoded:
+    """One request, encoded: what every candidate row shares, and the candidates."""
+    shared: dict[str, np.ndarray]  # user, scene, context and history tensors of one row
+    item_ids: np.ndarray  # (C,)
+    oov_ids: int
+    ids: int
+    explain: bool
+    history_keys: list[tuple[str, str]] = field(default_factory=list)  # (item id, scenario) per history slot
+
+
+def normalize_key(value: Any) -> str:
+    """Ids as the vocabularies hold them: 7, 7.0 and "7" are one id."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+class Scorer:
+    def __init__(self, model_dir: str | Path, store: HistoryStore | None = None, max_candidates: int = 1000,
+                 device: str | torch.device = "cpu", catalogue_from: str | Path | None = None):
+        loaded = load_model_dir(model_dir, device)
+        self.model, self.config, self.spec, self.info = loaded.model, loaded.config, loaded.spec, loaded.info
+        self.device = torch.device(device)
+        self.store, self.max_candidates = store, max_candidates
+        self.model_dir = str(model_dir)
+        self.version = hashlib.sha256((Path(model_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
+        self._index = {name: pd.Index(values[2:]) for name, values in self.spec.vocabularies.items()}
+        self._items = np.asarray(self.spec.vocabularies["item_id"], dtype=object)
+        self.scenes = {name: i + 2 for i, name in enumerate(self.spec.scenarios)}
+        self._user_fields = [c for kind in ("categorical", "multi", "numeric")
+                             for c in fields_of(self.spec, "user", kind)]
+        self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
+        self.catalogues = _catalogues(catalogue_from) if catalogue_from else {}
+
+    # -- encoding ------------------------------------------------------------------------------------------------
+
+    def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
+        found = self._index[vocab].get_indexer([normalize_key(k) for k in keys])
+        return np.where(found >= 0, found + 2, OOV).astype(np.int64)
+
+    def _scene(self, name: Any, where: tuple) -> int:
+        if name not in self.scenes:
+            raise RequestError(where, f"unknown scenario {name!r}; the model knows {list(self.scenes)}")
+        return self.scenes[name]
+
+    def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray]:
+        unknown = sorted(set(context) - set(self._context_fields))
+        if unknown:
+            raise RequestError(("context", unknown[0]), f"unknown context feature {unknown[0]!r}; the model "
+                               f"reads {sorted(self._context_fields) or 'no context features'}")
+        out = {}
+        for name, info in self._context_fields.items():
+            value = context.get(name)
+            if info.type == "numeric":
+                if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                    raise RequestError(("context", name), f"context feature {name!r} must be a number, got {value!r}")
+                out[name] = np.float32(0.0 if value is None else (float(value) - info.mean) / (info.std or 1.0))
+            elif info.type == "multi":
+                tokens = [] if value is None else value if isinstance(value, list) else str(value).split(info.sep)
+                ids = self._encode_ids(name, tokens)[: info.max_len]
+                out[name] = np.pad(ids, (0, info.max_len - len(ids)))
+            else:
+                out[name] = np.int64(PAD if value is None else self._encode_ids(name, [value])[0])
+        return out
+
+    def _history(self, request: dict, record: UserRecord | None, now: int) -> tuple[dict[str, np.ndarray], list]:
+        """The history tensors of the request's moment: events strictly before `now`, most recent first."""
+        n = self.spec.history_length
+        if request.get("history") is not None:
+            events = request["history"]
+            items = self._encode_ids("item_id", [e["item_id"] for e in events])
+            scenes = np.array([self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)],
+                              dtype=np.int64)
+            labels = np.array([int(e.get("label", 1)) for e in events], dtype=np.int64)
+            stamps = np.array([int(e["timestamp"]) for e in events], dtype=np.int64)
+            order = np.argsort(-stamps, kind="stable")  # the request lists them in any order
+            items, scenes, labels, stamps = items[order], scenes[order], labels[order], stamps[order]
+        elif record is not None:
+            items, scenes, labels, stamps = record.item_ids, record.scene_ids, record.labels, record.timestamps
+        else:
+            items = scenes = labels = stamps = np.zeros(0, dtype=np.int64)
+        earlier = np.flatnonzero(stamps < now)[:n]
+        items, scenes, labels, stamps = items[earlier], scenes[earlier], labels[earlier], stamps[earlier]
+        k = len(items)
+
+        def pad(values: np.ndarray) -> np.ndarray:
+            return np.pad(values.astype(np.int64), (0, n - k))
+
+        keys = [(str(self._items[i]), self.spec.scenarios[s - 2]) for i, s in zip(items, scenes, strict=True)]
+        return {"history_item_ids": pad(items), "history_scene_ids": pad(scenes), "history_labels": pad(labels),
+                "history_time_gaps": pad(now - stamps), "history_length": np.int64(k)}, keys
+
+    def encode(self, request: dict) -> _Encoded:
+        """Raises RequestError for a client's mistake; unknown ids are not mistakes (they are out-of-vocabulary)."""
+        candidates = request["candidates"]
+        if not candidates:
+            raise RequestError(("candidates",), "candidates is empty: give at least one item id")
+        if len(candidates) > self.max_candidates:
+            raise RequestError(("candidates",), f"at most {self.max_candidates} candidates per request, "
+                               f"got {len(candidates)}")
+        scene = self._scene(request["scenario"], ("scenario",))
+        user_key = normalize_key(request["user_id"])
+        record = self.store.user(user_key) if self.store is not None else None
+        user_id = self._encode_ids("user_id", [user_key])[0]
+        now = int(request.get("timestamp") or time.time())
+        history, keys = self._history(request, record, now)
+        shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene), **history,
+                  **self._context(request.get("context") or {})}
+        for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
+            info = self.spec.fields[name]
+            default = np.zeros(info.max_len, np.int64) if info.type == "multi" else \
+                np.float32(0.0) if info.type == "numeric" else np.int64(PAD)
+            shared[name] = record.features.get(name, default) if record is not None else default
+        item_ids = self._encode_ids("item_id", candidates)
+        oov = int((item_ids == OOV).sum()) + int(user_id == OOV)
+        return _Encoded(shared, item_ids, oov, len(candidates) + 1, bool(request.get("explain")), keys)
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score_encoded(self, encoded: list[_Encoded]) -> list[Scored]:
+        """All requests in one forward pass."""
+        if not encoded:
+            return []
+        counts = [len(e.item_ids) for e in encoded]
+        batch = {name: torch.as_tensor(np.repeat(np.stack([np.asarray(e.shared[name]) for e in encoded]), counts,
+                                                 axis=0)).to(self.device)
+                 for name in encoded[0].shared}
+        batch["item_id"] = torch.as_tensor(np.concatenate([e.item_ids for e in encoded])).to(self.device)
+        output = self.model(batch)
+        scores = torch.sigmoid(output.logits.float()).cpu().numpy()
+        out, start = [], 0
+        for e, count in zip(encoded, counts, strict=True):
+            rows = slice(start, start + count)
+            explanations = self._explain(output, rows, e) if e.explain else None
+            out.append(Scored(scores[rows].tolist(), explanations, e.oov_ids, e.ids))
+            start += count
+        return out
+
+    def score(self, requests: list[dict]) -> list[Scored | RequestError]:
+        """Each request's result, or its RequestError; one bad request does not fail the others."""
+        encoded: list[_Encoded | RequestError] = []
+        for request in requests:
+            try:
+                encoded.append(self.encode(request))
+            except RequestError as error:
+                encoded.append(error)
+        scored = iter(self.score_encoded([e for e in encoded if isinstance(e, _Encoded)]))
+        return [e if isinstance(e, RequestError) else next(scored) for e in encoded]
+
+    def _explain(self, output, rows: slice, encoded: _Encoded) -> list[dict]:
+        """Per candidate: the transfer attention over scenes, and the past events that weighed most."""
+        if output.transfer_attention is None:
+            return [{} for _ in range(rows.stop - rows.start)]
+        transfer = output.transfer_attention[rows].float().cpu().numpy()  # (C, S)
+        explanations = []
+        for c in range(len(transfer)):
+            item = {"transfer_attention": {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}}
+            if output.behaviour_attention is not None and encoded.history_keys:
+                # An event's weight: its scene's transfer weight x its weight within that scene's interest.
+                behaviour = output.behaviour_attention[rows][c].float().cpu().numpy()  # (S, N)
+                weights = (transfer[c][:, None] * behaviour).sum(0)[: len(encoded.history_keys)]
+                top = np.argsort(-weights, kind="stable")[:TOP_HISTORY]
+                item["top_history"] = [{"item_id": encoded.history_keys[i][0], "scenario": encoded.history_keys[i][1],
+                                        "position": int(i), "weight": float(weights[i])} for i in top]
+            explanations.append(item)
+        return explanations
+
+    def recommend(self, request: dict) -> tuple[list[dict], int]:
+        """The top k of the scene's catalogue (items seen there in training); and the catalogue size."""
+        scene = self._scene(request["scenario"], ("scenario",))
+        catalogue = self.catalogues.get(scene, np.zeros(0, dtype=np.int64))
+        if request.get("exclude_seen", True) and self.store is not None:
+            record = self.store.user(normalize_key(request["user_id"]))
+            if record is not None:
+                catalogue = catalogue[~np.isin(catalogue, record.item_ids)]
+        if len(catalogue) == 0:
+            return [], 0
+        probe = {**request, "candidates": [0], "explain": False}  # encodes everything but the items
+        encoded = self.encode(probe)
+        encoded.item_ids = catalogue
+        scores = np.asarray(self.score_encoded([encoded])[0].scores)
+        top = np.argsort(-scores, kind="stable")[: request["k"]]
+        return [{"item_id": str(self._items[catalogue[i]]), "score": float(scores[i])} for i in top], len(catalogue)
+
+    def describe(self) -> dict:
+        train = self.info.get("train", {})
+        return {"version": self.version, "model_dir": self.model_dir, "family": self.config.family,
+                "config": {k: v for k, v in vars(self.config).items()}, "scenarios": self.spec.scenarios,
+                "counts": {"users": len(self.spec.vocabularies["user_id"]) - 2,
+                           "items": len(self.spec.vocabularies["item_id"]) - 2,
+                           "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
+                           "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
+                "history_length": self.spec.history_length,
+                "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
+                "feature_spec_fingerprint": self.spec.fingerprint()}
+
+
+def _catalogues(prepared_dir: str | Path) -> dict[int, np.ndarray]:
+    table = pq.read_table(Path(prepared_dir) / "train", columns=["item_id", "scene_id"])
+    return scene_catalogues({name: torch.from_numpy(np.array(table.column(name))) for name in table.column_names})
