@@ -26,7 +26,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_file
 
-from msit.config import from_dict, load_yaml
+from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
 from msit.model import ModelConfig, batch_columns, build_for_data
@@ -169,15 +169,10 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
         os._exit(1)
 
 
-def _absolute(path: str) -> str:
-    """Workers run in their own working directory: local paths must be absolute (URIs stay as they are)."""
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def resolve_paths(cfg):
     """Local paths of a train or tune config (data, output, run.storage_path) made absolute for workers."""
-    return dataclasses.replace(cfg, data=_absolute(cfg.data), output=_absolute(cfg.output),
-                               run=dataclasses.replace(cfg.run, storage_path=_absolute(cfg.run.storage_path)))
+    return dataclasses.replace(cfg, data=absolute_path(cfg.data), output=absolute_path(cfg.output),
+                               run=dataclasses.replace(cfg.run, storage_path=absolute_path(cfg.run.storage_path)))
 
 
 def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget: float | None = None,

@@ -1,0 +1,156 @@
+"""The HTTP API as a FastAPI app over a scoring backend. No Ray here: tests run it in process, and the
+Ray Serve deployment (`msit.serving.deployment`) builds the same app on each replica.
+
+    POST /v1/score      scores of candidate items for a user in a scene (optionally explained)
+    POST /v1/recommend  the top k of the scene's catalogue
+    GET  /v1/health     liveness
+    GET  /v1/model      model version, config, scenes, counts
+
+A client's mistake gets a 4xx naming the field (422), a missing or wrong token 401, a body over the
+limit 413; never a 5xx.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from msit.errors import ConfigError
+from msit.serving.schemas import (
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+    ScoreRequest,
+    ScoreResponse,
+)
+from msit.serving.scorer import RequestError, Scored
+
+logger = logging.getLogger("msit.serving")
+TOKEN_ENV, TOKEN_FILE_ENV = "MSIT_SERVE_TOKEN", "MSIT_SERVE_TOKEN_FILE"
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+@dataclass
+class ApiSettings:
+    auth_token: str | None = None  # bearer token required on every /v1 route; None: no auth
+    max_body_bytes: int = 1_000_000
+
+
+def token_from_env() -> str | None:
+    """The bearer token from MSIT_SERVE_TOKEN, or from the file MSIT_SERVE_TOKEN_FILE names; None if neither."""
+    token, path = os.environ.get(TOKEN_ENV), os.environ.get(TOKEN_FILE_ENV)
+    if not token and path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({e.strerror})") from None
+    if token is not None and not token.strip():
+        raise ConfigError(f"{TOKEN_ENV} / {TOKEN_FILE_ENV} is set but empty")
+    return token or None
+
+
+class Backend(Protocol):
+    version: str
+
+    async def score(self, request: dict) -> Scored | RequestError: ...
+
+    async def recommend(self, request: dict) -> tuple[list[dict], int]: ...
+
+    def describe(self) -> dict: ...
+
+
+def _field_error(error: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [
+        {"loc": ["body", *error.field], "msg": error.message, "type": "value_error"}]})
+
+
+def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
+    app = FastAPI(title="msit", description="Multi-scenario interest transfer: scoring and recommendations.",
+                  version="1")
+
+    def authorize(credentials: Credentials) -> None:
+        if settings.auth_token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
+                                                          settings.auth_token.encode()):
+            raise _Unauthorized()
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError) -> JSONResponse:
+        return _field_error(error)
+
+    @app.exception_handler(_Unauthorized)
+    async def unauthorized(_: Request, __: Exception) -> JSONResponse:
+        return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token"},
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def limit_and_log(request: Request, call_next):
+        started = time.perf_counter()
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > settings.max_body_bytes):
+            return JSONResponse(status_code=413, content={
+                "detail": f"request body over {settings.max_body_bytes} bytes"})
+        response = await call_next(request)
+        # Structured and payload-free: no user ids, items or scores in the logs.
+        logger.info(json.dumps({"route": request.url.path, "method": request.method, "status": response.status_code,
+                                "ms": round(1000 * (time.perf_counter() - started), 2),
+                                "model_version": backend.version}))
+        return response
+
+    @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
+    async def score(body: ScoreRequest) -> ScoreResponse:
+        request = body.model_dump()
+        result = await backend.score(request)
+        if isinstance(result, RequestError):
+            raise result
+        explanations = result.explanations or [None] * len(result.scores)
+        return ScoreResponse(model_version=backend.version, scores=[
+            ScoredItem(item_id=str(item), score=score, explanation=explanation)
+            for item, score, explanation in zip(body.candidates, result.scores, explanations, strict=True)])
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorize)])
+    async def recommend(body: RecommendRequest) -> RecommendResponse:
+        items, size = await backend.recommend(body.model_dump())
+        return RecommendResponse(model_version=backend.version, items=[ScoredItem(**i) for i in items],
+                                 catalogue_size=size)
+
+    @app.get("/v1/health", dependencies=[Depends(authorize)])
+    async def health() -> dict:
+        return {"status": "ok", "model_version": backend.version}
+
+    @app.get("/v1/model", dependencies=[Depends(authorize)])
+    async def model() -> dict:
+        return backend.describe()
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class LocalBackend:
+    """A backend scoring in the calling process, one request at a time (tests, debugging)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.version = scorer, scorer.version
+
+    async def score(self, request: dict) -> Scored | RequestError:
+        return self.scorer.score([request])[0]
+
+    async def recommend(self, request: dict) -> tuple[list[dict], int]:
+        return self.scorer.recommend(request)
+
+    def describe(self) -> dict:
+        return self.scorer.describe()

@@ -1,0 +1,116 @@
+"""The Ray Serve edge: a deployment whose replicas hold a Scorer and serve the FastAPI app of
+`msit.serving.app`, with dynamic batching across requests (`@serve.batch`), hot reload of a new
+model directory through `user_config`, and request metrics on Ray's Prometheus endpoint.
+
+`build(args)` is the application builder named in serve/config.yaml (`serve run serve/config.yaml`)
+and used by `msit serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from msit.config import absolute_path, from_dict
+from msit.serving.app import ApiSettings, create_app, token_from_env
+from msit.serving.history_store import InMemoryHistoryStore
+from msit.serving.scorer import RequestError, Scored, Scorer
+
+logger = logging.getLogger("msit.serving")
+DEPLOYMENT = "MsitScorer"
+
+
+@dataclass
+class ServeArgs:
+    """The application's arguments (serve/config.yaml `args`, or `msit serve` flags)."""
+    model: str  # model directory
+    data: str  # its prepared directory: the history store and the scene catalogues come from it
+    max_candidates: int = 1000
+    max_batch_size: int = 64  # requests scored in one forward pass
+    batch_wait_timeout_s: float = 0.005
+    max_body_bytes: int = 1_000_000
+    num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
+    num_cpus: float = 1.0
+    autoscaling: dict[str, Any] = field(default_factory=lambda: {
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32})
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256)
+@serve.ingress()
+class MsitScorer:
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.scorer: Scorer | None = None
+        self.candidates = Histogram("msit_candidates_per_request", "candidate items per score request",
+                                    boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000])
+        self.scores = Histogram("msit_scores", "distribution of the scores returned",
+                                boundaries=[i / 10 for i in range(1, 10)])
+        self.ids = Counter("msit_ids_total", "user and candidate ids seen in score requests")
+        self.oov_ids = Counter("msit_oov_ids_total", "of those, ids unknown to the model (out-of-vocabulary)")
+        self.model_version = Gauge("msit_model_version", "1 for the model version this replica serves",
+                                   tag_keys=("version",))
+        # A replica's own settings win over user_config's absence: the initial model loads here.
+        self.reconfigure({"model": settings["model"], "data": settings["data"]})
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Hot reload: load the new model directory beside the old one, then swap; requests keep flowing."""
+        self.score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
+        self.score_batch.set_batch_wait_timeout_s(
+            float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
+        model, data = user_config.get("model", self.settings["model"]), user_config.get("data", self.settings["data"])
+        if self.scorer is not None and (model, data) == self.loaded:
+            return
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device, catalogue_from=data)
+        scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec)
+        if self.scorer is not None:
+            self.model_version.set(0, tags={"version": self.scorer.version})
+        self.scorer, self.loaded, self.version = scorer, (model, data), scorer.version
+        self.model_version.set(1, tags={"version": scorer.version})
+        logger.info(f"serving model {scorer.version} from {model} on {device}")
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
+                                            max_body_bytes=self.settings["max_body_bytes"]))
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def score_batch(self, requests: list[dict]) -> list[Scored | RequestError]:
+        results = self.scorer.score(requests)
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, Scored):
+                self.candidates.observe(len(request["candidates"]))
+                self.ids.inc(result.ids)
+                if result.oov_ids:
+                    self.oov_ids.inc(result.oov_ids)
+                for score in result.scores:
+                    self.scores.observe(score)
+        return results
+
+    async def score(self, request: dict) -> Scored | RequestError:
+        return await self.score_batch(request)
+
+    async def recommend(self, request: dict) -> tuple[list[dict], int]:
+        return self.scorer.recommend(request)
+
+    def describe(self) -> dict:
+        return self.scorer.describe()
+
+
+def build(args: dict[str, Any]) -> serve.Application:
+    """The application: one autoscaling deployment, GPUs per replica where the cluster has them."""
+    cfg = from_dict(ServeArgs, args, where="serve args")
+    gpus = cfg.num_gpus
+    if gpus is None:  # asking for a GPU on a cluster without one would leave the replica pending forever
+        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    settings = {"model": absolute_path(cfg.model), "data": absolute_path(cfg.data),
+                "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
+                "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
+                "auth_token": token_from_env()}
+    return MsitScorer.options(autoscaling_config=cfg.autoscaling,
+                              ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus}).bind(settings)
