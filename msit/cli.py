@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,6 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import json
 
     from msit.data.feature_spec import FeatureSpec
     from msit.metrics import format_table
@@ -205,6 +205,70 @@ def cmd_tune(args: argparse.Namespace) -> None:
     run_search(cfg, log=_log)
 
 
+def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
+    """Deploy the scorer on Ray Serve; returns the endpoint's base URL."""
+    from ray import serve
+
+    from msit.serving.deployment import build
+
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
+                     "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
+                     "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+                                     "target_ongoing_requests": 32}}), name="msit", route_prefix="/")
+    return f"http://{args.host}:{args.port}"
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ray import serve
+
+    from msit.ray_env import init_ray
+
+    init_ray(num_cpus=args.num_cpus)
+    url = start_serving(args, args.model, args.data)
+    _log(f"serving {args.model} at {url}/v1/score (API docs: {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted")
+    p.add_argument("--max-batch-size", type=int, default=64, help="requests scored in one forward pass")
+    p.add_argument("--min-replicas", type=int, default=1)
+    p.add_argument("--max-replicas", type=int, default=4)
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (a fraction shares one); default: 1 if the cluster has GPUs, else 0")
+
+
+def _demo_request(url: str, prepared: Path) -> None:
+    """One sample request with curl (as a user would send it), and its answer."""
+    import shutil
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(prepared / "test", columns=["user_key", "item_key"]).slice(0, 3).to_pylist()
+    spec = json.loads((prepared / "feature_spec.json").read_text())
+    body = json.dumps({"user_id": row[0]["user_key"], "scenario": spec["scenarios"][0],
+                       "candidates": [r["item_key"] for r in row], "explain": True})
+    command = ["curl", "-sS", "-X", "POST", f"{url}/v1/score", "-H", "content-type: application/json", "-d", body]
+    print(f"\n$ curl -sS -X POST {url}/v1/score -H 'content-type: application/json' -d '{body}'", flush=True)
+    if shutil.which("curl"):
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    else:  # the same request without curl
+        import urllib.request
+
+        request = urllib.request.Request(f"{url}/v1/score", data=body.encode(),
+                                         headers={"content-type": "application/json"})
+        answer = urllib.request.urlopen(request, timeout=60).read().decode()
+    print(json.dumps(json.loads(answer), indent=1), flush=True)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from msit.data import synth
 
@@ -239,6 +303,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"\nmodel directory: {model_dir}")
     print(f"training curves: {run_outputs_dir(cfg) / 'curves.png'} (metrics.csv, tensorboard/ beside it)")
 
+    from ray import serve
+
+    _log("== 5. msit serve: the model behind Ray Serve, one request, shut down")
+    url = start_serving(args, str(model_dir), str(out / "prepared"))
+    try:
+        _demo_request(url, out / "prepared")
+    finally:
+        serve.shutdown()
+    print(f"\nserve it yourself: msit serve --model {model_dir} --data {out / 'prepared'}")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msit", description="Multi-scenario interest transfer on Ray.")
@@ -252,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=4, help="training epochs (default %(default)s)")
     _add_synth_args(demo)
     _add_prepare_args(demo)
+    _add_serve_args(demo)
     demo.set_defaults(func=cmd_demo, users=3000)
 
     p = sub.add_parser("train", help="data-parallel training on Ray Train",
@@ -272,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p, "search")
     p.add_argument("--max-concurrent-trials", type=int, help="override: trials running at once")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="serve a model directory over HTTP on Ray Serve",
+                       description="Deploy a model directory behind an autoscaling Ray Serve endpoint: POST "
+                       "/v1/score and /v1/recommend, GET /v1/health and /v1/model, API docs at /docs. Binds "
+                       "127.0.0.1 unless --host says otherwise; set MSIT_SERVE_TOKEN (or MSIT_SERVE_TOKEN_FILE) to "
+                       "require a bearer token. Same as: serve run serve/config.yaml.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", required=True, help="its prepared directory (history store, scene catalogues)")
+    _add_serve_args(p)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("evaluate", help="per-scene AUC, log loss and GAUC of a model directory",
                        description="Score a prepared split with a model directory and print the per-scene table.")

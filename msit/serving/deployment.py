@@ -9,7 +9,9 @@ and used by `msit serve`.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -39,6 +41,7 @@ class ServeArgs:
     num_cpus: float = 1.0
     autoscaling: dict[str, Any] = field(default_factory=lambda: {
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32})
+    user_config: dict[str, Any] | None = None  # hot-reloadable: model, data, max_batch_size, batch_wait_timeout_s
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256)
@@ -55,15 +58,14 @@ class MsitScorer:
         self.oov_ids = Counter("msit_oov_ids_total", "of those, ids unknown to the model (out-of-vocabulary)")
         self.model_version = Gauge("msit_model_version", "1 for the model version this replica serves",
                                    tag_keys=("version",))
-        # A replica's own settings win over user_config's absence: the initial model loads here.
-        self.reconfigure({"model": settings["model"], "data": settings["data"]})
+        self.reconfigure({})  # the model of `settings`; Serve calls reconfigure again if a user_config is set
 
     def reconfigure(self, user_config: dict) -> None:
         """Hot reload: load the new model directory beside the old one, then swap; requests keep flowing."""
         self.score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
         self.score_batch.set_batch_wait_timeout_s(
             float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
-        model, data = user_config.get("model", self.settings["model"]), user_config.get("data", self.settings["data"])
+        model, data = (self._resolve(user_config.get(key, self.settings[key])) for key in ("model", "data"))
         if self.scorer is not None and (model, data) == self.loaded:
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +76,10 @@ class MsitScorer:
         self.scorer, self.loaded, self.version = scorer, (model, data), scorer.version
         self.model_version.set(1, tags={"version": scorer.version})
         logger.info(f"serving model {scorer.version} from {model} on {device}")
+
+    def _resolve(self, path: str) -> str:
+        """Relative paths are relative to where the application was built."""
+        return path if "://" in path else str(Path(self.settings["base_dir"], path))
 
     def __serve_build_asgi_app__(self):
         return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
@@ -111,6 +117,6 @@ def build(args: dict[str, Any]) -> serve.Application:
     settings = {"model": absolute_path(cfg.model), "data": absolute_path(cfg.data),
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
-                "auth_token": token_from_env()}
-    return MsitScorer.options(autoscaling_config=cfg.autoscaling,
+                "auth_token": token_from_env(), "base_dir": os.getcwd()}
+    return MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
                               ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus}).bind(settings)
