@@ -1,0 +1,179 @@
+"""Serving throughput and latency: the Ray Serve endpoint under closed-loop load, against the same
+scorer in process, in one run; then one of two replicas is killed during a load run.
+
+The model is the ml100k_genre one (by default the best model of benchmarks/tune_ml100k.py). Each
+request scores 100 candidates for a test-split user. For each concurrency (1, 8, 32, 64), that many
+clients send a request, wait for its answer and send the next, for a fixed duration; latency
+percentiles, requests/s and errors are recorded. `inprocess_scores_per_s` is the scorer (encoding +
+forward pass) on batches of the same requests in this process, with the same torch thread count as a
+replica (1). Writes benchmarks/results/serve.json (serve_gpu.json with --device cuda).
+
+    python benchmarks/serve_bench.py [--model DIR] [--data DIR] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+
+
+def make_requests(data: Path, spec, count: int = 200, candidates: int = 100, seed: int = 0) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    test = pq.read_table(data / "test", columns=["user_key", "scene_id"]).to_pandas()
+    items = spec.vocabularies["item_id"][2:]
+    rows = test.sample(count, random_state=seed)
+    return [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2],
+             "candidates": [str(i) for i in rng.choice(items, candidates, replace=False)]} for r in rows.itertuples()]
+
+
+def inprocess_scores_per_s(scorer, requests: list[dict], batch: int, seconds: float) -> float:
+    scored, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for start in range(0, len(requests), batch):
+            chunk = requests[start:start + batch]
+            scorer.score(chunk)
+            scored += sum(len(r["candidates"]) for r in chunk)
+    return scored / (time.perf_counter() - started)
+
+
+async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds: float) -> dict:
+    latencies, errors = [], 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(index: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        i = index
+        while time.perf_counter() < deadline:
+            body = requests[i % len(requests)]
+            i += concurrency
+            started = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/score", json=body) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+
+    started = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        await asyncio.gather(*(client(i, session) for i in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / elapsed,
+            "scores_per_s": len(latencies) * len(requests[0]["candidates"]) / elapsed,
+            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def deploy(model: Path, data: Path, port: int, replicas: int, device: str) -> str:
+    from ray import serve
+
+    from msit.serving.deployment import build
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build({"model": str(model), "data": str(data), "num_cpus": 1 if device == "cpu" else 0.5,
+                     "num_gpus": 1 if device == "cuda" else 0, "max_batch_size": 32,
+                     "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}),
+              name="msit", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float) -> dict:
+    import ray
+
+    async def run() -> dict:
+        load = asyncio.create_task(closed_loop(url, requests, 8, seconds))
+        await asyncio.sleep(seconds / 3)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "SERVE_REPLICA" in a["name"] and "MsitScorer" in a["name"]]
+        victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+        ray.kill(victim, no_restart=True)
+        result = await load
+        return {"replicas_before": len(replicas), "killed": replicas[0]["name"], **result}
+
+    run_result = asyncio.run(run())
+    return {"requests": run_result["requests"], "failed": run_result["errors"], "concurrency": 8,
+            "replicas_before": run_result["replicas_before"], "p99_ms": run_result["p99_ms"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(CACHE / "tune_ml100k_genre" / "best"))
+    parser.add_argument("--data", default=str(CACHE / "genre"))
+    parser.add_argument("--seconds", type=float, default=15.0, help="duration of each load run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    model, data = Path(args.model), Path(args.data)
+    if not (model / "model.safetensors").is_file():
+        parser.error(f"no model at {model}: run benchmarks/tune_ml100k.py first, or pass --model and --data")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    torch.set_num_threads(1)  # as a 1-CPU replica runs
+
+    from msit.data.feature_spec import FeatureSpec
+    from msit.ray_env import init_ray
+    from msit.serving.history_store import InMemoryHistoryStore
+    from msit.serving.scorer import Scorer
+
+    spec = FeatureSpec.load(data)
+    requests = make_requests(data, spec)
+    scorer = Scorer(model, InMemoryHistoryStore.from_prepared(data, spec), device=args.device, catalogue_from=data)
+    inprocess = inprocess_scores_per_s(scorer, requests, batch=32, seconds=args.seconds)
+    print(f"in process: {inprocess:,.0f} scores/s", flush=True)
+
+    init_ray(quiet=True)
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = deploy(model, data, port, replicas=1, device=args.device)
+    asyncio.run(closed_loop(url, requests, 8, 3.0))  # warm-up, not recorded
+    runs = []
+    for concurrency in (1, 8, 32, 64):
+        runs.append(asyncio.run(closed_loop(url, requests, concurrency, args.seconds)))
+        print({k: round(v, 1) if isinstance(v, float) else v for k, v in runs[-1].items()}, flush=True)
+    serve.shutdown()
+
+    url = deploy(model, data, port, replicas=2, device=args.device)
+    asyncio.run(closed_loop(url, requests, 8, 3.0))
+    replica_kill = kill_one_replica_during_load(url, requests, args.seconds * 2)
+    print(f"replica kill: {replica_kill}", flush=True)
+    serve.shutdown()
+
+    at_32 = next(r for r in runs if r["concurrency"] == 32)
+    report = {
+        "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
+        "candidates_per_request": len(requests[0]["candidates"]), "seconds_per_run": args.seconds,
+        "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device},
+        "runs": runs, "inprocess_scores_per_s": inprocess,
+        "endpoint_vs_inprocess_at_32": at_32["scores_per_s"] / inprocess,
+        "replica_kill": replica_kill,
+        "machine": {"cores": os.cpu_count(), "device": torch.cuda.get_device_name() if args.device == "cuda"
+                    else "CPU", "note": "load generator, Serve proxy and replicas share these cores"},
+    }
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("serve_gpu.json" if args.device == "cuda"
+                                                                 else "serve.json"))
+    out.write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
