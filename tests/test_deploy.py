@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import io
 import re
@@ -13,14 +14,23 @@ import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
 
 from msit.cli import build_parser
+from msit.config import from_dict
 from msit.ray_train import TrainRunConfig
+from msit.serving.deployment import DEPLOYMENT, ServeArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
 RAYJOB = ROOT / "deploy" / "rayjob-train.yaml"
+RAYSERVICE = ROOT / "deploy" / "rayservice.yaml"
+SERVE_CONFIG = ROOT / "serve" / "config.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+GPU = "nvidia.com/gpu"
+HOT_RELOAD_KEYS = {"model", "data", "max_batch_size", "batch_wait_timeout_s"}  # what MsitScorer.reconfigure reads
+TOKEN_ENV, TOKEN_SECRET = "MSIT_SERVE_TOKEN", {"name": "msit-serve-token", "key": "token", "optional": True}
 CONFIG_REF = re.compile(r"--config\s+(train/configs/[\w.-]+\.ya?ml)")
 GPU_INSTANCE = re.compile(r"^(g\d|p\d)[a-z]*\.")  # AWS GPU families: g4dn, g5, g6, p4d, p5...
 STORAGE = re.compile(r"MSIT_STORAGE_PATH=(s3://|gs://|/mnt/)\S+")
@@ -37,6 +47,61 @@ def _prepared_cluster() -> dict:
 
 def _rayjob() -> dict:
     return yaml.safe_load(RAYJOB.read_text())
+
+
+def _rayservice() -> dict:
+    return yaml.safe_load(RAYSERVICE.read_text())
+
+
+def _serve_config() -> dict:
+    """The RayService's serveConfigV2: a YAML document inside a YAML string."""
+    return yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+
+
+def _serve_app() -> dict:
+    apps = _serve_config()["applications"]
+    assert len(apps) == 1, "deploy/rayservice.yaml should deploy msit's one application"
+    return apps[0]
+
+
+def _pod_specs(cluster: dict) -> list[dict]:
+    """The pod specs of a KubeRay RayClusterSpec: the head's, then each worker group's."""
+    return [group["template"]["spec"] for group in [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]]
+
+
+def _shared_mounts(cluster: dict) -> set[str]:
+    """The mount paths of PersistentVolumeClaim volumes that every pod of the cluster mounts."""
+    shared = None
+    for pod in _pod_specs(cluster):
+        claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims}
+        shared = mounts if shared is None else shared & mounts
+    return shared or set()
+
+
+def _on_shared_volume(path: str, shared: set[str]) -> bool:
+    return any(path.startswith(m.rstrip("/") + "/") for m in shared)
+
+
+def _gpus(group: dict) -> int:
+    """GPUs one pod of a worker group asks for."""
+    containers = group["template"]["spec"]["containers"]
+    return sum(int(c.get("resources", {}).get("limits", {}).get(GPU, 0)) for c in containers)
+
+
+def _gpu_groups(cluster: dict) -> list[dict]:
+    return [g for g in cluster.get("workerGroupSpecs", []) if _gpus(g) > 0]
+
+
+def _walk(node, path: str = ""):
+    """(path, key, value) for every mapping entry in a parsed YAML document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
 
 
 def _submitted_commands() -> list[str]:
@@ -162,20 +227,13 @@ def test_rayjob_manifest():
 
 def test_rayjob_data_and_model_are_on_a_volume_every_pod_mounts():
     """msit reads --data and writes --output as local paths on the head and on every training worker."""
-    cluster = _rayjob()["spec"]["rayClusterSpec"]
-    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
-    pods = [group["template"]["spec"] for group in groups]
-    shared = None
-    for pod in pods:
-        claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
-        mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in claims}
-        shared = mounts if shared is None else shared & mounts
+    shared = _shared_mounts(_rayjob()["spec"]["rayClusterSpec"])
     train = [args for args in _invocations(_rayjob()["spec"]["entrypoint"]) if args[0] == "train"]
     assert train
     for args in train:
         for flag in ("--data", "--output"):
             path = args[args.index(flag) + 1]
-            assert any(path.startswith(m.rstrip("/") + "/") for m in shared), f"{flag} {path} is not on {shared}"
+            assert _on_shared_volume(path, shared), f"{flag} {path} is not on {shared}"
 
 
 def test_image_and_manifests_pin_the_project_versions():
@@ -185,6 +243,98 @@ def test_image_and_manifests_pin_the_project_versions():
     assert re.search(rf"rayproject/ray:{re.escape(ray.__version__)}-py311", dockerfile)
     for text, where in ((dockerfile, "deploy/Dockerfile"), (CLUSTER.read_text(), "cluster.yaml")):
         assert set(re.findall(r"torch==[\w.+]+", text)) == {torch_pin}, f"{where} installs another torch"
+
+
+def test_rayservice_manifest():
+    service = _rayservice()
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    spec = service["spec"]
+    # A RayService names its cluster rayClusterConfig (a RayJob: rayClusterSpec); KubeRay would drop the other name.
+    assert "rayClusterSpec" not in spec, "a RayService's cluster is spec.rayClusterConfig"
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster.get("authOptions", {}).get("mode") == "token"
+    assert spec.get("upgradeStrategy", {}).get("type", "NewCluster") in {
+        "NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert GPU not in head.get("resources", {}).get("limits", {})
+    gpu_groups = _gpu_groups(cluster)
+    assert gpu_groups, "the RayService has no worker group asking for nvidia.com/gpu"
+    for group in gpu_groups:
+        # Serving keeps at least one GPU replica up: a group scaled to zero would leave no replica to answer.
+        assert group["minReplicas"] >= 1, f"worker group {group['groupName']} can scale to zero"
+        assert group["maxReplicas"] > group["minReplicas"], f"worker group {group['groupName']} does not autoscale"
+
+
+def test_rayservice_serve_config_is_serve_config_yaml_on_the_cluster():
+    config = _serve_config()
+    validate = getattr(ServeDeploySchema, "model_validate", None) or ServeDeploySchema.parse_obj
+    validate(config)  # what `serve deploy` and the dashboard's Serve API check
+    # Inside the pod the proxy must listen on the pod's interface, or the serve Service reaches nothing.
+    assert config["http_options"]["host"] == "0.0.0.0", "the serve Service cannot reach a proxy on 127.0.0.1"
+    app = _serve_app()
+    local = {a["name"]: a for a in yaml.safe_load(SERVE_CONFIG.read_text())["applications"]}
+    assert app["name"] in local, f"serve/config.yaml has no application {app['name']!r}"
+    assert app["import_path"] == local[app["name"]]["import_path"], "not serve/config.yaml's application"
+    names = {d["name"] for d in app.get("deployments", [])}
+    assert names <= {DEPLOYMENT}, f"unknown deployment(s) {names - {DEPLOYMENT}}: Serve would reject them"
+
+
+def test_rayservice_args_are_serve_args():
+    args = _serve_app()["args"]
+    fields = {f.name for f in dataclasses.fields(ServeArgs)}
+    assert set(args) <= fields, f"unknown serve args {sorted(set(args) - fields)}; ServeArgs has {sorted(fields)}"
+    cfg = from_dict(ServeArgs, args, where="deploy/rayservice.yaml args")  # what serve.app:build does first
+    # Serve ignores a key of autoscaling_config that it does not know: a misspelt one would be silently lost.
+    known = set(getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__)
+    assert set(cfg.autoscaling) <= known, f"unknown autoscaling keys {sorted(set(cfg.autoscaling) - known)}"
+    AutoscalingConfig(**cfg.autoscaling)
+    user_configs = [cfg.user_config or {}, *(d.get("user_config") or {} for d in _serve_app().get("deployments", []))]
+    for user_config in user_configs:
+        assert set(user_config) <= HOT_RELOAD_KEYS, f"user_config keys {set(user_config) - HOT_RELOAD_KEYS} are ignored"
+
+
+def test_rayservice_gpus_are_explicit_and_fit_the_worker_groups():
+    """Left to the builder, num_gpus is 1 only if the cluster has GPUs when the application is built, and the
+    GPU workers may not be up yet: the replicas would then run on CPUs."""
+    cfg = from_dict(ServeArgs, _serve_app()["args"])
+    assert cfg.num_gpus is not None and cfg.num_gpus > 0, "set num_gpus in the RayService's args"
+    gpu_groups = _gpu_groups(_rayservice()["spec"]["rayClusterConfig"])
+    autoscaling = AutoscalingConfig(**cfg.autoscaling)
+    at_least = sum(_gpus(g) * g["minReplicas"] for g in gpu_groups)
+    at_most = sum(_gpus(g) * g["maxReplicas"] for g in gpu_groups)
+    assert autoscaling.min_replicas * cfg.num_gpus <= at_least, "the minimum replicas do not fit the minimum GPU pods"
+    assert autoscaling.max_replicas * cfg.num_gpus <= at_most, "the maximum replicas would wait for GPUs forever"
+
+
+def test_rayservice_exposes_nothing_outside_the_cluster():
+    for path, key, value in _walk(_rayservice()):
+        if key in ("type", "serviceType"):
+            assert value not in ("LoadBalancer", "NodePort"), f"{path}.{key}: {value}"
+        assert not (key == "enableIngress" and value), f"{path}: an Ingress is the user's choice, with TLS"
+
+
+def test_rayservice_model_and_data_are_on_a_volume_every_pod_mounts():
+    """The builder and every replica read the model and the prepared data as local paths, on whichever pod."""
+    shared = _shared_mounts(_rayservice()["spec"]["rayClusterConfig"])
+    app = _serve_app()
+    sources = [("args", app["args"]), *((f"{d['name']}.user_config", d.get("user_config") or {})
+                                         for d in app.get("deployments", []))]
+    paths = [(f"{where}.{key}", conf[key]) for where, conf in sources for key in ("model", "data") if key in conf]
+    assert {"args.model", "args.data"} <= {where for where, _ in paths}
+    for where, path in paths:
+        assert _on_shared_volume(path, shared), f"{where} {path} is not on {shared}"
+
+
+def test_rayservice_token_comes_from_a_secret_on_every_pod():
+    """The builder reads MSIT_SERVE_TOKEN where it runs, on any pod; the token itself never is in the manifest."""
+    for pod in _pod_specs(_rayservice()["spec"]["rayClusterConfig"]):
+        container = pod["containers"][0]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert TOKEN_ENV in env, f"{container['name']} has no {TOKEN_ENV}"
+        assert "value" not in env[TOKEN_ENV], f"{container['name']}: the token belongs in the Secret"
+        assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET
 
 
 # --- both -----------------------------------------------------------------------------------------------------------
