@@ -315,16 +315,19 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = table.pivot_table(index=heads, columns="fusion", values="val_auc", aggfunc="max")
+    best_rows = table.dropna(subset=["val_auc"]).sort_values("val_auc").groupby([heads, "fusion"]).tail(1)
+    grid = best_rows.pivot(index=heads, columns="fusion", values="val_auc")
+    epochs = best_rows.pivot(index=heads, columns="fusion", values="epochs")  # ASHA gives trials unequal budgets
     fig, ax = plt.subplots(figsize=(1.6 * len(grid.columns) + 2, 0.8 * len(grid.index) + 1.8))
     image = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), grid.columns)
     ax.set_yticks(range(len(grid.index)), [str(h) for h in grid.index])
-    ax.set(xlabel="fusion", ylabel=heads.replace("_", " "), title="best val AUC by heads x fusion")
+    ax.set(xlabel="fusion", ylabel=heads.replace("_", " "),
+           title="best val AUC by heads x fusion (and the epochs that trial ran)")
     middle = np.nanmean([np.nanmin(grid.to_numpy()), np.nanmax(grid.to_numpy())])
     for (i, j), value in np.ndenumerate(grid.to_numpy()):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=9,
+            ax.text(j, i, f"{value:.4f}\n{int(epochs.iloc[i, j])} epochs", ha="center", va="center", fontsize=9,
                     color="black" if value > middle else "white")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
