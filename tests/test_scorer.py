@@ -115,3 +115,21 @@ def test_recommend_ranks_the_scene_catalogue_without_seen_items(scorer, small_mo
     assert not seen & {t["item_id"] for t in top}
     _, everything = scorer.recommend({"user_id": user, "scenario": scene, "k": 5, "exclude_seen": False})
     assert everything > size
+
+
+def test_the_store_keeps_each_user_feature_in_its_own_dtype(small_model, tmp_path):
+    """A numeric user feature beside categorical ones must not turn the categorical ids into floats."""
+    import shutil
+
+    _, prepared = small_model
+    copy = tmp_path / "prepared"
+    shutil.copytree(prepared, copy)
+    spec = FeatureSpec.load(copy)
+    users = pd.read_parquet(copy / "users.parquet")
+    users["score"] = np.linspace(0, 1, len(users)).astype(np.float32)
+    users.to_parquet(copy / "users.parquet")
+    spec.fields["score"] = type(spec.fields["user_id"])(role="user", type="numeric", mean=0.5, std=0.3)
+    record = next(iter(InMemoryHistoryStore.from_prepared(copy, spec)._records.values()))
+    categorical = [c for c, f in spec.fields.items() if f.role == "user" and f.type == "categorical"]
+    assert categorical and all(record.features[c].dtype == np.int64 for c in categorical)
+    assert record.features["score"].dtype == np.float32

@@ -58,14 +58,18 @@ class InMemoryHistoryStore:
         order = event_order(events["user_key"].to_numpy(), events["timestamp"].to_numpy(),
                             events["item_key"].to_numpy())[::-1]
         events = events.iloc[order].groupby("user_key", sort=False).head(keep)
-        users = pd.read_parquet(Path(prepared_dir) / "users.parquet").set_index("user_key")
-        feature_names = [c for kind in ("categorical", "multi", "numeric") for c in fields_of(spec, "user", kind)]
+        users = pd.read_parquet(Path(prepared_dir) / "users.parquet")
+        # Column by column, in each field's own dtype (a row of a mixed frame would turn ids into floats).
+        dtypes = {"categorical": np.int64, "multi": np.int64, "numeric": np.float32}
+        features = {c: [np.asarray(v, dtype=dtypes[kind]) for v in users[c]]
+                    for kind in dtypes for c in fields_of(spec, "user", kind)}
+        position = {key: i for i, key in enumerate(users["user_key"])}
         records = {}
         for user_key, group in events.groupby("user_key", sort=False):
-            row = users.loc[user_key] if user_key in users.index else None
+            row = position.get(user_key)
             records[str(user_key)] = UserRecord(
                 user_id=int(group["user_id"].iloc[0]),
-                features={c: np.asarray(row[c]) for c in feature_names} if row is not None else {},
+                features={c: values[row] for c, values in features.items()} if row is not None else {},
                 item_ids=group["item_id"].to_numpy(np.int64), scene_ids=group["scene_id"].to_numpy(np.int64),
                 labels=group["label"].to_numpy(np.int64), timestamps=group["timestamp"].to_numpy(np.int64))
         return cls(records)
