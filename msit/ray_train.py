@@ -116,7 +116,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         losses, samples = [], 0
         started_at, started = time.time(), time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
+        # prefetch_batches: Ray Data converts and shuffles the next batches in background threads meanwhile.
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, prefetch_batches=4,
                                               local_shuffle_buffer_size=4 * cfg.train.batch_size,
                                               local_shuffle_seed=cfg.train.seed + epoch):
             losses.append(train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp))

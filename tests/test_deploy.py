@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 from msit.cli import build_parser
 from msit.config import from_dict
 from msit.ray_train import TrainRunConfig
-from msit.serving.deployment import DEPLOYMENT, ServeArgs
+from msit.serving.deployment import DEPLOYMENT, INGRESS, ServeArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
@@ -278,7 +278,7 @@ def test_rayservice_serve_config_is_serve_config_yaml_on_the_cluster():
     assert app["name"] in local, f"serve/config.yaml has no application {app['name']!r}"
     assert app["import_path"] == local[app["name"]]["import_path"], "not serve/config.yaml's application"
     names = {d["name"] for d in app.get("deployments", [])}
-    assert names <= {DEPLOYMENT}, f"unknown deployment(s) {names - {DEPLOYMENT}}: Serve would reject them"
+    assert names <= {DEPLOYMENT, INGRESS}, f"unknown deployment(s) {names - {DEPLOYMENT, INGRESS}}: Serve rejects them"
 
 
 def test_rayservice_args_are_serve_args():

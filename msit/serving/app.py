@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Protocol
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -60,13 +61,15 @@ def token_from_env() -> str | None:
 
 
 class Backend(Protocol):
-    version: str
+    version: str  # the latest model version seen (for logs); answers carry their own
 
-    async def score(self, request: dict) -> Scored | RequestError: ...
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError]: ...
 
-    async def recommend(self, request: dict) -> tuple[list[dict], int]: ...
+    async def recommend(self, request: dict) -> tuple[str, list[dict], int]: ...
 
-    def describe(self) -> dict: ...
+    async def current_version(self) -> str: ...
+
+    async def describe(self) -> dict: ...
 
 
 def _field_error(error: RequestError) -> JSONResponse:
@@ -84,6 +87,12 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
                                                           settings.auth_token.encode()):
             raise _Unauthorized()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        # pydantic's details, minus the echoed input: it may not be valid JSON (Infinity, NaN) and is payload.
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        return JSONResponse(status_code=422, content={"detail": details})
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError) -> JSONResponse:
@@ -110,28 +119,27 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
     async def score(body: ScoreRequest) -> ScoreResponse:
-        request = body.model_dump()
-        result = await backend.score(request)
+        version, result = await backend.score(body.model_dump())
         if isinstance(result, RequestError):
             raise result
         explanations = result.explanations or [None] * len(result.scores)
-        return ScoreResponse(model_version=backend.version, scores=[
+        return ScoreResponse(model_version=version, scores=[
             ScoredItem(item_id=str(item), score=score, explanation=explanation)
             for item, score, explanation in zip(body.candidates, result.scores, explanations, strict=True)])
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorize)])
     async def recommend(body: RecommendRequest) -> RecommendResponse:
-        items, size = await backend.recommend(body.model_dump())
-        return RecommendResponse(model_version=backend.version, items=[ScoredItem(**i) for i in items],
+        version, items, size = await backend.recommend(body.model_dump())
+        return RecommendResponse(model_version=version, items=[ScoredItem(**i) for i in items],
                                  catalogue_size=size)
 
     @app.get("/v1/health", dependencies=[Depends(authorize)])
     async def health() -> dict:
-        return {"status": "ok", "model_version": backend.version}
+        return {"status": "ok", "model_version": await backend.current_version()}
 
     @app.get("/v1/model", dependencies=[Depends(authorize)])
     async def model() -> dict:
-        return backend.describe()
+        return await backend.describe()
 
     return app
 
@@ -146,11 +154,14 @@ class LocalBackend:
     def __init__(self, scorer):
         self.scorer, self.version = scorer, scorer.version
 
-    async def score(self, request: dict) -> Scored | RequestError:
-        return self.scorer.score([request])[0]
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
+        return self.version, self.scorer.score([request])[0]
 
-    async def recommend(self, request: dict) -> tuple[list[dict], int]:
-        return self.scorer.recommend(request)
+    async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
+        return self.version, *self.scorer.recommend(request)
 
-    def describe(self) -> dict:
+    async def current_version(self) -> str:
+        return self.version
+
+    async def describe(self) -> dict:
         return self.scorer.describe()

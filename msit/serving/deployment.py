@@ -1,6 +1,11 @@
-"""The Ray Serve edge: a deployment whose replicas hold a Scorer and serve the FastAPI app of
-`msit.serving.app`, with dynamic batching across requests (`@serve.batch`), hot reload of a new
-model directory through `user_config`, and request metrics on Ray's Prometheus endpoint.
+"""The Ray Serve edge: two deployments.
+
+- `MsitScorer` replicas hold a Scorer: dynamic batching across requests (`@serve.batch`), hot reload
+  of a new model directory through `user_config`, request metrics on Ray's Prometheus endpoint.
+  They autoscale and take the GPUs.
+- `MsitApi` replicas serve the FastAPI app of `msit.serving.app` and call the scorers through a
+  deployment handle. A request whose scorer replica died is sent again to another one, so a lost
+  replica costs latency, not answers.
 
 `build(args)` is the application builder named in serve/config.yaml (`serve run serve/config.yaml`)
 and used by `msit serve`.
@@ -8,6 +13,7 @@ and used by `msit serve`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,6 +23,8 @@ from typing import Any
 import ray
 import torch
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from msit.config import absolute_path, from_dict
@@ -25,7 +33,8 @@ from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scored, Scorer
 
 logger = logging.getLogger("msit.serving")
-DEPLOYMENT = "MsitScorer"
+DEPLOYMENT, INGRESS = "MsitScorer", "MsitApi"
+RETRIES = 2  # further attempts for a request whose scorer replica died
 
 
 @dataclass
@@ -42,10 +51,11 @@ class ServeArgs:
     autoscaling: dict[str, Any] = field(default_factory=lambda: {
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32})
     user_config: dict[str, Any] | None = None  # hot-reloadable: model, data, max_batch_size, batch_wait_timeout_s
+    api_replicas: int = 1  # HTTP ingress replicas (light: parsing and forwarding)
+    api_num_cpus: float = 0.25
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256)
-@serve.ingress()
 class MsitScorer:
     def __init__(self, settings: dict):
         self.settings = settings
@@ -73,7 +83,7 @@ class MsitScorer:
         scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec)
         if self.scorer is not None:
             self.model_version.set(0, tags={"version": self.scorer.version})
-        self.scorer, self.loaded, self.version = scorer, (model, data), scorer.version
+        self.scorer, self.loaded = scorer, (model, data)
         self.model_version.set(1, tags={"version": scorer.version})
         logger.info(f"serving model {scorer.version} from {model} on {device}")
 
@@ -81,13 +91,10 @@ class MsitScorer:
         """Relative paths are relative to where the application was built."""
         return path if "://" in path else str(Path(self.settings["base_dir"], path))
 
-    def __serve_build_asgi_app__(self):
-        return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
-                                            max_body_bytes=self.settings["max_body_bytes"]))
-
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score_batch(self, requests: list[dict]) -> list[Scored | RequestError]:
-        results = self.scorer.score(requests)
+    async def score_batch(self, requests: list[dict]) -> list[tuple[str, Scored | RequestError]]:
+        scorer = self.scorer  # one model for the whole batch, even if a reload swaps it meanwhile
+        results = scorer.score(requests)
         for request, result in zip(requests, results, strict=True):
             if isinstance(result, Scored):
                 self.candidates.observe(len(request["candidates"]))
@@ -96,16 +103,62 @@ class MsitScorer:
                     self.oov_ids.inc(result.oov_ids)
                 for score in result.scores:
                     self.scores.observe(score)
-        return results
+        return [(scorer.version, result) for result in results]
 
-    async def score(self, request: dict) -> Scored | RequestError:
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
         return await self.score_batch(request)
 
-    async def recommend(self, request: dict) -> tuple[list[dict], int]:
-        return self.scorer.recommend(request)
+    async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError]:
+        try:
+            return self.scorer.version, self.scorer.recommend(request)
+        except RequestError as error:  # returned, not raised: it crosses the handle as a value
+            return self.scorer.version, error
+
+    def current_version(self) -> str:
+        return self.scorer.version
 
     def describe(self) -> dict:
         return self.scorer.describe()
+
+
+@serve.deployment(name=INGRESS, max_ongoing_requests=512)
+@serve.ingress()
+class MsitApi:
+    """HTTP in front of the scorers; retries a request whose scorer replica died."""
+
+    def __init__(self, scorer: DeploymentHandle, settings: dict):
+        self.handle, self.settings, self.version = scorer, settings, ""
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
+                                            max_body_bytes=self.settings["max_body_bytes"]))
+
+    async def _call(self, method: str, *args):
+        for attempt in range(RETRIES + 1):
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except (RayActorError, ActorUnavailableError):
+                if attempt == RETRIES:
+                    raise
+                logger.warning(f"a scorer replica died during {method}; retrying ({attempt + 1}/{RETRIES})")
+                await asyncio.sleep(0.05 * (attempt + 1))
+
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
+        self.version, result = await self._call("score", request)
+        return self.version, result
+
+    async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
+        self.version, result = await self._call("recommend", request)
+        if isinstance(result, RequestError):
+            raise result
+        return self.version, *result
+
+    async def current_version(self) -> str:
+        self.version = await self._call("current_version")
+        return self.version
+
+    async def describe(self) -> dict:
+        return await self._call("describe")
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -118,5 +171,7 @@ def build(args: dict[str, Any]) -> serve.Application:
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
                 "auth_token": token_from_env(), "base_dir": os.getcwd()}
-    return MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
-                              ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus}).bind(settings)
+    scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
+                                ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus}).bind(settings)
+    return MsitApi.options(num_replicas=cfg.api_replicas,
+                           ray_actor_options={"num_cpus": cfg.api_num_cpus}).bind(scorer, settings)

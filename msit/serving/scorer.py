@@ -36,6 +36,9 @@ class RequestError(ValueError):
         super().__init__(message)
         self.field, self.message = field, message
 
+    def __reduce__(self):  # crosses Ray Serve handles by pickle: keep both fields
+        return RequestError, (self.field, self.message)
+
 
 @dataclass
 class Scored:
