@@ -82,13 +82,13 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
             "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
 
 
-def deploy(model: Path, data: Path, port: int, replicas: int, device: str) -> str:
+def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_cpus: float = 1.0) -> str:
     from ray import serve
 
     from msit.serving.deployment import build
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"model": str(model), "data": str(data), "num_cpus": 1 if device == "cpu" else 0.5,
+    serve.run(build({"model": str(model), "data": str(data), "num_cpus": num_cpus,
                      "num_gpus": 1 if device == "cuda" else 0, "max_batch_size": 32,
                      "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}),
               name="msit", route_prefix="/")
@@ -152,7 +152,8 @@ def main() -> None:
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in runs[-1].items()}, flush=True)
     serve.shutdown()
 
-    url = deploy(model, data, port, replicas=2, device=args.device)
+    # Two replicas and the ingress must fit the machine's CPUs (Ray reserves them: 2 x 1 + 0.25 would not fit 2).
+    url = deploy(model, data, port, replicas=2, device=args.device, num_cpus=0.75)
     asyncio.run(closed_loop(url, requests, 8, 3.0))
     replica_kill = kill_one_replica_during_load(url, requests, args.seconds * 2)
     print(f"replica kill: {replica_kill}", flush=True)
@@ -162,7 +163,8 @@ def main() -> None:
     report = {
         "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
         "candidates_per_request": len(requests[0]["candidates"]), "seconds_per_run": args.seconds,
-        "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device},
+        "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device,
+                    "ingress": "1 MsitApi replica, 0.25 CPU", "replica_kill_num_cpus": 0.75},
         "runs": runs, "inprocess_scores_per_s": inprocess,
         "endpoint_vs_inprocess_at_32": at_32["scores_per_s"] / inprocess,
         "replica_kill": replica_kill,
