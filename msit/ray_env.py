@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
@@ -23,4 +24,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = not quiet
+    # Without a terminal (CI, `ray job logs`), Ray Data logs every operator's progress every few seconds:
+    # keep the one overall line.
+    ctx.enable_operator_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
