@@ -136,8 +136,10 @@ def expand_space(cfg: TuneRunConfig) -> tuple[list[dict[str, Any]], list[dict[st
         rng, candidates = random.Random(search.seed), []
         for _ in range(search.num_samples):
             candidates.append({name: _sample(rng, domain) for name, domain in space.items()})
-    kept = [p for p in candidates if _valid(cfg, p)]
-    return kept, [p for p in candidates if p not in kept]
+    kept, pruned = [], []
+    for params in candidates:
+        (kept if _valid(cfg, params) else pruned).append(params)
+    return kept, pruned
 
 
 def _sample(rng: random.Random, domain: Any) -> Any:
@@ -213,6 +215,7 @@ def run_search(cfg: TuneRunConfig, log=print) -> Path:
                                   reduction_factor=search.asha.reduction_factor) if search.asha.enabled else None
         if search.algorithm == "optuna":
             param_space, num_samples, search_alg = {}, search.num_samples, _optuna_searcher(cfg)
+            count = num_samples
         else:
             trials, pruned = expand_space(cfg)
             if pruned:
@@ -220,7 +223,8 @@ def run_search(cfg: TuneRunConfig, log=print) -> Path:
             if not trials:
                 raise ConfigError("search.space: every combination is invalid for the model (see above)")
             param_space, num_samples, search_alg = {"params": tune.grid_search(trials)}, 1, None
-        log(f"searching {len(trials) if search.algorithm != 'optuna' else num_samples} trial(s), "
+            count = len(trials)
+        log(f"searching {count} trial(s), "
             f"{search.max_concurrent_trials} at a time, {'ASHA' if scheduler else 'no early stopping'}; "
             f"search {cfg.run.name!r} in {cfg.run.storage_path}")
         tuner = tune.Tuner(

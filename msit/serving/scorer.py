@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ class Scorer:
     def describe(self) -> dict:
         train = self.info.get("train", {})
         return {"version": self.version, "model_dir": self.model_dir, "family": self.config.family,
-                "config": {k: v for k, v in vars(self.config).items()}, "scenarios": self.spec.scenarios,
+                "config": asdict(self.config), "scenarios": self.spec.scenarios,
                 "counts": {"users": len(self.spec.vocabularies["user_id"]) - 2,
                            "items": len(self.spec.vocabularies["item_id"]) - 2,
                            "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
