@@ -61,7 +61,9 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance (default: all)")
     p.add_argument("--encoding-from", metavar="DIR", help="encode with the vocabularies of this model or prepared "
-                   "directory instead of fitting new ones (to evaluate or fine-tune a model on new logs)")
+                   "directory instead of fitting new ones (to evaluate a model on new logs)")
+    p.add_argument("--extend-vocab", action="store_true", help="with --encoding-from: keep its indices and append "
+                   "the ids and scenes it has not seen (to fine-tune the model on these logs: msit finetune)")
 
 
 def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
@@ -72,7 +74,7 @@ def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
     cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, history_length=args.history_length,
                         min_count=args.min_count, split_ratios=args.split_ratios, on_bad_rows=args.on_bad_rows,
                         multi_max_len=args.multi_max_len, overwrite=args.overwrite, num_cpus=args.num_cpus,
-                        encoding_from=getattr(args, "encoding_from", None))
+                        encoding_from=args.encoding_from, extend_vocab=args.extend_vocab)
     return prepare(cfg, log=_log)
 
 
@@ -154,6 +156,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(metrics, indent=1))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from msit.report import build_report
+
+    page = build_report(args.model, args.data, args.out, ablation_dir=args.ablation, split=args.split, log=_log)
+    print(page)
+
+
 def _apply_run_overrides(cfg, args: argparse.Namespace) -> None:
     """Command-line overrides shared by train and tune configs."""
     for name in ("data", "output"):
@@ -187,6 +196,32 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainRunConfig.load(args.config)
     _apply_run_overrides(cfg, args)
+    if args.num_workers:
+        cfg.scaling.num_workers = args.num_workers
+    init_ray(num_cpus=args.num_cpus)
+    run_training(cfg, log=_log)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from msit.finetune import FinetuneSpec
+    from msit.model_dir import load_model_config
+    from msit.ray_env import init_ray
+    from msit.ray_train import TrainRunConfig, run_training
+
+    if args.config:
+        cfg = TrainRunConfig.load(args.config)
+    else:
+        if not (args.data and args.output):
+            raise MsitError("msit finetune needs --data and --output (or a --config that names them)")
+        cfg = TrainRunConfig(data=args.data, output=args.output)
+        cfg.run.name = f"msit-finetune-{Path(args.output).name}"
+    _apply_run_overrides(cfg, args)
+    cfg.model = load_model_config(args.from_model)  # the architecture is the trained model's
+    cfg.finetune = FinetuneSpec(args.from_model, args.mode or (cfg.finetune.mode if cfg.finetune else "scene"))
+    if args.scenes:
+        cfg.scenes = args.scenes.split(",")
+    if args.lr:
+        cfg.train.lr = args.lr
     if args.num_workers:
         cfg.scaling.num_workers = args.num_workers
     init_ray(num_cpus=args.num_cpus)
@@ -338,6 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="override: Ray Train workers")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("finetune", help="continue from a trained model on new logs (new scenes, fresh data)",
+                       description="Fine-tune a trained model directory on Ray Train and export a new model directory. "
+                       "Prepare the logs first with `msit data prepare LOGS --encoding-from MODEL --extend-vocab`: "
+                       "known ids keep their learned rows, new ids and scenes get fresh ones. --mode scene trains "
+                       "only the scene-specific parts (scene embeddings, transfer layers, predictor) and the new "
+                       "rows, the rest frozen (onboarding a new or sparse scene); --mode full trains everything "
+                       "(periodic refresh on a newer window). Epoch 0, the starting model, competes for best.")
+    p.add_argument("--from", dest="from_model", required=True, metavar="MODEL_DIR", help="trained model directory")
+    p.add_argument("--config", help="YAML of a train config (data, output, train, scaling, run); its model section is "
+                   "replaced by the trained model's")
+    p.add_argument("--mode", choices=["scene", "full"], help="what trains (default scene)")
+    p.add_argument("--scenes", help="comma-separated scenes whose rows to train and validate on (default: all)")
+    p.add_argument("--lr", type=float, help="override: learning rate")
+    _add_run_overrides(p, "run")
+    p.add_argument("--num-workers", type=int, help="override: Ray Train workers")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("tune", help="architecture search on Ray Tune (heads, fusion, width, ...)",
                        description="Search model and training settings on Ray Tune from a YAML config: every trial "
                        "trains on Ray Train, ASHA stops weak trials early. Writes trials.csv, best_config.yaml and "
@@ -369,6 +421,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also rank each scene's catalogue and report Recall@K and NDCG@K")
     p.add_argument("--ranking-queries", type=int, default=200, help="users sampled per scene for ranking")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="the transfer report: per-scene metrics, attention heat map, cold -> warm AUC",
+                       description="Write a self-contained HTML page (PNGs embedded) for a model directory: per-scene "
+                       "AUC / log loss / GAUC, the average transfer attention (target scene x source scene) as a heat "
+                       "map, and AUC by the user's history length in the target scene (cold -> warm); with --ablation "
+                       "(e.g. the msit_no_transfer model trained on the same data) side by side.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
+    p.add_argument("--ablation", help="a second model directory to compare with (e.g. family msit_no_transfer)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default="runs/report", help="output directory (default %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     data = sub.add_parser("data", help="make, convert and prepare scene logs",
                           description="Make, convert and prepare scene logs.")

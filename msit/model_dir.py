@@ -68,9 +68,7 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE, FEATURE_SPEC_FILE) if not (directory / f).is_file()]
     if missing:
         raise MsitError(f"{directory} is not a msit model directory: missing {missing}")
-    meta = json.loads((directory / CONFIG_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MsitError(f"{directory / CONFIG_FILE}: model format {meta.get('format_version')} is not supported")
+    meta = _read_meta(directory)
     config = from_dict(ModelConfig, meta["model"], where=str(directory / CONFIG_FILE))
     spec = FeatureSpec.load(directory)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
@@ -78,3 +76,18 @@ def load_model_dir(directory: str | Path, device: str | torch.device = "cpu") ->
     model = build_model(config, spec, scene_text=None if scene_text is None else np.zeros(tuple(scene_text.shape)))
     model.load_state_dict(state, strict=True)
     return LoadedModel(model.to(device).eval(), config, spec, meta.get("info", {}))
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    """The model config of a model directory, without loading its weights."""
+    return from_dict(ModelConfig, _read_meta(Path(directory))["model"], where=str(Path(directory) / CONFIG_FILE))
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise MsitError(f"{directory} is not a msit model directory: no {CONFIG_FILE}")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise MsitError(f"{path}: model format {meta.get('format_version')} is not supported")
+    return meta

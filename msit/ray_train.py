@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
@@ -29,9 +31,18 @@ from safetensors.torch import load_file
 from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
+from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
 from msit.model import ModelConfig, batch_columns, build_for_data
-from msit.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, evaluate, load_split, make_optimizer, seed_everything, train_step
+from msit.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_config, load_model_dir, save_model_dir
+from msit.trainer import (
+    TrainConfig,
+    evaluate,
+    load_split,
+    make_optimizer,
+    seed_everything,
+    select_scenes,
+    train_step,
+)
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
@@ -63,6 +74,8 @@ class TrainRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     run: RunSpec = field(default_factory=RunSpec)
+    scenes: list[str] | None = None  # train and validate on these scenes' rows only (histories keep every scene)
+    finetune: FinetuneSpec | None = None  # start from a trained model directory (see msit.finetune)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainRunConfig:
@@ -78,7 +91,8 @@ def _use_gpu(setting: bool | str) -> bool:
 
 
 def _save_checkpoint(directory: Path, model, cfg: TrainRunConfig, spec: FeatureSpec, optimizer, state: dict) -> None:
-    save_model_dir(directory, model, cfg.model, spec, {"train": state})
+    origin = {"finetuned_from": dataclasses.asdict(cfg.finetune)} if cfg.finetune is not None else {}
+    save_model_dir(directory, model, cfg.model, spec, {"train": state, **origin})
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state))
 
@@ -93,6 +107,11 @@ def train_loop_per_worker(config: dict) -> None:
     spec = FeatureSpec.load(cfg.data)
     device = ray.train.torch.get_device()
     model = build_for_data(cfg.model, cfg.data, spec)  # the bare module: checkpoints and evaluation use it
+    if cfg.finetune is not None:
+        summary = start_from(model, cfg.finetune, spec, cfg.scenes)
+        if rank == 0:
+            for line in summary.lines():
+                print(f"[msit] fine-tuning from {cfg.finetune.from_model} ({cfg.finetune.mode}): {line}", flush=True)
     first_epoch, best_auc, best_epoch, history = 1, -1.0, 0, []
 
     checkpoint = ray.train.get_checkpoint()
@@ -111,7 +130,15 @@ def train_loop_per_worker(config: dict) -> None:
         print(f"[msit] attempt starts at epoch {first_epoch}", flush=True)
     amp = torch.bfloat16 if device.type == "cuda" else None
     val = load_split(cfg.data, "val", spec) if rank == 0 else None
+    if val is not None and cfg.scenes:
+        val = select_scenes(val, spec.scene_ids(cfg.scenes))
     shard = ray.train.get_dataset_shard("train")
+    if cfg.finetune is not None and first_epoch == 1:
+        # Epoch 0 is the starting point: fine-tuning never exports a model worse on val than the one it began with.
+        if rank == 0:
+            best_auc = _report_start(model, val, spec, cfg, optimizer, history)
+        else:
+            ray.train.report({"epoch": 0}, checkpoint=None)  # report is collective: every rank calls it
 
     for epoch in range(first_epoch, cfg.train.epochs + 1):
         losses, samples = [], 0
@@ -150,6 +177,19 @@ def train_loop_per_worker(config: dict) -> None:
         _fault_drill(cfg, context, epoch)
 
 
+def _report_start(model, val, spec: FeatureSpec, cfg: TrainRunConfig, optimizer, history: list[dict]) -> float:
+    evaluation = evaluate(model, val, spec)
+    metrics = {"epoch": 0, "val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
+               **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+    history.append({**metrics, "first_epoch_of_attempt": 1})
+    state = {"epoch": 0, "best_val_auc": metrics["val_auc"], "best_epoch": 0, **metrics, "history": history}
+    print(f"[msit] before fine-tuning: val AUC {metrics['val_auc']:.4f}", flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        _save_checkpoint(Path(directory), model, cfg, spec, optimizer, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    return metrics["val_auc"]
+
+
 def _sum_over_workers(value: int, device: torch.device, world_size: int) -> int:
     if world_size == 1:
         return value
@@ -172,8 +212,12 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
 
 def resolve_paths(cfg):
     """Local paths of a train or tune config (data, output, run.storage_path) made absolute for workers."""
-    return dataclasses.replace(cfg, data=absolute_path(cfg.data), output=absolute_path(cfg.output),
-                               run=dataclasses.replace(cfg.run, storage_path=absolute_path(cfg.run.storage_path)))
+    cfg = dataclasses.replace(cfg, data=absolute_path(cfg.data), output=absolute_path(cfg.output),
+                              run=dataclasses.replace(cfg.run, storage_path=absolute_path(cfg.run.storage_path)))
+    if getattr(cfg, "finetune", None) is not None:
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
+            cfg.finetune, from_model=absolute_path(cfg.finetune.from_model)))
+    return cfg
 
 
 def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget: float | None = None,
@@ -183,7 +227,15 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
     spec = FeatureSpec.load(cfg.data)
     if not (Path(cfg.data) / "train").is_dir():
         raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
+    if cfg.finetune is not None:
+        check_encoding_extends(cfg.finetune.from_model, spec, cfg.data)
+        if cfg.model != load_model_config(cfg.finetune.from_model):
+            raise ConfigError(f"a fine-tuning run keeps the architecture of {cfg.finetune.from_model}: take its "
+                              "model config (msit finetune does)")
     train = ray.data.read_parquet(str(Path(cfg.data) / "train"), columns=batch_columns(spec))
+    if cfg.scenes:
+        train = train.map_batches(_rows_of_scenes, batch_format="pyarrow",
+                                  fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
     cpus, workers = cfg.scaling.cpus_per_worker, cfg.scaling.num_workers
     budget = ray.cluster_resources().get("CPU", 0) if cpu_budget is None else cpu_budget
@@ -207,6 +259,10 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
                                                          checkpoint_score_order="max")),
         datasets={"train": train},
     )
+
+
+def _rows_of_scenes(batch: pa.Table, scene_ids: list[int]) -> pa.Table:
+    return batch.filter(pc.is_in(batch["scene_id"], value_set=pa.array(scene_ids, type=batch["scene_id"].type)))
 
 
 def export_checkpoint(checkpoint: ray.train.Checkpoint, export: Path) -> dict:

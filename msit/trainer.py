@@ -71,6 +71,12 @@ def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch
     return out
 
 
+def select_scenes(data: Batch, scene_ids: list[int]) -> Batch:
+    """The rows of `data` in these scenes."""
+    keep = torch.isin(data["scene_id"], torch.tensor(scene_ids))
+    return {k: v[keep] for k, v in data.items()}
+
+
 def iterate(data: Batch, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
             ) -> Iterator[Batch]:
     n = len(data["label"])
@@ -118,11 +124,13 @@ def evaluate(model: nn.Module, data: Batch, spec: FeatureSpec, batch_size: int =
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on embeddings, norms and biases: decay would shrink rare ids towards zero.
+    # No weight decay on embeddings, norms and biases: decay would shrink rare ids towards zero. Nor on
+    # tables of which fine-tuning trains only some rows (`trained_rows`): decay would move the others.
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed" not in name and "embedding" not in name else no_decay).append(p)
+            embedding = "embed" in name or "embedding" in name or hasattr(p, "trained_rows")
+            (decay if p.ndim >= 2 and not embedding else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 

@@ -43,6 +43,13 @@ class FeatureSpec:
     def vocabulary(self, name: str) -> Vocabulary:
         return Vocabulary(self.vocabularies[name])
 
+    def scene_ids(self, names: list[str]) -> list[int]:
+        """The scene ids of scene names; an unknown name is an error that lists the known ones."""
+        unknown = [n for n in names if n not in self.scenarios]
+        if unknown:
+            raise MsitError(f"unknown scene(s) {unknown}; the data has {self.scenarios}")
+        return [self.scenarios.index(n) + 2 for n in names]
+
     def fingerprint(self) -> str:
         """Identifies the encoding: two specs with one fingerprint map every raw value to the same index."""
         encoding = {"vocabularies": self.vocabularies, "fields": {k: asdict(v) for k, v in self.fields.items()},

@@ -59,6 +59,7 @@ class PrepareConfig:
     num_partitions: int | None = None  # of the per-user shuffle; default from the row count
     num_cpus: int | None = None  # of a new local Ray instance, if Ray is not running yet
     encoding_from: str | None = None  # a model or prepared directory: reuse its encoding instead of fitting one
+    extend_vocab: bool = False  # with encoding_from: keep its indices, append the new ids and scenes (fine-tuning)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class PrepareConfig:
             raise ConfigError(f"split ratios must be three non-negative numbers train,val,test summing to 1 "
                               f"with train > 0, got {self.split_ratios}")
         self.split_ratios = ratios
+        if self.extend_vocab and not self.encoding_from:
+            raise ConfigError("extend_vocab grows the encoding of another directory: set encoding_from as well")
 
 
 @dataclass
@@ -158,15 +161,21 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     else:
         steps.start(f"using the split column {spec.columns['split']!r}")
 
-    if reused is not None:
+    if reused is not None and not cfg.extend_vocab:
         steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")
         encoders = encoders_from_feature_spec(reused)
     else:
-        steps.start("fitting vocabularies on the training split")
+        steps.start("fitting vocabularies on the training split" if reused is None else
+                    f"extending the encoding of {cfg.encoding_from} by the new ids and scenes of the training split")
         counts = good.map_batches(count_batch, batch_format="pandas", fn_kwargs={"spec": spec})
         counts = counts.groupby(["field", "value"], num_partitions=_partitions(cfg, total_rows)).sum("count")
         counts = counts.to_pandas().rename(columns={"sum(count)": "count"})
-        encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
+        if reused is None:
+            encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
+        else:
+            encoders = encoders_from_feature_spec(reused).extended(counts, spec, cfg.min_count)
+            log("      " + ", ".join(f"{name}: +{len(encoders.vocabularies[name]) - len(values):,}"
+                                     for name, values in reused.vocabularies.items()))
     if len(encoders.vocabularies["item_id"]) <= 2:
         raise DataValidationError("the training split is empty: no rows have split == 'train'")
     for col, n in encoders.multi_truncated.items():
@@ -265,6 +274,7 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
         row_counts={"input": total_rows, "bad_rows_dropped": report.per_reason(),
                     **{s: int(split_counts.get(s, 0)) for s in SPLITS}},
         source={"inputs": list(cfg.inputs), "files": len(sources.files), "format": sources.format,
-                "spec": spec.to_dict(), "min_count": cfg.min_count,
+                "spec": spec.to_dict(), "min_count": cfg.min_count, "encoding_from": cfg.encoding_from,
+                "extend_vocab": cfg.extend_vocab,
                 "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)}},
     )

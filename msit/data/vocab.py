@@ -103,7 +103,7 @@ class Encoders:
     @classmethod
     def fit(cls, counts: pd.DataFrame, spec: SceneLogSpec, min_count: int, multi_cap: int) -> Encoders:
         """`counts`: (field, value, count) rows summed over the whole training split."""
-        by_field = {f: dict(zip(g["value"], g["count"], strict=True)) for f, g in counts.groupby("field")}
+        by_field = _counts_by_field(counts)
         vocabularies = {}
         for col in vocab_fields(spec):
             # Scenes are few and each matters: never drop one for being rare; order them by name so
@@ -123,8 +123,31 @@ class Encoders:
             lengths = {int(k): int(v) for k, v in by_field.get(_LEN + col, {}).items()}
             longest = max(lengths, default=1)
             max_len[col] = max(1, min(longest, multi_cap))
-            truncated[col] = sum(n for k, n in lengths.items() if k > max_len[col])
+            truncated[col] = _truncated(by_field, col, max_len[col])
         return cls(vocabularies, stats, max_len, truncated)
+
+    def extended(self, counts: pd.DataFrame, spec: SceneLogSpec, min_count: int) -> Encoders:
+        """These encoders grown by the values of `counts` (a newer training split) that they lack:
+        every known value keeps its index, new ids and scenes are appended after them. Numeric
+        statistics and multi-valued widths stay as they were, so old inputs encode exactly as before."""
+        fresh = Encoders.fit(counts, spec, min_count, multi_cap=1)
+        vocabularies = {}
+        for col, vocab in self.vocabularies.items():
+            known = set(vocab.values)
+            added = [v for v in fresh.vocabularies[col].values[len(RESERVED):] if v not in known]
+            vocabularies[col] = Vocabulary(vocab.values + added)
+        by_field = _counts_by_field(counts)
+        truncated = {col: _truncated(by_field, col, width) for col, width in self.multi_max_len.items()}
+        return Encoders(vocabularies, dict(self.numeric_stats), dict(self.multi_max_len), truncated)
+
+
+def _counts_by_field(counts: pd.DataFrame) -> dict[str, dict[str, float]]:
+    return {f: dict(zip(g["value"], g["count"], strict=True)) for f, g in counts.groupby("field")}
+
+
+def _truncated(by_field: dict[str, dict[str, float]], col: str, width: int) -> int:
+    """Training rows of multi-valued field `col` with more than `width` values."""
+    return int(sum(n for k, n in by_field.get(_LEN + col, {}).items() if int(k) > width))
 
 
 def encoders_from_feature_spec(spec) -> Encoders:

@@ -1,0 +1,157 @@
+"""Fine-tuning from a trained model: grown vocabularies, transplanted and frozen weights, a new scene,
+and a refresh on a later window through `msit finetune` on Ray Train."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from msit.data import synth
+from msit.data.feature_spec import FeatureSpec
+from msit.data.prepare import PrepareConfig, prepare
+from msit.data.spec import SceneLogSpec
+from msit.errors import ConfigError, MsitError
+from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
+from msit.metrics import auc
+from msit.model import ModelConfig, build_for_data
+from msit.model_dir import load_model_dir, save_model_dir
+from msit.trainer import TrainConfig, fit, load_split, predict, select_scenes
+
+QUIET = dict(log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def logs(ray_session, tmp_path_factory):
+    """An old log without the last scene and without some items, and the whole log (new scene, new items)."""
+    root = tmp_path_factory.mktemp("finetune")
+    synth.write(synth.SynthConfig(users=400, items=300, scenes=3, events_per_user=25, sparse_scene_share=0.2,
+                                  seed=5), root / "log", progress=False)
+    spec = SceneLogSpec.load(root / "log" / "spec.yaml")
+    events = pd.concat(pd.read_parquet(f) for f in sorted((root / "log").glob("**/*.parquet")))
+    new_scene = sorted(events["scenario"].unique())[-1]
+    held_out_items = set(events["item_id"].drop_duplicates().sample(30, random_state=0))
+    old = events[(events["scenario"] != new_scene) & ~events["item_id"].isin(held_out_items)]
+    (root / "old").mkdir()
+    old.to_parquet(root / "old" / "part.parquet")
+    prepare(PrepareConfig(inputs=[str(root / "old")], out=str(root / "old_prepared"), history_length=10, spec=spec),
+            **QUIET)
+    return root, spec, new_scene, {str(i) for i in held_out_items}
+
+
+@pytest.fixture(scope="module")
+def old_model(logs):
+    root, _, _, _ = logs
+    prepared = root / "old_prepared"
+    spec = FeatureSpec.load(prepared)
+    config = ModelConfig(embed_dim=16, mlp_dims=(32,))
+    model = build_for_data(config, prepared, spec)
+    fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
+        TrainConfig(epochs=1, batch_size=256, lr=5e-3), **QUIET)
+    return save_model_dir(root / "old_model", model, config, spec)
+
+
+@pytest.fixture(scope="module")
+def extended(logs, old_model):
+    root, spec, _, _ = logs
+    out = root / "new_prepared"
+    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(out), spec=spec, encoding_from=str(old_model),
+                          extend_vocab=True), **QUIET)
+    return out
+
+
+def test_extended_vocabularies_keep_every_old_index_and_append_the_new(logs, old_model, extended):
+    _, _, new_scene, held_out_items = logs
+    old, new = FeatureSpec.load(old_model), FeatureSpec.load(extended)
+    for name, values in old.vocabularies.items():
+        assert new.vocabularies[name][:len(values)] == values
+    assert new.scenarios == [*old.scenarios, new_scene]
+    added = new.vocabularies["item_id"][len(old.vocabularies["item_id"]):]
+    assert held_out_items <= set(added) and not set(added) & set(old.vocabularies["item_id"])
+    assert new.history_length == old.history_length
+    check_encoding_extends(old_model, new, extended)  # no error
+    with pytest.raises(MsitError, match="--extend-vocab"):
+        check_encoding_extends(extended, old, old_model)  # the other way round is not an extension
+
+
+def test_extend_vocab_needs_encoding_from(tmp_path):
+    with pytest.raises(ConfigError, match="encoding_from"):
+        PrepareConfig(inputs=["x"], out=str(tmp_path), extend_vocab=True)
+
+
+def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scenes_alone(logs, old_model, extended):
+    root, _, new_scene, _ = logs
+    spec = FeatureSpec.load(extended)
+    old = load_model_dir(old_model)
+    model = build_for_data(old.config, extended, spec)
+    summary = start_from(model, FinetuneSpec(str(old_model), "scene"), spec)
+    assert summary.grown["embed.item.weight"] == (len(old.spec.vocabularies["item_id"]),
+                                                  len(spec.vocabularies["item_id"]))
+    assert 0 < summary.trainable < summary.frozen
+    assert not model.interest.encoder.layers[0].self_attn.in_proj_weight.requires_grad
+    assert not model.transfer.layers[0].attention.in_proj_weight.requires_grad  # shared by every scene
+    assert model.embed.scene.weight.trained_rows.tolist() == [False] * (len(spec.scenarios) + 1) + [True]
+
+    new_scene_id = spec.scene_ids([new_scene])
+    test_new = select_scenes(load_split(extended, "test", spec), new_scene_id)
+    auc_at_start = auc(test_new["label"].numpy(), predict(model, test_new))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    train = select_scenes(load_split(extended, "train", spec), new_scene_id)
+    val = load_split(extended, "val", spec)
+    result = fit(model, train, val, spec, TrainConfig(epochs=2, batch_size=128, lr=5e-3, patience=2), **QUIET)
+    assert result.best_epoch >= 1
+
+    learned, tuned = old.model.state_dict(), model.state_dict()
+    # Every learned weight is exactly as it was (the old scenes' rows of scene tables too); new rows moved.
+    for name, weights in learned.items():
+        if name not in dict(model.named_buffers()):
+            assert torch.equal(tuned[name][:len(weights)] if weights.ndim else tuned[name], weights), name
+    for name in ("embed.item.weight", "embed.scene.weight", "interest.empty"):
+        fresh = model.get_parameter(name).detach()[len(learned[name]):]
+        assert len(fresh) and not torch.equal(fresh, start[name][len(learned[name]):]), name
+
+    # The new scene is scored better than before its rows were trained on; old scenes barely move.
+    assert auc(test_new["label"].numpy(), predict(model, test_new)) > auc_at_start + 0.02
+    old_test = load_split(root / "old_prepared", "test", old.spec)  # old encoding: a prefix of the new one
+    before, after = predict(old.model, old_test), predict(model, old_test)
+    old_labels = old_test["label"].numpy()
+    assert np.abs(after - before).mean() < 0.05
+    assert abs(auc(old_labels, after) - auc(old_labels, before)) < 0.02
+
+
+def test_start_from_refuses_another_architecture(logs, old_model, extended):
+    spec = FeatureSpec.load(extended)
+    other = build_for_data(ModelConfig(embed_dim=8, mlp_dims=(32,)), extended, spec)
+    with pytest.raises(MsitError, match="cannot start"):
+        start_from(other, FinetuneSpec(str(old_model)), spec)
+
+
+def test_finetune_cli_refreshes_on_newer_logs_on_ray_train(logs, old_model, extended, tmp_path):
+    """A full refresh on logs with more users, items and a scene: val AUC on them improves on the start."""
+    from msit.cli import main
+
+    out = tmp_path / "refreshed"
+    config = tmp_path / "refresh.yaml"
+    config.write_text(f"data: {extended}\noutput: {out}\ntrain: {{epochs: 2, batch_size: 256, lr: 0.005}}\n"
+                      "scaling: {num_workers: 2, use_gpu: false}\n"
+                      f"run: {{name: refresh, storage_path: {tmp_path}}}\n")
+    code = main(["finetune", "--from", str(old_model), "--config", str(config), "--mode", "full"])
+    assert code == 0
+    refreshed = load_model_dir(out)
+    assert refreshed.info["finetuned_from"] == {"from_model": str(old_model), "mode": "full"}
+    history = json.loads((tmp_path / "refreshed_training" / "metrics.json").read_text())
+    assert [row["epoch"] for row in history] == [0, 1, 2]  # epoch 0: the starting model on the new window
+    start, best = history[0]["val_auc"], max(row["val_auc"] for row in history)
+    assert best > start  # training on the new window helped
+    assert refreshed.info["train"]["best_val_auc"] == pytest.approx(best)
+
+
+def test_finetune_cli_reports_data_not_extended(logs, old_model, tmp_path, capsys):
+    from msit.cli import main
+
+    root, _, _, _ = logs
+    code = main(["finetune", "--from", str(old_model), "--data", str(root / "new_prepared_missing"),
+                 "--output", str(tmp_path / "x"), "--use-gpu", "false"])
+    assert code == 1
+    assert "feature_spec.json" in capsys.readouterr().err
