@@ -126,17 +126,12 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-
-    from msit.data.feature_spec import FeatureSpec
     from msit.metrics import format_table
-    from msit.model_dir import load_model_dir
+    from msit.model_dir import check_data_encoding, load_model_dir
     from msit.trainer import evaluate, load_split
 
     loaded = load_model_dir(args.model)
-    data_spec = FeatureSpec.load(args.data)
-    if data_spec.fingerprint() != loaded.spec.fingerprint():
-        raise MsitError(f"{args.data} was encoded with other vocabularies than the model {args.model}; "
-                        f"prepare the logs with `msit data prepare LOGS --encoding-from {args.model}`")
+    check_data_encoding(args.model, loaded.spec, args.data)
     data = load_split(args.data, args.split, loaded.spec)
     metrics = evaluate(loaded.model, data, loaded.spec)
     print(f"{loaded.config.family} on {args.data} ({args.split}):")

@@ -91,3 +91,10 @@ def _read_meta(directory: Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise MsitError(f"{path}: model format {meta.get('format_version')} is not supported")
     return meta
+
+
+def check_data_encoding(model_dir: str | Path, model_spec: FeatureSpec, data_dir: str | Path) -> None:
+    """The data must be encoded with the model's vocabularies, or ids would silently mean other things."""
+    if FeatureSpec.load(data_dir).fingerprint() != model_spec.fingerprint():
+        raise MsitError(f"{data_dir} was encoded with other vocabularies than the model {model_dir}; "
+                        f"prepare the logs with `msit data prepare LOGS --encoding-from {model_dir}`")

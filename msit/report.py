@@ -29,10 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from msit.data.feature_spec import FeatureSpec
-from msit.errors import MsitError
 from msit.metrics import auc, scene_metrics
-from msit.model_dir import LoadedModel, load_model_dir
+from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
 from msit.trainer import Batch, iterate, load_split
 
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
@@ -56,13 +54,6 @@ class ModelResult:
 
 
 # ---------------------------------------------------------------------------------------------- inference
-
-
-def check_encoding(model_dir: str | Path, loaded: LoadedModel, data_dir: str | Path) -> None:
-    """The data must be encoded with the model's vocabularies, or ids would silently mean other things."""
-    if FeatureSpec.load(data_dir).fingerprint() != loaded.spec.fingerprint():
-        raise MsitError(f"{data_dir} was encoded with other vocabularies than the model {model_dir}; "
-                        f"prepare the logs with `msit data prepare LOGS --encoding-from {model_dir}`")
 
 
 @torch.no_grad()
@@ -355,7 +346,7 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
     log(f"[1/4] loading the model(s) and {split!r} of {data_dir}")
     loaded = {name: load_model_dir(directory) for name, directory in dirs.items()}
     for name, directory in dirs.items():  # before the (possibly large) split is read
-        check_encoding(directory, loaded[name], data_dir)
+        check_data_encoding(directory, loaded[name].spec, data_dir)
     spec = loaded["model"].spec
     data = load_split(data_dir, split, spec)
     max_length = data["history_scene_ids"].shape[1]

@@ -8,7 +8,8 @@ import pytest
 
 from msit.cli import main
 
-COMMANDS = [[], ["demo"], ["train"], ["evaluate"], ["data"], ["data", "synth"], ["data", "prepare"],
+COMMANDS = [[], ["demo"], ["train"], ["finetune"], ["tune"], ["serve"], ["report"], ["evaluate"], ["data"],
+            ["data", "synth"], ["data", "prepare"],
             ["data", "movielens"], ["data", "infer-spec"], ["data", "embed-text"]]
 
 
