@@ -325,13 +325,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
                          scaling=ScalingSpec(num_workers=args.num_workers, use_gpu="auto"),
                          run=RunSpec(name=f"demo-{int(time.time())}", storage_path=str(out / "ray_results")))
     model_dir = run_training(cfg, log=_log)
-    _log("== 4. msit evaluate on the test split")
+    _log("== 4. msit evaluate and msit report on the test split")
     loaded = load_model_dir(model_dir)
     metrics = evaluate(loaded.model, load_split(out / "prepared", "test", loaded.spec), loaded.spec)
     print(f"\n{loaded.config.family} on the synthetic test split:")
     print(format_table(metrics))
     print(f"\nmodel directory: {model_dir}")
     print(f"training curves: {run_outputs_dir(cfg) / 'curves.png'} (metrics.csv, tensorboard/ beside it)")
+    from msit.report import build_report
+
+    page = build_report(model_dir, out / "prepared", out / "report", log=lambda _: None)
+    print(f"transfer report (attention heat map, AUC cold -> warm): {page}")
 
     from ray import serve
 

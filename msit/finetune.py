@@ -99,7 +99,7 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
     """Load the learned weights of `spec.from_model` into `model` (built for `data_spec`, the extended
     encoding) and freeze what the mode does not train. `scenes`: the scenes scene mode fine-tunes
     (default: the scenes new to the model)."""
-    config, model_spec = load_model_config(spec.from_model), FeatureSpec.load(spec.from_model)
+    config = load_model_config(spec.from_model)
     summary = transplant(model, load_file(str(Path(spec.from_model) / WEIGHTS_FILE)))
     params = dict(model.named_parameters())
     # Rows that train, per parameter (a parameter not named here is frozen). Fresh rows of grown
@@ -111,11 +111,7 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
         patterns = [re.compile(p) for p in HEAD_PARTS[config.family]]
         rows |= {name: _rows_from(p, 0) for name, p in params.items() if any(pat.match(name) for pat in patterns)}
     else:
-        ids = data_spec.scene_ids(scenes) if scenes else list(range(len(model_spec.scenarios) + 2,
-                                                                   len(data_spec.scenarios) + 2))
-        if not ids:
-            raise ConfigError(f"scene mode has no scene to fine-tune: the data has no scene new to {spec.from_model}; "
-                              "name the scenes to fine-tune (--scenes) or use --mode head or full")
+        ids = scenes_to_tune(spec.from_model, data_spec, scenes)
         for name, p in params.items():
             mask = _scene_rows(name, p, config.family, ids, config.num_experts)
             if mask is not None:
@@ -126,6 +122,17 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
         summary.trainable += trained
         summary.frozen += p.numel() - trained
     return summary
+
+
+def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[str] | None) -> list[int]:
+    """Scene ids whose rows scene mode trains: `scenes`, or else the scenes new to the model."""
+    if scenes:
+        return data_spec.scene_ids(scenes)
+    ids = list(range(len(FeatureSpec.load(model_dir).scenarios) + 2, len(data_spec.scenarios) + 2))
+    if not ids:
+        raise ConfigError(f"scene mode has no scene to fine-tune: the data has no scene new to {model_dir}; "
+                          "name the scenes to fine-tune (--scenes) or use --mode head or full")
+    return ids
 
 
 def _rows_from(p: torch.Tensor, first: int) -> torch.Tensor:

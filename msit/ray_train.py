@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
-from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
+from msit.finetune import FinetuneSpec, check_encoding_extends, scenes_to_tune, start_from
 from msit.model import ModelConfig, batch_columns, build_for_data
 from msit.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_config, load_model_dir, save_model_dir
 from msit.trainer import (
@@ -229,6 +229,8 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
         raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
     if cfg.finetune is not None:
         check_encoding_extends(cfg.finetune.from_model, spec, cfg.data)
+        if cfg.finetune.mode == "scene":
+            scenes_to_tune(cfg.finetune.from_model, spec, cfg.scenes)  # fails here, not in every worker
         if cfg.model != load_model_config(cfg.finetune.from_model):
             raise ConfigError(f"a fine-tuning run keeps the architecture of {cfg.finetune.from_model}: take its "
                               "model config (msit finetune does)")

@@ -155,3 +155,13 @@ def test_finetune_cli_reports_data_not_extended(logs, old_model, tmp_path, capsy
                  "--output", str(tmp_path / "x"), "--use-gpu", "false"])
     assert code == 1
     assert "feature_spec.json" in capsys.readouterr().err
+
+
+def test_scene_mode_without_a_scene_to_tune_is_refused_before_training(logs, old_model, tmp_path, capsys):
+    from msit.cli import main
+
+    root, _, _, _ = logs
+    code = main(["finetune", "--from", str(old_model), "--data", str(root / "old_prepared"),
+                 "--output", str(tmp_path / "x"), "--use-gpu", "false"])
+    assert code == 1
+    assert "no scene new to" in capsys.readouterr().err
