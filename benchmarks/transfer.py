@@ -16,7 +16,7 @@ Both select their epoch on the scene's val rows and report its test AUC.
 Writes benchmarks/results/transfer.json, transfer_runs.json (every run; an interrupted benchmark
 resumes, skipping runs recorded with the same settings) and transfer.png.
 
-    python benchmarks/transfer.py [--seeds 3] [--scenes drama light thrill] [--skip-new-scene]
+    python benchmarks/transfer.py [--seeds 3] [--scenes drama light thrill] [--skip-new-scene] [--table]
 """
 
 from __future__ import annotations
@@ -156,6 +156,21 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_tables(summary: dict) -> str:
+    lines = ["| scene | f | " + " | ".join(MODELS) + " | msit − no transfer |", "|---" * (len(MODELS) + 3) + "|"]
+    for scene in SCENES:
+        for fraction, models in sorted(summary["sparse"].get(scene, {}).items(), key=lambda kv: float(kv[0])):
+            cells = " | ".join(f"{models[m]:.4f}" if m in models else "" for m in MODELS)
+            gap = models["msit"] - models["msit_no_transfer"] if {"msit", "msit_no_transfer"} <= set(models) else None
+            lines.append(f"| {scene} | {fraction} | {cells} | {'' if gap is None else f'{gap:+.4f}'} |")
+    lines += ["", "| new scene | finetune AUC | scratch AUC | finetune s | scratch s |", "|---|---|---|---|---|"]
+    for scene, r in summary["new_scene"].items():
+        if {"finetune_auc", "scratch_auc"} <= set(r):
+            lines.append(f"| {scene} | {r['finetune_auc']:.4f} | {r['scratch_auc']:.4f} | {r['finetune_s']:.0f} | "
+                         f"{r['scratch_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
@@ -167,7 +182,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache" / "transfer"))
     parser.add_argument("--out", default=str(RESULTS / "transfer.json"))
+    parser.add_argument("--table", action="store_true", help="print the results as markdown tables and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_tables(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(args.threads)
     cache, out = Path(args.cache), Path(args.out)
     runs_path = out.with_name("transfer_runs.json")
