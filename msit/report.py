@@ -36,6 +36,7 @@ from msit.trainer import Batch, iterate, load_split
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
 # 11-20, 21+. Buckets that start beyond the stored history length are dropped.
 HISTORY_BUCKET_EDGES: tuple[int, ...] = (0, 1, 3, 6, 11, 21)
+MIN_BUCKET_ROWS = 30  # fewer rows than this: no AUC for the bucket (shown as a gap, the row count still given)
 BATCH_SIZE = 4096  # the same as trainer.evaluate's default, so metrics match `msit evaluate` exactly
 
 Log = Callable[[str], None]
@@ -138,13 +139,14 @@ def bucket_rows(scene_ids: np.ndarray, buckets: np.ndarray, n_buckets: int,
 
 def auc_by_bucket(labels: np.ndarray, probs: np.ndarray, scene_ids: np.ndarray, buckets: np.ndarray,
                   n_buckets: int, scene_names: dict[int, str]) -> dict[str, list[float]]:
-    """Scene -> AUC per bucket; NaN where a bucket is empty or has one label class (AUC undefined there)."""
+    """Scene -> AUC per bucket; NaN where a bucket has fewer than MIN_BUCKET_ROWS rows (an AUC of a handful of
+    rows is noise) or one label class (AUC undefined there)."""
     out = {}
     for sid, name in scene_names.items():
         in_scene = scene_ids == sid
         if in_scene.any():
-            out[name] = [auc(labels[in_scene & (buckets == b)], probs[in_scene & (buckets == b)])
-                         for b in range(n_buckets)]
+            masks = [in_scene & (buckets == b) for b in range(n_buckets)]
+            out[name] = [auc(labels[m], probs[m]) if m.sum() >= MIN_BUCKET_ROWS else math.nan for m in masks]
     return out
 
 

@@ -172,3 +172,21 @@ def test_history_bucketing_counts_exactly():
         0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     rows = bucket_rows(scene_ids.numpy(), buckets, 5, {2: "home", 3: "search", 4: "unseen"})
     assert rows == {"home": [1, 0, 1, 1, 0], "search": [0, 1, 0, 0, 1]}
+
+
+def test_auc_by_bucket_leaves_out_buckets_too_small_to_mean_anything():
+    import math
+
+    import numpy as np
+
+    from msit.metrics import auc
+    from msit.report import MIN_BUCKET_ROWS, auc_by_bucket
+
+    rng = np.random.default_rng(0)
+    n = MIN_BUCKET_ROWS + 5
+    labels = np.r_[rng.integers(0, 2, n), [0, 1, 1]]
+    probs = rng.random(n + 3)
+    buckets = np.r_[np.zeros(n, dtype=int), [1, 1, 1]]  # bucket 0 is large enough, bucket 1 has 3 rows
+    result = auc_by_bucket(labels, probs, np.full(n + 3, 2), buckets, 3, {2: "feed"})
+    assert result["feed"][0] == auc(labels[:n], probs[:n])
+    assert math.isnan(result["feed"][1]) and math.isnan(result["feed"][2])
