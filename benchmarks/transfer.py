@@ -34,7 +34,7 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.finetune import FinetuneSpec
 from msit.model import ModelConfig, build_model, load_item_table
-from msit.model_dir import save_model_dir
+from msit.model_dir import load_model_dir, save_model_dir
 from msit.ray_env import init_ray
 from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
 from msit.trainer import TrainConfig, evaluate, fit, load_split, seed_everything
@@ -96,8 +96,6 @@ def train_on_ray(data: Path, out: Path, scene: str, seed: int, finetune: Finetun
     start = time.perf_counter()
     run_training(cfg, log=lambda m: print(f"[{out.name}] {m}", flush=True))
     seconds = time.perf_counter() - start
-    from msit.model_dir import load_model_dir
-
     loaded = load_model_dir(out)
     test = evaluate(loaded.model, load_split(data, "test", loaded.spec), loaded.spec)
     return {"auc": test["scenes"][scene]["auc"], "seconds": seconds,

@@ -158,6 +158,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(page)
 
 
+def _add_model_data_split_args(p: argparse.ArgumentParser) -> None:
+    """A model directory scored on one split of prepared data (evaluate, report)."""
+    p.add_argument("--model", required=True, help="model directory (model.safetensors, model.json, feature_spec.json)")
+    p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+
+
 def _apply_run_overrides(cfg, args: argparse.Namespace) -> None:
     """Command-line overrides shared by train and tune configs."""
     for name in ("data", "output"):
@@ -412,9 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="per-scene AUC, log loss and GAUC of a model directory",
                        description="Score a prepared split with a model directory and print the per-scene table.")
-    p.add_argument("--model", required=True, help="model directory (model.safetensors, model.json, feature_spec.json)")
-    p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    _add_model_data_split_args(p)
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--ranking-k", type=int, default=0, metavar="K",
                    help="also rank each scene's catalogue and report Recall@K and NDCG@K")
@@ -426,10 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "AUC / log loss / GAUC, the average transfer attention (target scene x source scene) as a heat "
                        "map, and AUC by the user's history length in the target scene (cold -> warm); with --ablation "
                        "(e.g. the msit_no_transfer model trained on the same data) side by side.")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--data", required=True, help="prepared directory encoded with the model's vocabularies")
+    _add_model_data_split_args(p)
     p.add_argument("--ablation", help="a second model directory to compare with (e.g. family msit_no_transfer)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default="runs/report", help="output directory (default %(default)s)")
     p.set_defaults(func=cmd_report)
 

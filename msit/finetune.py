@@ -135,8 +135,13 @@ def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[s
     return ids
 
 
+def _no_rows(p: torch.Tensor) -> torch.Tensor:
+    """An all-False mask over the leading dimension of `p` (one row for a scalar)."""
+    return torch.zeros(p.shape[0] if p.ndim else 1, dtype=torch.bool)
+
+
 def _rows_from(p: torch.Tensor, first: int) -> torch.Tensor:
-    mask = torch.zeros(p.shape[0] if p.ndim else 1, dtype=torch.bool)
+    mask = _no_rows(p)
     mask[first:] = True
     return mask
 
@@ -147,7 +152,7 @@ def _scene_rows(name: str, p: torch.Tensor, family: str, scene_ids: list[int], e
         found = re.match(pattern, name)
         if not found:
             continue
-        mask = torch.zeros(p.shape[0] if p.ndim else 1, dtype=torch.bool)
+        mask = _no_rows(p)
         slots = [i - 2 for i in scene_ids]
         if kind == "id":
             mask[scene_ids] = True

@@ -156,18 +156,14 @@ def train_loop_per_worker(config: dict) -> None:
                    "train_seconds": seconds, "train_samples_per_s": samples / seconds, "epoch_started_at": started_at}
         stop = torch.zeros(1, device=device)
         if rank == 0:
-            evaluation = evaluate(model, val, spec)
-            metrics |= {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
-                        **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+            metrics |= _val_metrics(model, val, spec)
             if metrics["val_auc"] > best_auc:
                 best_auc, best_epoch = metrics["val_auc"], epoch
             stop[0] = float(epoch - best_epoch >= cfg.train.patience)
             history.append({**metrics, "first_epoch_of_attempt": first_epoch})
             state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics,
                      "history": history}
-            with tempfile.TemporaryDirectory() as directory:
-                _save_checkpoint(Path(directory), model, cfg, spec, optimizer, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            _report_checkpoint(model, cfg, spec, optimizer, metrics, state)
         else:
             ray.train.report(metrics, checkpoint=None)
         if context.get_world_size() > 1:  # every rank stops at the same epoch
@@ -178,16 +174,25 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _report_start(model, val, spec: FeatureSpec, cfg: TrainRunConfig, optimizer, history: list[dict]) -> float:
-    evaluation = evaluate(model, val, spec)
-    metrics = {"epoch": 0, "val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
-               **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+    metrics = {"epoch": 0, **_val_metrics(model, val, spec)}
     history.append({**metrics, "first_epoch_of_attempt": 1})
     state = {"epoch": 0, "best_val_auc": metrics["val_auc"], "best_epoch": 0, **metrics, "history": history}
     print(f"[msit] before fine-tuning: val AUC {metrics['val_auc']:.4f}", flush=True)
+    _report_checkpoint(model, cfg, spec, optimizer, metrics, state)
+    return metrics["val_auc"]
+
+
+def _val_metrics(model, val, spec: FeatureSpec) -> dict:
+    evaluation = evaluate(model, val, spec)
+    return {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
+            **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+
+
+def _report_checkpoint(model, cfg: TrainRunConfig, spec: FeatureSpec, optimizer, metrics: dict, state: dict) -> None:
+    """Rank 0's report: the metrics with a checkpoint (model directory, optimizer, training state)."""
     with tempfile.TemporaryDirectory() as directory:
         _save_checkpoint(Path(directory), model, cfg, spec, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    return metrics["val_auc"]
 
 
 def _sum_over_workers(value: int, device: torch.device, world_size: int) -> int:

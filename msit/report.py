@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from msit.metrics import auc, scene_metrics
+from msit.model.msit import target_slots
 from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
 from msit.trainer import Batch, iterate, load_split
 
@@ -78,8 +79,8 @@ def run_model(model: torch.nn.Module, data: Batch, n_scenes: int,
         if output.transfer_attention is None:
             has_attention = False
             continue
-        slots = batch["scene_id"].long() - 2  # scene id -> row of the matrix; padding / unknown scenes drop out
-        known = (slots >= 0) & (slots < n_scenes)
+        slots = target_slots(batch["scene_id"].long(), n_scenes)  # row of the matrix; -1: padding / unknown scene
+        known = slots >= 0
         sums.index_add_(0, slots[known], output.transfer_attention.detach().cpu().double()[known])
         counts += torch.bincount(slots[known], minlength=n_scenes).double()
     probs = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
@@ -93,7 +94,7 @@ def evaluate_model(name: str, model_dir: Path, loaded: LoadedModel, data: Batch,
                    n_buckets: int) -> ModelResult:
     spec = loaded.spec
     probs, attention = run_model(loaded.model, data, len(spec.scenarios), desc=name)
-    scene_names = {i + 2: s for i, s in enumerate(spec.scenarios)}  # as trainer.evaluate names them
+    scene_names = spec.scene_names()  # as trainer.evaluate names them
     labels, scene_ids = data["label"].numpy(), data["scene_id"].numpy()
     metrics = scene_metrics(labels, probs, scene_ids, data["user_id"].numpy(), scene_names)
     history_auc = auc_by_bucket(labels, probs, scene_ids, buckets, n_buckets, scene_names)
@@ -354,7 +355,7 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
     max_length = data["history_scene_ids"].shape[1]
     counts = target_scene_history(data["scene_id"], data["history_scene_ids"], data["history_length"])
     buckets, labels = history_buckets(counts, max_length), bucket_labels(max_length)
-    scene_names = {i + 2: s for i, s in enumerate(spec.scenarios)}
+    scene_names = spec.scene_names()
     rows = bucket_rows(data["scene_id"].numpy(), buckets, len(labels), scene_names)
 
     results = []

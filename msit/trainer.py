@@ -119,7 +119,7 @@ def predict(model: nn.Module, data: Batch, batch_size: int = 4096) -> np.ndarray
 
 def evaluate(model: nn.Module, data: Batch, spec: FeatureSpec, batch_size: int = 4096) -> dict:
     probs = predict(model, data, batch_size)
-    names = {i + 2: s for i, s in enumerate(spec.scenarios)}
+    names = spec.scene_names()
     return scene_metrics(data["label"].numpy(), probs, data["scene_id"].numpy(), data["user_id"].numpy(), names)
 
 

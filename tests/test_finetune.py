@@ -147,21 +147,14 @@ def test_finetune_cli_refreshes_on_newer_logs_on_ray_train(logs, old_model, exte
     assert refreshed.info["train"]["best_val_auc"] == pytest.approx(best)
 
 
-def test_finetune_cli_reports_data_not_extended(logs, old_model, tmp_path, capsys):
+@pytest.mark.parametrize("data, message", [("new_prepared_missing", "feature_spec.json"),
+                                           ("old_prepared", "no scene new to")],
+                         ids=["data not prepared", "scene mode without a scene to tune"])
+def test_finetune_cli_refuses_before_training(logs, old_model, tmp_path, capsys, data, message):
     from msit.cli import main
 
     root, _, _, _ = logs
-    code = main(["finetune", "--from", str(old_model), "--data", str(root / "new_prepared_missing"),
+    code = main(["finetune", "--from", str(old_model), "--data", str(root / data),
                  "--output", str(tmp_path / "x"), "--use-gpu", "false"])
     assert code == 1
-    assert "feature_spec.json" in capsys.readouterr().err
-
-
-def test_scene_mode_without_a_scene_to_tune_is_refused_before_training(logs, old_model, tmp_path, capsys):
-    from msit.cli import main
-
-    root, _, _, _ = logs
-    code = main(["finetune", "--from", str(old_model), "--data", str(root / "old_prepared"),
-                 "--output", str(tmp_path / "x"), "--use-gpu", "false"])
-    assert code == 1
-    assert "no scene new to" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

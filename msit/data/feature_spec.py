@@ -43,6 +43,10 @@ class FeatureSpec:
     def vocabulary(self, name: str) -> Vocabulary:
         return Vocabulary(self.vocabularies[name])
 
+    def scene_names(self) -> dict[int, str]:
+        """Scene id -> scene name, for every known scene."""
+        return {i + 2: name for i, name in enumerate(self.scenarios)}
+
     def scene_ids(self, names: list[str]) -> list[int]:
         """The scene ids of scene names; an unknown name is an error that lists the known ones."""
         unknown = [n for n in names if n not in self.scenarios]

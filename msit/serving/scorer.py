@@ -77,7 +77,7 @@ class Scorer:
         self.version = hashlib.sha256((Path(model_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
         self._index = {name: pd.Index(values[2:]) for name, values in self.spec.vocabularies.items()}
         self._items = np.asarray(self.spec.vocabularies["item_id"], dtype=object)
-        self.scenes = {name: i + 2 for i, name in enumerate(self.spec.scenarios)}
+        self.scenes = {name: i for i, name in self.spec.scene_names().items()}
         self._user_fields = [c for kind in ("categorical", "multi", "numeric")
                              for c in fields_of(self.spec, "user", kind)]
         self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
