@@ -252,7 +252,7 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                                     "target_ongoing_requests": 32}}), name="msit", route_prefix="/")
+                                     "target_ongoing_requests": 2}}), name="msit", route_prefix="/")
     return f"http://{args.host}:{args.port}"
 
 

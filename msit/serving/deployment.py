@@ -1,11 +1,12 @@
 """The Ray Serve edge: two deployments.
 
-- `MsitScorer` replicas hold a Scorer: dynamic batching across requests (`@serve.batch`), hot reload
-  of a new model directory through `user_config`, request metrics on Ray's Prometheus endpoint.
-  They autoscale and take the GPUs.
-- `MsitApi` replicas serve the FastAPI app of `msit.serving.app` and call the scorers through a
-  deployment handle. A request whose scorer replica died is sent again to another one, so a lost
-  replica costs latency, not answers.
+- `MsitApi` replicas serve the FastAPI app of `msit.serving.app` and batch concurrent requests
+  (`@serve.batch`): one call to a scorer per batch, not per request, since each call costs more CPU
+  than scoring a request does. A batch whose scorer replica died is sent again to another one, so
+  a lost replica costs latency, not answers.
+- `MsitScorer` replicas hold a Scorer: a batch in one forward pass, hot reload of a new model
+  directory through `user_config`, request metrics on Ray's Prometheus endpoint. They autoscale and
+  take the GPUs.
 
 `build(args)` is the application builder named in serve/config.yaml (`serve run serve/config.yaml`)
 and used by `msit serve`.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,15 @@ from msit.serving.scorer import RequestError, Scored, Scorer
 
 logger = logging.getLogger("msit.serving")
 DEPLOYMENT, INGRESS = "MsitScorer", "MsitApi"
-RETRIES = 2  # further attempts for a request whose scorer replica died
+RETRIES = 2  # further attempts for a batch whose scorer replica died
+# Batches one ingress replica has in flight: one computing and one queued per scorer replica keeps them
+# busy; the queued one is received while the other computes.
+CONCURRENT_BATCHES = 4
+# Ray Serve's throughput mode (Ray >= 2.56), set in the replicas' own environment so that it needs nothing
+# from the cluster: gRPC between the ingress and the scorers, user code on the replica's event loop (no
+# thread hop per request), buffered request logs. Direct ingress (replicas serving HTTP on their own ports,
+# meant to sit behind HAProxy) stays off: clients keep talking to the proxy's host and port.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 @dataclass
@@ -48,18 +58,23 @@ class ServeArgs:
     max_body_bytes: int = 1_000_000
     num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
     num_cpus: float = 1.0
+    # MsitScorer replicas; their ongoing requests are batches (at most CONCURRENT_BATCHES per ingress replica)
     autoscaling: dict[str, Any] = field(default_factory=lambda: {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32})
-    user_config: dict[str, Any] | None = None  # hot-reloadable: model, data, max_batch_size, batch_wait_timeout_s
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2})
+    # hot-reloadable: model and data (the scorers), max_batch_size (both), batch_wait_timeout_s (the ingress)
+    user_config: dict[str, Any] | None = None
     api_replicas: int = 1  # HTTP ingress replicas (light: parsing and forwarding)
     api_num_cpus: float = 0.25
+    throughput_optimized: bool = True  # THROUGHPUT_ENV in the replicas
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=256)
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16)
 class MsitScorer:
     def __init__(self, settings: dict):
         self.settings = settings
         self.scorer: Scorer | None = None
+        self.computing = asyncio.Lock()
+        self.queued: deque[tuple[list[dict], asyncio.Future]] = deque()
         self.candidates = Histogram("msit_candidates_per_request", "candidate items per score request",
                                     boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000])
         self.scores = Histogram("msit_scores", "distribution of the scores returned",
@@ -72,9 +87,7 @@ class MsitScorer:
 
     def reconfigure(self, user_config: dict) -> None:
         """Hot reload: load the new model directory beside the old one, then swap; requests keep flowing."""
-        self.score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
-        self.score_batch.set_batch_wait_timeout_s(
-            float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
+        self.max_batch_size = int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
         model, data = (self._resolve(user_config.get(key, self.settings[key])) for key in ("model", "data"))
         if self.scorer is not None and (model, data) == self.loaded:
             return
@@ -91,10 +104,36 @@ class MsitScorer:
         """Relative paths are relative to where the application was built."""
         return path if "://" in path else str(Path(self.settings["base_dir"], path))
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score_batch(self, requests: list[dict]) -> list[tuple[str, Scored | RequestError]]:
-        scorer = self.scorer  # one model for the whole batch, even if a reload swaps it meanwhile
-        results = scorer.score(requests)
+    async def score_many(self, requests: list[dict]) -> tuple[str, list[Scored | RequestError]]:
+        """A batch of score requests; a client's mistake is its request's result. Batches that queue while a
+        forward pass runs are merged into the next one, up to max_batch_size requests (at least one batch)."""
+        answer = asyncio.get_running_loop().create_future()
+        self.queued.append((requests, answer))
+        async with self.computing:  # FIFO: each waiter either finds its batch already scored, or scores it
+            if not answer.done():
+                await self._score_queued()
+        return await answer
+
+    async def _score_queued(self) -> None:
+        taken, size = [], 0
+        while self.queued and (not taken or size + len(self.queued[0][0]) <= self.max_batch_size):
+            taken.append(self.queued.popleft())
+            size += len(taken[-1][0])
+        merged = [request for requests, _ in taken for request in requests]
+        scorer = self.scorer  # one model for the whole pass, even if a reload swaps it meanwhile
+        try:
+            results = await asyncio.to_thread(scorer.score, merged)  # off the loop, which keeps receiving
+        except Exception as error:
+            for _, answer in taken:
+                answer.set_exception(error)
+            return
+        self._record(merged, results)
+        start = 0
+        for requests, answer in taken:
+            answer.set_result((scorer.version, results[start:start + len(requests)]))
+            start += len(requests)
+
+    def _record(self, requests: list[dict], results: list[Scored | RequestError]) -> None:
         for request, result in zip(requests, results, strict=True):
             if isinstance(result, Scored):
                 self.candidates.observe(len(request["candidates"]))
@@ -103,10 +142,6 @@ class MsitScorer:
                     self.oov_ids.inc(result.oov_ids)
                 for score in result.scores:
                     self.scores.observe(score)
-        return [(scorer.version, result) for result in results]
-
-    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
-        return await self.score_batch(request)
 
     async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError]:
         try:
@@ -124,10 +159,17 @@ class MsitScorer:
 @serve.deployment(name=INGRESS, max_ongoing_requests=512)
 @serve.ingress()
 class MsitApi:
-    """HTTP in front of the scorers; retries a request whose scorer replica died."""
+    """HTTP in front of the scorers: batches score requests, retries a batch whose scorer replica died."""
 
     def __init__(self, scorer: DeploymentHandle, settings: dict):
         self.handle, self.settings, self.version = scorer, settings, ""
+        self.reconfigure({})
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Hot-reloadable batching; the scorers take the model keys of the same user_config."""
+        self._score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
+        self._score_batch.set_batch_wait_timeout_s(
+            float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
 
     def __serve_build_asgi_app__(self):
         return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
@@ -143,8 +185,13 @@ class MsitApi:
                 logger.warning(f"a scorer replica died during {method}; retrying ({attempt + 1}/{RETRIES})")
                 await asyncio.sleep(0.05 * (attempt + 1))
 
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=CONCURRENT_BATCHES)
+    async def _score_batch(self, requests: list[dict]) -> list[tuple[str, Scored | RequestError]]:
+        version, results = await self._call("score_many", requests)
+        return [(version, result) for result in results]
+
     async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
-        self.version, result = await self._call("score", request)
+        self.version, result = await self._score_batch(request)
         return self.version, result
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
@@ -162,7 +209,7 @@ class MsitApi:
 
 
 def build(args: dict[str, Any]) -> serve.Application:
-    """The application: one autoscaling deployment, GPUs per replica where the cluster has them."""
+    """The application: the HTTP ingress before autoscaling scorers, with GPUs where the cluster has them."""
     cfg = from_dict(ServeArgs, args, where="serve args")
     gpus = cfg.num_gpus
     if gpus is None:  # asking for a GPU on a cluster without one would leave the replica pending forever
@@ -171,7 +218,8 @@ def build(args: dict[str, Any]) -> serve.Application:
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
                 "auth_token": token_from_env(), "base_dir": os.getcwd()}
-    scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
-                                ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus}).bind(settings)
-    return MsitApi.options(num_replicas=cfg.api_replicas,
-                           ray_actor_options={"num_cpus": cfg.api_num_cpus}).bind(scorer, settings)
+    runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}
+    scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config, ray_actor_options={
+        "num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env}).bind(settings)
+    return MsitApi.options(num_replicas=cfg.api_replicas, user_config=cfg.user_config, ray_actor_options={
+        "num_cpus": cfg.api_num_cpus, "runtime_env": runtime_env}).bind(scorer, settings)
