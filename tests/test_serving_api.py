@@ -89,6 +89,11 @@ def test_malformed_json_oversized_bodies_and_missing_fields(client, known):
     assert {e["loc"][-1] for e in missing.json()["detail"]} == {"scenario", "candidates"}
     huge = client.post("/v1/score", json={**known, "candidates": ["x" * 100] * 300})
     assert huge.status_code == 413 and "20000 bytes" in huge.json()["detail"]
+    # Chunked, with no Content-Length to check up front: counted as it is read.
+    streamed = client.post("/v1/score", content=iter([b'{"user_id": "' + b"x" * 15_000, b"x" * 15_000 + b'"}']),
+                           headers={"content-type": "application/json"})
+    assert streamed.request.headers.get("transfer-encoding") == "chunked"
+    assert streamed.status_code == 413 and "20000 bytes" in streamed.json()["detail"]
     assert client.post("/v1/recommend", json={**known, "k": 0}).status_code == 422
     assert client.get("/v1/score").status_code == 405
 

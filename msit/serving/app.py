@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -139,8 +139,9 @@ class _Unauthorized(Exception):
 
 
 class _LimitAndLog:
-    """413 for a declared body over the limit; one structured, payload-free log line per request (no user
-    ids, items or scores). Plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request."""
+    """413 for a body over the limit, declared (Content-Length) or streamed (chunked: counted as it is read);
+    one structured, payload-free log line per request (no user ids, items or scores). Plain ASGI:
+    Starlette's BaseHTTPMiddleware costs a task per request."""
 
     def __init__(self, app, max_body_bytes: int, backend: Backend):
         self.app, self.max_body_bytes, self.backend = app, max_body_bytes, backend
@@ -155,6 +156,16 @@ class _LimitAndLog:
             too_big = JSONResponse(status_code=413, content={"detail": detail})
             return await too_big(scope, receive, send)
 
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # FastAPI answers an HTTPException raised while reading the body
+                raise HTTPException(413, f"request body over {self.max_body_bytes} bytes")
+            return message
+
         async def send_and_note(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -162,7 +173,7 @@ class _LimitAndLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_note)
+            await self.app(scope, receive_within_limit, send_and_note)
         finally:
             if logger.isEnabledFor(logging.INFO):
                 logger.info(json.dumps({"route": scope["path"], "method": scope["method"], "status": status,
