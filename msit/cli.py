@@ -12,6 +12,8 @@ import yaml
 
 from msit.errors import MsitError
 
+FINETUNE_MODES = ("scene", "head", "full")  # msit.finetune.MODES, not imported here: it pulls in torch
+
 DEFAULT_SYNTH_DIR = "data/synth"
 DEFAULT_PREPARED_DIR = "data/prepared"
 
@@ -383,13 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a trained model directory on Ray Train and export a new model directory. "
                        "Prepare the logs first with `msit data prepare LOGS --encoding-from MODEL --extend-vocab`: "
                        "known ids keep their learned rows, new ids and scenes get fresh ones. --mode scene trains "
-                       "only the scene-specific parts (scene embeddings, transfer layers, predictor) and the new "
-                       "rows, the rest frozen (onboarding a new or sparse scene); --mode full trains everything "
-                       "(periodic refresh on a newer window). Epoch 0, the starting model, competes for best.")
+                       "only the fine-tuned scenes' own rows (scene embedding, empty interest, scene bias) and the "
+                       "new rows, so the other scenes' scores stay as they were (onboarding a new or sparse scene); "
+                       "--mode head trains the scene-specific parts whole (scene embeddings, transfer layers, "
+                       "predictor), which the other scenes share; --mode full trains everything (periodic refresh "
+                       "on a newer window). Epoch 0, the starting model, competes for best.")
     p.add_argument("--from", dest="from_model", required=True, metavar="MODEL_DIR", help="trained model directory")
     p.add_argument("--config", help="YAML of a train config (data, output, train, scaling, run); its model section is "
                    "replaced by the trained model's")
-    p.add_argument("--mode", choices=["scene", "full"], help="what trains (default scene)")
+    p.add_argument("--mode", choices=FINETUNE_MODES, help="what trains (default scene)")
     p.add_argument("--scenes", help="comma-separated scenes whose rows to train and validate on (default: all)")
     p.add_argument("--lr", type=float, help="override: learning rate")
     _add_run_overrides(p, "run")

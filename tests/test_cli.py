@@ -21,6 +21,13 @@ def test_every_command_has_help(command, capsys):
     assert "usage: msit" in capsys.readouterr().out
 
 
+def test_finetune_offers_every_mode():
+    from msit.cli import FINETUNE_MODES
+    from msit.finetune import MODES
+
+    assert FINETUNE_MODES == MODES
+
+
 def test_installed_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "msit.cli", "data", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "prepare" in out.stdout

@@ -80,6 +80,20 @@ def test_extend_vocab_needs_encoding_from(tmp_path):
         PrepareConfig(inputs=["x"], out=str(tmp_path), extend_vocab=True)
 
 
+def test_head_mode_trains_the_scene_specific_parts_whole_and_freezes_the_rest(old_model, extended):
+    spec = FeatureSpec.load(extended)
+    old = load_model_dir(old_model)
+    model = build_for_data(old.config, extended, spec)
+    start_from(model, FinetuneSpec(str(old_model), "head"), spec)
+    for whole in (model.transfer.layers[0].attention.in_proj_weight, model.predictor.mlp[0].weight,
+                  model.interest.empty, model.embed.scene.weight):
+        assert whole.requires_grad and getattr(whole, "trained_rows", torch.ones(1, dtype=torch.bool)).all()
+    assert not model.interest.encoder.layers[0].self_attn.in_proj_weight.requires_grad
+    known_items = len(old.spec.vocabularies["item_id"])
+    item_rows = model.embed.item.weight.trained_rows  # only the new items' rows train
+    assert not item_rows[:known_items].any() and item_rows[known_items:].all()
+
+
 def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scenes_alone(logs, old_model, extended):
     root, _, new_scene, _ = logs
     spec = FeatureSpec.load(extended)
