@@ -111,7 +111,8 @@ class MsitScorer:
         self.queued.append((requests, answer))
         async with self.computing:  # FIFO: each waiter either finds its batch already scored, or scores it
             if not answer.done():
-                await self._score_queued()
+                # Shielded: if this caller is cancelled, the pass still answers the other batches it took.
+                await asyncio.shield(self._score_queued())
         return await answer
 
     async def _score_queued(self) -> None:
