@@ -248,13 +248,14 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
     """Deploy the scorer on Ray Serve; returns the endpoint's base URL."""
     from ray import serve
 
-    from msit.serving.deployment import build
+    from msit.serving.deployment import TARGET_ONGOING_BATCHES, build
 
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                                     "target_ongoing_requests": 2}}), name="msit", route_prefix="/")
+                                     "target_ongoing_requests": TARGET_ONGOING_BATCHES}}), name="msit",
+              route_prefix="/")
     return f"http://{args.host}:{args.port}"
 
 

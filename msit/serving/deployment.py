@@ -40,6 +40,7 @@ RETRIES = 2  # further attempts for a batch whose scorer replica died
 # Batches one ingress replica has in flight: one computing and one queued per scorer replica keeps them
 # busy; the queued one is received while the other computes.
 CONCURRENT_BATCHES = 4
+TARGET_ONGOING_BATCHES = 2  # autoscaling target per scorer replica: one batch computing, one queued
 # Ray Serve's throughput mode (Ray >= 2.56), set in the replicas' own environment so that it needs nothing
 # from the cluster: gRPC between the ingress and the scorers, user code on the replica's event loop (no
 # thread hop per request), buffered request logs. Direct ingress (replicas serving HTTP on their own ports,
@@ -60,7 +61,7 @@ class ServeArgs:
     num_cpus: float = 1.0
     # MsitScorer replicas; their ongoing requests are batches (at most CONCURRENT_BATCHES per ingress replica)
     autoscaling: dict[str, Any] = field(default_factory=lambda: {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2})
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": TARGET_ONGOING_BATCHES})
     # hot-reloadable: model and data (the scorers), max_batch_size (both), batch_wait_timeout_s (the ingress)
     user_config: dict[str, Any] | None = None
     api_replicas: int = 1  # HTTP ingress replicas (light: parsing and forwarding)
