@@ -84,16 +84,24 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
 
 def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_cpus: float = 1.0,
            max_batch_size: int = 32) -> str:
+    """One ingress and `replicas` scorer replicas; on cuda the replicas share the machine's GPUs."""
     from ray import serve
 
     from msit.serving.deployment import build
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"model": str(model), "data": str(data), "num_cpus": num_cpus,
-                     "num_gpus": 1 if device == "cuda" else 0, "max_batch_size": max_batch_size,
+                     "num_gpus": gpus_per_replica(replicas) if device == "cuda" else 0,
+                     "max_batch_size": max_batch_size,
                      "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}),
               name="msit", route_prefix="/")
     return f"http://127.0.0.1:{port}"
+
+
+def gpus_per_replica(replicas: int) -> float:
+    """A whole GPU each where there are enough, else an equal share: two replicas on one GPU get 0.5 each
+    (asking 1 each would leave the second waiting for a GPU forever)."""
+    return min(1.0, torch.cuda.device_count() / replicas)
 
 
 def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float) -> dict:
@@ -165,6 +173,8 @@ def main() -> None:
         "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
         "candidates_per_request": len(requests[0]["candidates"]), "seconds_per_run": args.seconds,
         "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device,
+                    "num_gpus": gpus_per_replica(1) if args.device == "cuda" else 0,
+                    "replica_kill_num_gpus": gpus_per_replica(2) if args.device == "cuda" else 0,
                     "ingress": "1 MsitApi replica, 0.25 CPU: batches requests (up to 4 batches in flight), one "
                                "handle call per batch; the scorer merges batches that queue behind a forward pass",
                     "serve_throughput_mode": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the replicas, direct ingress off",
