@@ -149,6 +149,7 @@ def fit(model: nn.Module, train: Batch, val: Batch, spec: FeatureSpec, cfg: Trai
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
+    device = next(model.parameters()).device  # the data stays in memory on the CPU; batches go to the model
     best_auc, best_state, best_epoch, best_val, history = -1.0, None, 0, {}, []
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -156,7 +157,7 @@ def fit(model: nn.Module, train: Batch, val: Batch, spec: FeatureSpec, cfg: Trai
         batches = iterate(train, cfg.batch_size, shuffle=True, generator=generator)
         total = (len(train["label"]) + cfg.batch_size - 1) // cfg.batch_size
         for batch in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            losses.append(train_step(model, batch, optimizer, cfg.grad_clip))
+            losses.append(train_step(model, {k: v.to(device) for k, v in batch.items()}, optimizer, cfg.grad_clip))
         metrics = evaluate(model, val, spec, cfg.eval_batch_size)
         val_auc = metrics["overall"]["auc"]
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auc": val_auc,
