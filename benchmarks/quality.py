@@ -6,10 +6,11 @@ trained with the other seeds. Epochs are chosen by early stopping on val AUC. Te
 loss / GAUC, overall and per scene) are recorded for every run but play no part in any choice.
 Writes benchmarks/results/quality.json ({protocol: {model: summary of the chosen point}}) and
 quality_runs.json (settings, every run with its per-epoch history) after every run, so an interrupted
-benchmark resumes where it stopped: runs already recorded with the same settings are skipped.
+benchmark resumes where it stopped: runs already recorded with the same settings are skipped (the
+settings name the device, so a run on another device starts afresh).
 
     python benchmarks/quality.py [--seeds 3] [--protocols genre age] [--models msit star ...]
-                                 [--device cpu|cuda] [--jobs N]
+                                 [--device cpu|cuda] [--jobs N] [--threads T]
 """
 
 from __future__ import annotations
