@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from quality import prepared_dir
+from quality import device_name, prepared_dir
 
 from msit.data.feature_spec import FeatureSpec
 from msit.model import ModelConfig, build_for_data
@@ -70,14 +69,6 @@ def ray_run(prepared: Path, train_cfg: TrainConfig, workers: int, threads: int, 
     run_training(cfg, log=print)
     history = json.loads((run_outputs_dir(cfg) / "metrics.json").read_text())
     return history, history[0]["epoch_started_at"] - called_at
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def steady(epochs: list[dict]) -> float:
@@ -129,7 +120,7 @@ def main() -> None:
         "ray_1worker_vs_plain": steady(runs[1]["epochs"]) / steady(plain),
         "ray_2worker_vs_plain": steady(runs[2]["epochs"]) / steady(plain) if 2 in runs else None,
         "per_epoch": {"plain": plain, **{f"ray_{w}worker": r["epochs"] for w, r in runs.items()}},
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else cpu_name(),
+        "device": device_name(args.device),
         "cluster_cpus": ray.cluster_resources().get("CPU"), "machine_cores": os.cpu_count(),
         "torch": torch.__version__, "ray": ray.__version__,
     }
