@@ -16,15 +16,10 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
-from quality import ARCHITECTURE, MODEL, ROOT, TRAIN, _data, device_name
+from quality import ROOT, TRAIN, as_record, device_name, model_config, run_one
 
-from msit.model import ModelConfig, build_model
-from msit.trainer import TrainConfig, evaluate, fit, seed_everything
-
-LR = {"genre": 4e-3, "age": 2e-3}  # MSIT's chosen point in results/quality.json (dropout 0.1 on both)
-BASE = dict(family="msit", **MODEL, **ARCHITECTURE["msit"], dropout=0.1)
-VARIANTS = {
+POINT = {"genre": {"lr": 4e-3, "dropout": 0.1}, "age": {"lr": 2e-3, "dropout": 0.1}}  # MSIT's, in quality.json
+VARIANTS = {  # ModelConfig overrides of quality.py's MSIT config
     "base": {}, "embed64": {"embed_dim": 64}, "interest_layers2": {"interest_layers": 2},
     "transfer_layers1": {"transfer_layers": 1}, "transfer_layers3": {"transfer_layers": 3},
     "history20": {"history_length": 20}, "mlp256": {"mlp_dims": (256, 128)}, "no_scene_bias": {"scene_bias": False},
@@ -35,17 +30,11 @@ VARIANTS = {
 
 
 def run_variant(protocol: str, name: str, cache_dir: str, device: str) -> dict:
-    torch.set_num_threads(1)
-    spec, splits, table = _data(cache_dir, protocol)
-    seed_everything(0)
-    model = build_model(ModelConfig(**{**BASE, **VARIANTS[name]}), spec, table).to(device)
-    result = fit(model, splits["train"], splits["val"], spec, TrainConfig(seed=0, lr=LR[protocol], **TRAIN),
-                 log=lambda m: None)
-    test = evaluate(model, splits["test"], spec)
-    val = result.best_val["overall"]
-    return {"protocol": protocol, "variant": name, "val_auc": val["auc"], "val_gauc": val["gauc"],
-            "best_epoch": result.best_epoch, "test_auc": test["overall"]["auc"],
-            "test_gauc": test["overall"]["gauc"], "s": result.seconds}
+    overrides = dict(VARIANTS[name])
+    run = run_one(protocol, overrides.pop("family", "msit"), 0, POINT[protocol], cache_dir, device, 1, overrides)
+    return {"protocol": protocol, "variant": name, "val_auc": run["val_auc"],
+            "val_gauc": run["val_gauc"], "best_epoch": run["best_epoch"],
+            "test_auc": run["test"]["overall"]["auc"], "test_gauc": run["test"]["overall"]["gauc"], "s": run["train_s"]}
 
 
 def main() -> None:
@@ -55,15 +44,16 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"), help="prepared data")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msit_variants.json"))
     args = parser.parse_args()
-    report = {"settings": {"base": BASE, "lr": LR, "train": TRAIN, "seed": 0, "device": device_name(args.device)},
+    report = {"settings": {"base": as_record(model_config("msit", POINT["genre"])), "points": POINT, "train": TRAIN,
+                           "seed": 0, "device": device_name(args.device)},
               "runs": []}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_variant, p, n, args.cache, args.device) for n in VARIANTS for p in LR]
+        futures = [pool.submit(run_variant, p, n, args.cache, args.device) for n in VARIANTS for p in POINT]
         for future in as_completed(futures):
             report["runs"].append(future.result())
             print(json.dumps(report["runs"][-1]), flush=True)
             Path(args.out).write_text(json.dumps(report, indent=1))
-    for protocol in LR:
+    for protocol in POINT:
         runs = {r["variant"]: r for r in report["runs"] if r["protocol"] == protocol}
         print(f"\n{protocol}: val AUC, change from base")
         for name, r in sorted(runs.items(), key=lambda kv: -kv[1]["val_auc"]):

@@ -56,8 +56,10 @@ def search_points() -> list[dict]:
     return [dict(zip(SEARCH, values, strict=True)) for values in itertools.product(*SEARCH.values())]
 
 
-def model_config(family: str, point: dict) -> ModelConfig:
-    return ModelConfig(family=family, **MODEL, **ARCHITECTURE.get(family, {}), dropout=point["dropout"])
+def model_config(family: str, point: dict, overrides: dict | None = None) -> ModelConfig:
+    """The family's config at a search point; `overrides` (any ModelConfig fields) win over the rest."""
+    return ModelConfig(**{**MODEL, **ARCHITECTURE.get(family, {}), "dropout": point["dropout"], **(overrides or {}),
+                          "family": family})
 
 
 def train_config(point: dict, seed: int) -> TrainConfig:
@@ -162,12 +164,13 @@ def _data(cache_dir: str, protocol: str) -> tuple:
     return spec, {s: load_split(data, s, spec) for s in ("train", "val", "test")}, load_item_table(data, spec)
 
 
-def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, device: str, threads: int) -> dict:
+def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, device: str, threads: int,
+            overrides: dict | None = None) -> dict:
     """Train one (protocol, family, seed, search point) and score it on val and test: one worker's task."""
     torch.set_num_threads(threads)
     spec, splits, table = _data(cache_dir, protocol)
     seed_everything(seed)
-    config = model_config(family, point)
+    config = model_config(family, point, overrides)
     model = build_model(config, spec, table).to(device)
     tag = f"[{protocol} {family} seed {seed} {point_key(point)}]"
     result = fit(model, splits["train"], splits["val"], spec, train_config(point, seed),
@@ -176,7 +179,8 @@ def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, 
     print(f"{tag} val AUC {result.best_val['overall']['auc']:.4f}, test AUC {test['overall']['auc']:.4f} "
           f"({result.seconds:.0f} s)", flush=True)
     return {"protocol": protocol, "model": family, "seed": seed, "point": point, "config": as_record(config),
-            "test": test, "val_auc": result.best_val["overall"]["auc"], "best_epoch": result.best_epoch,
+            "test": test, "val_auc": result.best_val["overall"]["auc"], "val_gauc": result.best_val["overall"]["gauc"],
+            "best_epoch": result.best_epoch,
             "train_s": result.seconds, "history": result.history}
 
 
