@@ -31,20 +31,12 @@ def with_text(protocol: str) -> Path:
     """A copy of the protocol's prepared data with the title embeddings beside it."""
     out = CACHE / f"{protocol}_text"
     if not (out / "text_embeddings.parquet").is_file():
-        from msit.ray_env import init_ray
-        from msit.text import embed_item_text
+        from msit.text import embed_item_text  # a Ray Data step: starts a local Ray instance
 
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(prepared_dir(protocol, CACHE), out)
-        init_ray(num_cpus=2, quiet=True)
         embed_item_text(out)
     return out
-
-
-def stop_ray() -> None:
-    import ray
-
-    ray.shutdown()  # the trainings need no Ray; give its CPUs back
 
 
 def run(protocol: str, family: str, point: dict, use_text: bool, data: str) -> dict:
@@ -72,7 +64,9 @@ def main() -> None:
     chosen = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())
     tasks = [(p, f, chosen[p][f]["chosen"], text, str(with_text(p)))
              for p in args.protocols for f in args.models for text in (False, True)]
-    stop_ray()
+    import ray
+
+    ray.shutdown()  # the trainings need no Ray (a no-op if the embeddings were cached): give its CPUs back
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         runs = list(pool.map(run, *zip(*tasks, strict=True)))
     by = {(r["protocol"], r["model"], r["use_text"]): r["val_auc"] for r in runs}
