@@ -145,6 +145,7 @@ class _LimitAndLog:
 
     def __init__(self, app, max_body_bytes: int, backend: Backend):
         self.app, self.max_body_bytes, self.backend = app, max_body_bytes, backend
+        self.too_big = f"request body over {max_body_bytes} bytes"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -152,9 +153,7 @@ class _LimitAndLog:
         started, status = time.perf_counter(), 500
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
-            detail = f"request body over {self.max_body_bytes} bytes"
-            too_big = JSONResponse(status_code=413, content={"detail": detail})
-            return await too_big(scope, receive, send)
+            return await JSONResponse(status_code=413, content={"detail": self.too_big})(scope, receive, send)
 
         received = 0
 
@@ -163,7 +162,7 @@ class _LimitAndLog:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:  # FastAPI answers an HTTPException raised while reading the body
-                raise HTTPException(413, f"request body over {self.max_body_bytes} bytes")
+                raise HTTPException(413, self.too_big)
             return message
 
         async def send_and_note(message) -> None:
