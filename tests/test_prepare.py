@@ -169,10 +169,15 @@ def test_empty_input_and_missing_inputs_and_missing_columns(ray_session, tmp_pat
 
 
 def test_refuses_to_overwrite_and_bad_options(tmp_path):
+    _write_csv(tmp_path / "x.csv", _log_rows())
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
-        prepare(PrepareConfig(inputs=["x.csv"], out=str(tmp_path / "out")), log=lambda _: None)
+        prepare(PrepareConfig(inputs=[str(tmp_path / "x.csv")], out=str(tmp_path / "out")), log=lambda _: None)
+    with pytest.raises(ConfigError, match="not written by msit"):  # --overwrite only replaces msit's own output
+        prepare(PrepareConfig(inputs=[str(tmp_path / "x.csv")], out=str(tmp_path / "out"), overwrite=True),
+                log=lambda _: None)
+    assert (tmp_path / "out" / "x").read_text() == "keep me"
     with pytest.raises(ConfigError, match="split ratios"):
         PrepareConfig(inputs=["x"], out="y", split_ratios=(0.5, 0.1, 0.1))
     with pytest.raises(ConfigError, match="on_bad_rows"):

@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 
 HISTORY_FIELDS = ("history_item_ids", "history_scene_ids", "history_labels", "history_time_gaps")
+NO_TRAIN = "_no_train"  # assign_split: 2 on the first row of a user left without a training event, 1 on the rest
+DUPLICATE = "_duplicate"  # add_histories: the row exactly repeats an earlier one of the same user
+ROW_HASH = "_row_hash"  # validate: a hash of each row's canonical values
 
 
 def event_order(user_keys: np.ndarray, timestamps: np.ndarray, item_keys: np.ndarray) -> np.ndarray:
@@ -42,8 +45,9 @@ def _group_starts(keys: list[np.ndarray]) -> np.ndarray:
 
 
 def assign_split(events: dict[str, np.ndarray], ratios: tuple[float, float, float]) -> dict[str, np.ndarray]:
-    """Per-user chronological split: the newest `round(test * n)` events (at least 1 when the
-    test ratio is above 0) are test, the `round(val * n)` before them val, the rest train.
+    """Per-user chronological split: the newest `round(test * n)` events are test, the `round(val * n)`
+    before them val, the rest train; test and val get at least one event each when their ratio is above 0,
+    so a user with 2 events or fewer (at the default ratios) has none in train (marked in `NO_TRAIN`).
     Rounding is half-to-even, as in the shared MovieLens protocol."""
     order = event_order(events["user_id"], events["timestamp"], events["item_id"])
     events = {k: v[order] for k, v in events.items()}
@@ -61,6 +65,8 @@ def assign_split(events: dict[str, np.ndarray], ratios: tuple[float, float, floa
     split[position >= sizes - n_test - n_val] = "val"
     split[position >= sizes - n_test] = "test"
     events["split"] = split
+    without_train = sizes - n_test - n_val <= 0
+    events[NO_TRAIN] = np.where(without_train, np.where(position == 0, 2, 1), 0).astype(np.int8)
     return events
 
 
@@ -85,4 +91,6 @@ def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[st
     events["history_labels"] = gather(events["label"])
     events["history_time_gaps"] = np.where(real, ts[:, None] - ts[past], 0).astype(np.int64)
     events["history_length"] = real.sum(axis=1).astype(np.int64)
+    if ROW_HASH in events:  # the rows are whole users, so a repeat of a row is within the same batch
+        events[DUPLICATE] = pd.Series(events.pop(ROW_HASH)).duplicated().to_numpy()
     return events

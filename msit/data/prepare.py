@@ -15,8 +15,9 @@ Output directory:
 
 from __future__ import annotations
 
-import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,20 +30,30 @@ import pyarrow.parquet as pq
 import ray
 
 from msit.config import from_dict
+from msit.data import notes as note_on
 from msit.data import sources as src
-from msit.data.feature_spec import FeatureSpec, FieldInfo
-from msit.data.history import add_histories, assign_split
+from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
+from msit.data.history import DUPLICATE, add_histories, assign_split
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
     SPLITS,
     BadRowReport,
     check_batch,
     check_not_empty,
+    column_label,
     drop_bad_rows,
     summarize_bad_rows,
 )
-from msit.data.vocab import Encoders, count_batch, encode_batch, encoders_from_feature_spec, multi_fields
+from msit.data.vocab import (
+    Encoders,
+    count_batch,
+    encode_batch,
+    encoders_from_feature_spec,
+    multi_fields,
+    split_stats,
+)
 from msit.errors import ConfigError, DataValidationError
+from msit.output_dir import writing
 from msit.ray_env import init_ray
 
 
@@ -107,15 +118,27 @@ class _Steps:
 
 
 def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    """Read, validate, encode and write `cfg.inputs` to `cfg.out`. Everything is written into a staging folder
+    beside `cfg.out` and renamed into place at the end: a failed run leaves an earlier output as it was, a
+    second run into the same `cfg.out` at once is refused, and `--overwrite` only replaces msit's own output."""
+    sources = src.resolve(cfg.inputs)  # a missing input is reported before anything else
+    inputs = [*sources.files, *(p for p in cfg.inputs if Path(p).is_dir())]
+    with writing(cfg.out, marker=FEATURE_SPEC_FILE, overwrite=cfg.overwrite, inputs=inputs) as staging:
+        result = _prepare(cfg, sources, staging, log)
+    log(f"done: {result.feature_spec.row_counts['train']:,} train / {result.feature_spec.row_counts['val']:,} val / "
+        f"{result.feature_spec.row_counts['test']:,} test rows in {result.out}")
+    return result
+
+
+def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:
     steps = _Steps(7, log)
 
+    def note(text: str) -> None:
+        notes.append(text)
+        log(f"      note: {text}")
+
     steps.start("finding inputs and checking columns")
-    sources = src.resolve(cfg.inputs)
+    schemas = src.inspect_files(sources)
     sample = src.read_sample(sources)
     check_not_empty(len(sample), sources.describe())  # the sample reads on until it finds rows
     reused = FeatureSpec.load(cfg.encoding_from) if cfg.encoding_from else None
@@ -124,11 +147,11 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
         cfg = replace(cfg, history_length=reused.history_length, spec=from_dict(
             SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec"))
     spec, notes = infer_spec(sample, cfg.spec, where=sources.files[0])
-    for note in notes:
-        log(f"      note: {note}")
+    for text in notes:
+        log(f"      note: {text}")
     needed = list(dict.fromkeys([*spec.columns.values(), *spec.feature_columns()]))
-    for path in sources.files:
-        present = src.column_names(sources, path)
+    for path, schema in schemas.items():
+        present = schema.names
         resolve_roles(spec, present, where=path)
         missing = [c for c in spec.feature_columns() if c not in present]
         if missing:
@@ -136,30 +159,40 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
                                       f"columns present: {present}")
     if "path" in needed:
         raise DataValidationError("a column named 'path' clashes with msit's record of each row's file; rename it")
+    schema = src.read_schema(schemas, needed, lists=list(multi_fields(spec)))
 
     steps.start(f"reading and validating {sources.describe()}")
     init_ray(num_cpus=cfg.num_cpus)  # only now: input mistakes are reported without waiting for Ray
-    raw = _read(sources, needed)
-    checked = raw.map_batches(check_batch, batch_format="pandas", fn_kwargs={"spec": spec}).materialize()
+    with _reading(sources):
+        checked = _read(sources, schema).map_batches(check_batch, batch_format="pyarrow", batch_size=None,
+                                                     fn_kwargs={"spec": spec}).materialize()
     total_rows = checked.count()
     check_not_empty(total_rows, ", ".join(cfg.inputs))
-    summaries = checked.map_batches(summarize_bad_rows, batch_format="pandas").take_all()
+    summaries = checked.map_batches(summarize_bad_rows, batch_format="pyarrow", batch_size=None).take_all()
     report = BadRowReport.from_summaries(summaries, total_rows)
     if cfg.on_bad_rows == "error":
         report.raise_if_any()
     for line in report.lines():
         log(f"      dropped {line}")
-    good = checked.map_batches(drop_bad_rows, batch_format="pandas")
     if report.bad_rows == total_rows:
         raise DataValidationError(f"all {total_rows:,} rows of the input are invalid: {'; '.join(report.lines())}")
+    for text in note_on.time_units(column_label(spec, "timestamp"), report.time_units):
+        note(text)
+    good = checked.map_batches(drop_bad_rows, batch_format="pyarrow", batch_size=None)
 
     if "split" not in spec.columns:
         steps.start(f"splitting each user's events chronologically {cfg.split_ratios}")
         # Materialised: the split feeds two passes (vocabularies, encoding) and the shuffle must run once.
         good = good.groupby("user_id", num_partitions=_partitions(cfg, total_rows)).map_groups(
             assign_split, batch_format="numpy", fn_kwargs={"ratios": cfg.split_ratios}).materialize()
+        where = f"the chronological split {cfg.split_ratios}"
     else:
         steps.start(f"using the split column {spec.columns['split']!r}")
+        where = f"the split column {spec.columns['split']!r}"
+    split_counts, _ = _count_rows(good)
+    if not split_counts.get("train"):
+        raise DataValidationError(f"the training split is empty: {where} gives 0 train rows "
+                                  f"({split_counts.get('val', 0):,} val, {split_counts.get('test', 0):,} test)")
 
     if reused is not None and not cfg.extend_vocab:
         steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")
@@ -176,6 +209,11 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
             encoders = encoders_from_feature_spec(reused).extended(counts, spec, cfg.min_count)
             log("      " + ", ".join(f"{name}: +{len(encoders.vocabularies[name]) - len(values):,}"
                                      for name, values in reused.vocabularies.items()))
+        stats = split_stats(counts)
+        for text in [*note_on.scenes(stats.scenes, encoders.vocabularies["scenario"].values[2:]),
+                     *note_on.users_without_train(stats.users_without_train, stats.events_without_train,
+                                                  cfg.split_ratios)]:
+            note(text)
     if len(encoders.vocabularies["item_id"]) <= 2:
         raise DataValidationError("the training split is empty: no rows have split == 'train'")
     for col, n in encoders.multi_truncated.items():
@@ -188,35 +226,50 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     events = encoded.groupby("user_key", num_partitions=_partitions(cfg, total_rows)).map_groups(
         add_histories, batch_format="numpy", fn_kwargs={"history_length": cfg.history_length}).materialize()
 
-    steps.start(f"writing shards to {out}")
-    text_cols = list(spec.item.text)
-    split_counts: dict[str, int] = {}
-    for row in events.map_batches(_count_splits, batch_format="pandas").take_all():
-        split_counts[row["split"]] = split_counts.get(row["split"], 0) + int(row["rows"])
+    steps.start(f"writing shards to {cfg.out}")
+    split_counts, duplicates = _count_rows(events)
+    for text in note_on.duplicates(duplicates):
+        note(text)
     for split in SPLITS:
         if split_counts.get(split, 0):
             rows = events.map_batches(_rows_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
-            rows.drop_columns(text_cols).write_parquet(str(out / split), min_rows_per_file=50_000)
-    _write_table(events, "item_key", ["item_id", *spec.item.columns()], out / "items.parquet")
-    _write_table(events, "user_key", ["user_id", *spec.user.columns()], out / "users.parquet")
+            rows.drop_columns([*spec.item.text, DUPLICATE]).write_parquet(str(staging / split),
+                                                                          min_rows_per_file=50_000)
+    _write_table(events, "item_key", ["item_id", *spec.item.columns()], staging / "items.parquet")
+    _write_table(events, "user_key", ["user_id", *spec.user.columns()], staging / "users.parquet")
 
     steps.start("writing the feature spec")
-    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts)
-    feature_spec.save(out)
+    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes)
+    feature_spec.save(staging)
     steps.done()
-    log(f"done: {split_counts.get('train', 0):,} train / {split_counts.get('val', 0):,} val / "
-        f"{split_counts.get('test', 0):,} test rows in {out}")
-    return PrepareResult(out, feature_spec, report, notes, steps.seconds)
+    return PrepareResult(Path(cfg.out), feature_spec, report, notes, steps.seconds)
 
 
-def _read(sources: src.Sources, columns: list[str]) -> ray.data.Dataset:
+@contextmanager
+def _reading(sources: src.Sources) -> Iterator[None]:
+    """A read that fails inside Ray on a file pyarrow cannot parse (a CSV line with too many fields, a corrupt
+    Parquet page) is one line naming the input, not a Ray traceback."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if not isinstance(cause, pa.ArrowException | OSError | UnicodeDecodeError):
+            raise
+        message = " ".join(str(cause).split())
+        raise DataValidationError(f"{sources.describe()}: cannot read the input: {message}") from None
+
+
+def _read(sources: src.Sources, schema: pa.Schema) -> ray.data.Dataset:
+    columns = [*schema.names, "path"]
     if sources.format == "parquet":
-        return ray.data.read_parquet(sources.files, filesystem=sources.filesystem, columns=columns,
-                                     include_paths=True)
-    # Every CSV column is read as text and typed by our own validation, so that a bad value is
-    # reported with its row count instead of failing the read or changing a column's type.
-    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
-                                   strings_can_be_null=True)
+        # One schema for every shard (src.read_schema): shards whose types drift are read alike.
+        return ray.data.read_parquet(sources.files, filesystem=sources.filesystem, schema=schema,
+                                     include_paths=True).select_columns(columns)
+    # Every CSV column is read as bytes and parsed by our own validation, so that a bad value (a word in a
+    # number, a byte that is not UTF-8) is reported with its row count instead of failing the read.
+    # Only an empty cell is null: "NA" or "null" are text, as they are in Parquet.
+    convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in schema.names}, include_columns=schema.names,
+                                   strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
     return ray.data.read_csv(sources.files, filesystem=sources.filesystem, include_paths=True,
                              convert_options=convert)
 
@@ -227,7 +280,18 @@ def _partitions(cfg: PrepareConfig, rows: int) -> int:
 
 def _count_splits(batch: pd.DataFrame) -> pd.DataFrame:
     counts = batch["split"].value_counts()
-    return pd.DataFrame({"split": counts.index.astype(str), "rows": counts.to_numpy()})
+    duplicates = int(batch[DUPLICATE].sum()) if DUPLICATE in batch else 0
+    return pd.DataFrame({"split": [*counts.index.astype(str), DUPLICATE],
+                         "rows": [*counts.to_numpy(), duplicates]})
+
+
+def _count_rows(ds: ray.data.Dataset) -> tuple[dict[str, int], int]:
+    """Rows per split, and exact duplicate rows (once histories have marked them)."""
+    counts: dict[str, int] = {}
+    for row in ds.map_batches(_count_splits, batch_format="pandas").take_all():
+        counts[row["split"]] = counts.get(row["split"], 0) + int(row["rows"])
+    duplicates = counts.pop(DUPLICATE, 0)
+    return counts, duplicates
 
 
 def _rows_of_split(batch: pa.Table, split: str) -> pa.Table:
@@ -248,7 +312,8 @@ def _write_table(events: ray.data.Dataset, key: str, columns: list[str], path: P
 
 
 def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, sources: src.Sources,
-                  report: BadRowReport, total_rows: int, split_counts: dict[str, int]) -> FeatureSpec:
+                  report: BadRowReport, total_rows: int, split_counts: dict[str, int],
+                  notes: list[str]) -> FeatureSpec:
     vocabs = encoders.vocabularies
     fields = {
         "user_id": FieldInfo("user", "id", len(vocabs["user_id"])),
@@ -276,5 +341,6 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
         source={"inputs": list(cfg.inputs), "files": len(sources.files), "format": sources.format,
                 "spec": spec.to_dict(), "min_count": cfg.min_count, "encoding_from": cfg.encoding_from,
                 "extend_vocab": cfg.extend_vocab,
-                "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)}},
+                "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)},
+                "notes": list(notes)},
     )

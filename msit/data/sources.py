@@ -93,32 +93,175 @@ def _expand(fs: pafs.FileSystem, path: str) -> list[str]:
     raise DataValidationError(f"input not found: {path}")
 
 
-def column_names(sources: Sources, path: str) -> list[str]:
-    """The column names of one file, read from its footer or header line only."""
+# Leading bytes of files that are not CSV text, whatever their name says.
+_NOT_TEXT = {b"\x1f\x8b": "gzip-compressed data (name it .csv.gz)", b"PAR1": "a Parquet file (name it .parquet)",
+             b"BZh": "bzip2-compressed data", b"\x28\xb5\x2f\xfd": "zstd-compressed data",
+             b"PK\x03\x04": "a zip archive"}
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _csv_header(sources: Sources, path: str) -> list[str]:
+    fs = sources.filesystem
+    compressed = path.lower().endswith(".gz")
+    with fs.open_input_stream(path) as stream:
+        head = stream.read(4096)
+    if not compressed:
+        for magic, what in _NOT_TEXT.items():
+            if head.startswith(magic):
+                raise DataValidationError(f"{path}: not CSV text but {what}")
+        if b"\x00" in head:
+            raise DataValidationError(f"{path}: not CSV text (it holds NUL bytes: binary data or UTF-16 text); "
+                                      "save it as UTF-8 CSV")
+    elif not head.startswith(b"\x1f\x8b"):
+        raise DataValidationError(f"{path}: named .gz but not gzip-compressed")
     try:
-        if sources.format == "parquet":
-            return list(pq.read_schema(path, filesystem=sources.filesystem).names)
-        with sources.filesystem.open_input_stream(path, compression="detect") as stream:
-            return list(pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 16)).schema.names)
+        with fs.open_input_stream(path, compression="detect") as stream:
+            # Only the header is used; the values are checked row by row later.
+            reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 16),
+                                    convert_options=pacsv.ConvertOptions(check_utf8=False))
+            return list(reader.schema.names)
+    except UnicodeDecodeError:
+        raise DataValidationError(f"{path}: the header line is not valid UTF-8 text") from None
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataValidationError(f"{path}: cannot read it as {sources.format}: {e}") from None
+        if "Empty CSV file" in str(e):
+            raise DataValidationError(f"{path}: no header line (the file holds no CSV text)") from None
+        raise DataValidationError(f"{path}: cannot read it as CSV: {_one_line(e)}") from None
+
+
+def inspect_files(sources: Sources) -> dict[str, pa.Schema]:
+    """The schema of every input file, from its footer (Parquet) or header line (CSV: every column as bytes,
+    since each value is parsed later). A file that is empty, is not what its name says, or repeats a
+    column name is an error that names it."""
+    schemas = {}
+    infos = sources.filesystem.get_file_info(sources.files)
+    for path, info in zip(sources.files, infos, strict=True):
+        if info.size == 0:
+            raise DataValidationError(f"{path}: the file is empty (0 bytes), so it is not a {sources.format} file; "
+                                      "remove it or write it again")
+        if sources.format == "parquet":
+            try:
+                schema = pq.read_schema(path, filesystem=sources.filesystem)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataValidationError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
+        else:
+            schema = pa.schema([pa.field(name, pa.binary()) for name in _csv_header(sources, path)])
+        repeated = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        if repeated:
+            raise DataValidationError(f"{path}: column name(s) {repeated} appear more than once; "
+                                      "give every column its own name")
+        schemas[path] = schema
+    return schemas
+
+
+def _kind(type_: pa.DataType) -> str:
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    if pa.types.is_null(type_):
+        return "null"
+    if pa.types.is_boolean(type_) or pa.types.is_integer(type_):
+        return "int"
+    if pa.types.is_floating(type_) or pa.types.is_decimal(type_):
+        return "float"
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return "string"
+    if pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or pa.types.is_fixed_size_binary(type_):
+        return "binary"
+    if pa.types.is_timestamp(type_) or pa.types.is_date(type_):
+        return "time"
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return "list"
+    return "other"
+
+
+_COMMON = {  # kinds that differ between files -> the type they are all read as (then parsed per value)
+    frozenset({"int", "float"}): pa.float64(), frozenset({"string", "binary"}): pa.binary(),
+    frozenset({"time", "string"}): pa.string(), frozenset({"int", "string"}): pa.string(),
+    frozenset({"float", "string"}): pa.string(), frozenset({"int", "float", "string"}): pa.string(),
+}
+
+
+def read_schema(schemas: dict[str, pa.Schema], columns: list[str], lists: list[str] = ()) -> pa.Schema:
+    """One schema for `columns` of every file, so that shards written with drifting types (an id int64 in one
+    shard and string in another, int and float, string and dictionary) are read alike; values are parsed
+    per role afterwards. Types that cannot be read alike, or that no role takes, are an error naming the
+    files. `lists`: the columns that may be lists (multi-valued features)."""
+    fields = []
+    for col in columns:
+        by_type: dict[pa.DataType, str] = {}
+        for path, schema in schemas.items():
+            by_type.setdefault(schema.field(col).type, path)
+        for type_, path in by_type.items():
+            if _kind(type_) == "other" or (_kind(type_) == "list" and col not in lists):
+                raise DataValidationError(f"{path}: column {col!r} has type {type_}, which msit cannot read; "
+                                          "expected numbers, strings, booleans or datetimes")
+        if len(by_type) == 1:
+            fields.append(pa.field(col, next(iter(by_type))))
+            continue
+        kinds = {_kind(t) for t in by_type} - {"null"}
+        target = None
+        if len(kinds) == 1:
+            kind = kinds.pop()
+            target = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "binary": pa.binary(),
+                      "time": pa.string(), "list": pa.list_(pa.string())}[kind]
+        elif kinds:
+            target = _COMMON.get(frozenset(kinds))
+        if target is None or not all(_castable(t, target) for t in by_type):
+            (t1, p1), (t2, p2) = list(by_type.items())[:2]
+            raise DataValidationError(f"column {col!r} has type {t1} in {p1} but {t2} in {p2}; "
+                                      "write every shard with one type for it")
+        fields.append(pa.field(col, target))
+    return pa.schema(fields)
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    try:
+        pa.array([], type=source).cast(target)
+        return True
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        return False
 
 
 def read_sample(sources: Sources, max_rows: int = 100_000) -> pd.DataFrame:
-    """The first rows of the inputs, in the driver, for inferring the spec."""
+    """The first rows of the inputs, in the driver, for inferring the spec (call `inspect_files` first)."""
     frames, total = [], 0
     for path in sources.files:
-        if sources.format == "parquet":
-            parquet = pq.ParquetFile(path, filesystem=sources.filesystem)
-            batches = parquet.iter_batches(batch_size=min(max_rows, 65_536))
-        else:
-            stream = sources.filesystem.open_input_stream(path, compression="detect")
-            batches = pacsv.open_csv(stream)
-        for batch in batches:
-            frames.append(batch.to_pandas())
-            total += batch.num_rows
-            if total >= max_rows:
-                break
+        try:
+            batches = _sample_file(sources, path, max_rows - total)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataValidationError(f"{path}: cannot read it as {sources.format}: {_one_line(e)}") from None
+        frames += [b.to_pandas() for b in batches]
+        total += sum(b.num_rows for b in batches)
         if total >= max_rows:
             break
     return pd.concat(frames, ignore_index=True).head(max_rows) if frames else pd.DataFrame()
+
+
+def _sample_file(sources: Sources, path: str, max_rows: int) -> list[pa.RecordBatch]:
+    if sources.format == "parquet":
+        batches = pq.ParquetFile(path, filesystem=sources.filesystem).iter_batches(batch_size=min(max_rows, 65_536))
+        return _first_rows(batches, max_rows)
+    # As in the real read, only an empty cell is null. The sample only guides inference: a file that is
+    # not UTF-8 is sampled as Latin-1 here, and validation reports its bad rows.
+    convert = pacsv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+    try:
+        with sources.filesystem.open_input_stream(path, compression="detect") as stream:
+            return _first_rows(pacsv.open_csv(stream, convert_options=convert), max_rows)
+    except pa.ArrowInvalid as e:
+        if "UTF8" not in str(e):
+            raise
+    with sources.filesystem.open_input_stream(path, compression="detect") as stream:
+        return _first_rows(pacsv.open_csv(stream, read_options=pacsv.ReadOptions(encoding="latin-1"),
+                                          convert_options=convert), max_rows)
+
+
+def _first_rows(batches, max_rows: int) -> list[pa.RecordBatch]:
+    out, total = [], 0
+    for batch in batches:
+        out.append(batch)
+        total += batch.num_rows
+        if total >= max_rows:
+            break
+    return out

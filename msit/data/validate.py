@@ -1,6 +1,6 @@
 """Row validation: turn a batch of raw scene-log rows into canonical columns and flag bad rows.
 
-`check_batch` runs inside Ray Data's `map_batches`. Every row gets `_bad_reason` (empty when
+`check_batch` runs inside Ray Data's `map_batches` on pyarrow batches. Every row gets `_bad_reason` (empty when
 the row is good; otherwise the first problem found, so that counts per reason add up to the
 number of bad rows) and bad rows keep a JSON copy of their raw values in `_bad_example`.
 `BadRowReport` gathers those into the message a user sees.
@@ -13,127 +13,157 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from msit.data import parse
+from msit.data.history import ROW_HASH
 from msit.data.spec import SceneLogSpec
 from msit.errors import DataValidationError
 
 SOURCE_FILE = "_source_file"
 BAD_REASON = "_bad_reason"
 BAD_EXAMPLE = "_bad_example"
+TIME_UNIT = "_time_unit"
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
-def _column_label(spec: SceneLogSpec, role: str) -> str:
+def column_label(spec: SceneLogSpec, role: str) -> str:
     src = spec.columns.get(role, role)
     return f"column {src!r}" if src == role else f"column {src!r} ({role})"
 
 
-def to_key(raw: pd.Series) -> pd.Series:
-    """Ids and categories as strings, so that 7, 7.0 and "7" are one value across files."""
-    if pd.api.types.is_bool_dtype(raw):
-        raw = raw.astype("Int64")
-    if pd.api.types.is_float_dtype(raw):
-        finite = raw.dropna()
-        if (finite == np.floor(finite)).all():
-            raw = raw.astype("Int64")
-    out = raw.astype(object).where(raw.notna(), None).map(_key)
-    return out.where(out != "", None)
+def check_batch(batch: pa.Table, spec: SceneLogSpec) -> pa.Table:
+    """Canonical columns for every row, plus `_bad_reason` / `_bad_example` / `_source_file`, `_time_unit`
+    (what a timestamp was converted from) and `_row_hash` (to count exact duplicates). Each value is parsed
+    against its column's role (msit.data.parse), whatever type the file gave the column."""
+    n = batch.num_rows
+    reasons: list[str] = [""]
+    code = np.zeros(n, dtype=np.int32)  # index into `reasons`: the first problem of each row
 
+    def flag(mask: np.ndarray, reason: str) -> None:
+        hit = mask & (code == 0)
+        if hit.any():
+            if reason not in reasons:
+                reasons.append(reason)
+            code[hit] = reasons.index(reason)
 
-def _key(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else str(value)
-    if isinstance(value, bool | np.bool_):
-        return str(int(value))
-    return str(value)
-
-
-def to_seconds(raw: pd.Series) -> tuple[pd.Series, pd.Series]:
-    """Timestamps as int64 seconds since the epoch: numbers as they are, datetimes and ISO-8601
-    strings converted. Returns (seconds with NA where invalid, mask of non-null unparsable values)."""
-    if pd.api.types.is_datetime64_any_dtype(raw):
-        utc = raw.dt.tz_convert("UTC") if raw.dt.tz is not None else raw.dt.tz_localize("UTC")
-        seconds = (utc - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-        return seconds.astype("Int64"), pd.Series(False, index=raw.index)
-    numbers = pd.to_numeric(raw, errors="coerce") if not pd.api.types.is_bool_dtype(raw) else raw * np.nan
-    unparsed = numbers.isna() & raw.notna()
-    if unparsed.any():
-        parsed = pd.to_datetime(raw[unparsed].astype(str), utc=True, errors="coerce", format="ISO8601")
-        numbers = numbers.astype("float64")
-        numbers[unparsed] = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    seconds = np.floor(numbers.astype("float64"))
-    return seconds.astype("Int64"), seconds.isna() & raw.notna()
-
-
-def check_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
-    """Canonical columns for every row, plus `_bad_reason` / `_bad_example` / `_source_file`."""
-    bad = pd.Series("", index=batch.index, dtype=object)
-
-    def flag(mask: pd.Series, reason: str) -> None:
-        bad[(bad == "") & mask.fillna(False).astype(bool)] = reason
-
-    out = pd.DataFrame(index=batch.index)
+    out: dict[str, pa.Array] = {}
     for role in ("user_id", "item_id", "scenario"):
-        out[role] = to_key(batch[spec.columns[role]])
-        flag(out[role].isna(), f"{_column_label(spec, role)}: null or empty")
+        values, bad_utf8 = parse.keys(batch[spec.columns[role]])
+        flag(bad_utf8, f"{column_label(spec, role)}: not valid UTF-8 text")
+        flag(~_valid(values), f"{column_label(spec, role)}: null or empty")
+        out[role] = values
 
-    raw_ts = batch[spec.columns["timestamp"]]
-    seconds, unparsable = to_seconds(raw_ts)
-    flag(raw_ts.isna(), f"{_column_label(spec, 'timestamp')}: null")
-    flag(unparsable, f"{_column_label(spec, 'timestamp')}: not a number or ISO-8601 datetime")
-    out["timestamp"] = seconds.fillna(0).astype("int64")
+    ts = parse.seconds(batch[spec.columns["timestamp"]])
+    label = column_label(spec, "timestamp")
+    flag(ts.missing, f"{label}: null")
+    flag(ts.unparsable, f"{label}: not a number or ISO-8601 datetime")
+    flag(ts.out_of_range, f"{label}: out of range (expected a time from 1900 to 2300, in seconds since the epoch, "
+                          "milliseconds, microseconds or nanoseconds, or a datetime)")
+    out["timestamp"] = pa.array(ts.values, pa.int64())
 
-    raw_label = batch[spec.columns["label"]]
-    label = pd.to_numeric(raw_label.astype("Int64") if pd.api.types.is_bool_dtype(raw_label) else raw_label,
-                          errors="coerce")
-    flag(raw_label.isna(), f"{_column_label(spec, 'label')}: null")
-    flag(label.isna() & raw_label.notna(), f"{_column_label(spec, 'label')}: not a number")
-    flag(~label.isin([0, 1]) & label.notna(), f"{_column_label(spec, 'label')}: outside {{0, 1}}")
-    out["label"] = label.where(label.isin([0, 1]), 0).astype("int8")
+    lab = parse.labels(batch[spec.columns["label"]])
+    label = column_label(spec, "label")
+    flag(lab.missing, f"{label}: null")
+    flag(lab.not_a_number, f"{label}: not a number")
+    flag(lab.outside, f"{label}: outside {{0, 1}}")
+    out["label"] = pa.array(lab.values, pa.int8())
 
     if "split" in spec.columns:
-        raw_split = batch[spec.columns["split"]]
-        split = raw_split.astype(object).map(lambda v: SPLIT_ALIASES.get(str(v).strip().lower()) if v is not None
-                                             and v == v else None)
-        flag(split.isna(), f"{_column_label(spec, 'split')}: not one of train/val/test")
-        out["split"] = split.fillna("")
+        split, missing, unknown = parse.choices(batch[spec.columns["split"]], SPLIT_ALIASES)
+        flag(missing, f"{column_label(spec, 'split')}: null (expected train/val/test)")
+        flag(unknown, f"{column_label(spec, 'split')}: not one of train/val/test")
+        out["split"] = pc.fill_null(split, "")
 
     for group in spec.groups().values():
         for col in group.numeric:
+            num = parse.numbers(batch[col])
+            flag(num.not_a_number, f"column {col!r}: not a number")
+            flag(np.isinf(num.values), f"column {col!r}: not a finite number")
+            out[col] = pa.array(num.values, pa.float64(), mask=~np.isfinite(num.values))
+        for col, sep in [*((c, None) for c in group.categorical), *group.multi.items(),
+                         *((c, None) for c in group.text)]:
             raw = batch[col]
-            values = pd.to_numeric(raw, errors="coerce")
-            flag(values.isna() & raw.notna(), f"column {col!r}: not a number")
-            out[col] = values.astype("float64")
-        for col in [*group.categorical, *group.multi, *group.text]:
-            out[col] = to_key(batch[col])
+            if sep is not None and pa.types.is_list(parse.plain(raw).type):
+                raw = parse.joined(raw, sep)
+            values, bad_utf8 = parse.keys(raw)
+            flag(bad_utf8, f"column {col!r}: not valid UTF-8 text")
+            out[col] = values
 
-    out[SOURCE_FILE] = batch["path"].astype(str) if "path" in batch else ""
-    out[BAD_REASON] = bad
-    out[BAD_EXAMPLE] = ""
-    is_bad = bad != ""
-    if is_bad.any():
+    out[ROW_HASH] = pa.array(_row_hash(out), pa.uint64())
+    out[TIME_UNIT] = pa.array(ts.unit, pa.string())
+    files = batch["path"].cast(pa.string()) if "path" in batch.column_names else pa.array([""] * n, pa.string())
+    out[SOURCE_FILE] = parse.plain(files)
+    out[BAD_REASON] = pa.array(np.array(reasons, dtype=object)[code], pa.string())
+    out[BAD_EXAMPLE] = pa.array(_examples(batch, spec, code, out[SOURCE_FILE]), pa.string())
+    return pa.table(out)
+
+
+def _valid(values: pa.Array) -> np.ndarray:
+    return np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _row_hash(columns: dict[str, pa.Array]) -> np.ndarray:
+    """A 64-bit hash of each row's canonical values: equal for exact duplicates."""
+    frame = pd.DataFrame({name: col.to_numpy(zero_copy_only=False) for name, col in columns.items()})
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def _examples(batch: pa.Table, spec: SceneLogSpec, code: np.ndarray, files: pa.Array) -> list[str | None]:
+    """The raw row as JSON for the first bad row of each (reason, file) in the batch; None elsewhere
+    (a report shows one example per reason, so the others need not be built)."""
+    examples: list[str | None] = [None] * batch.num_rows
+    bad = np.flatnonzero(code)
+    if len(bad):
+        file_ids = np.asarray(pc.dictionary_encode(files).indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        _, first = np.unique(code[bad] * (int(file_ids.max()) + 1) + file_ids[bad], return_index=True)
         raw_cols = [*dict.fromkeys([*spec.columns.values(), *spec.feature_columns()])]
-        examples = batch.loc[is_bad, raw_cols].astype(object).where(batch.loc[is_bad, raw_cols].notna(), None)
-        out.loc[is_bad, BAD_EXAMPLE] = [json.dumps(r, default=str) for r in examples.to_dict("records")]
-    return out
+        raw = batch.select(raw_cols)
+        for i in bad[first]:
+            row = {k: _jsonable(v) for k, v in raw.slice(int(i), 1).to_pylist()[0].items()}
+            examples[i] = json.dumps(row, default=str)
+    return examples
 
 
-def summarize_bad_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    """One row per (reason, file) in this batch: how many bad rows, and one example."""
-    bad = batch[batch[BAD_REASON] != ""]
-    if bad.empty:
-        return pd.DataFrame({"reason": [], "file": [], "rows": [], "example": []})
-    grouped = bad.groupby([BAD_REASON, SOURCE_FILE], sort=False)
-    summary = grouped[BAD_EXAMPLE].agg(["size", "first"]).reset_index()
-    summary.columns = ["reason", "file", "rows", "example"]
-    return summary
+def _jsonable(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    return value
 
 
-def drop_bad_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[batch[BAD_REASON] == ""].drop(columns=[BAD_REASON, BAD_EXAMPLE, SOURCE_FILE])
+SUMMARY_SCHEMA = pa.schema([("kind", pa.string()), ("reason", pa.string()), ("file", pa.string()),
+                            ("rows", pa.int64()), ("example", pa.string())])
+
+
+def summarize_bad_rows(batch: pa.Table) -> pa.Table:
+    """One row per (reason, file) of this batch's bad rows, with how many and one example (kind "bad"),
+    and per (unit, file) the good rows whose timestamps were converted from that unit (kind "unit")."""
+    bad = batch.filter(pc.not_equal(batch[BAD_REASON], ""))
+    parts = []
+    if bad.num_rows:
+        grouped = bad.group_by([BAD_REASON, SOURCE_FILE], use_threads=False).aggregate(
+            [(BAD_REASON, "count"), (BAD_EXAMPLE, "first")])
+        parts.append(pa.table({"kind": pa.array(["bad"] * grouped.num_rows, pa.string()),
+                               "reason": grouped[BAD_REASON], "file": grouped[SOURCE_FILE],
+                               "rows": grouped[f"{BAD_REASON}_count"].cast(pa.int64()),
+                               "example": grouped[f"{BAD_EXAMPLE}_first"]}))
+    converted = batch.filter(pc.and_(pc.equal(batch[BAD_REASON], ""), pc.not_equal(batch[TIME_UNIT], "")))
+    if converted.num_rows:
+        grouped = converted.group_by([TIME_UNIT, SOURCE_FILE], use_threads=False).aggregate([(TIME_UNIT, "count")])
+        parts.append(pa.table({"kind": pa.array(["unit"] * grouped.num_rows, pa.string()),
+                               "reason": grouped[TIME_UNIT], "file": grouped[SOURCE_FILE],
+                               "rows": grouped[f"{TIME_UNIT}_count"].cast(pa.int64()),
+                               "example": pa.nulls(grouped.num_rows, pa.string())}))
+    return pa.concat_tables([p.cast(SUMMARY_SCHEMA) for p in parts]) if parts else SUMMARY_SCHEMA.empty_table()
+
+
+def drop_bad_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch[BAD_REASON], "")).drop_columns([BAD_REASON, BAD_EXAMPLE, SOURCE_FILE,
+                                                                       TIME_UNIT])
 
 
 @dataclass
@@ -143,14 +173,19 @@ class BadRowReport:
     total_rows: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # reason -> file -> rows
     examples: dict[str, str] = field(default_factory=dict)  # reason -> raw row as JSON
+    time_units: dict[str, int] = field(default_factory=dict)  # "ms" / "us" / "ns" -> good rows converted from it
 
     @classmethod
     def from_summaries(cls, rows: list[dict], total_rows: int) -> BadRowReport:
         report = cls(total_rows=total_rows)
         for row in rows:
+            if row["kind"] == "unit":
+                report.time_units[row["reason"]] = report.time_units.get(row["reason"], 0) + int(row["rows"])
+                continue
             per_file = report.counts.setdefault(row["reason"], {})
             per_file[row["file"]] = per_file.get(row["file"], 0) + int(row["rows"])
-            report.examples.setdefault(row["reason"], row["example"])
+            if row["example"] is not None:
+                report.examples.setdefault(row["reason"], row["example"])
         return report
 
     @property
@@ -182,4 +217,4 @@ def check_not_empty(total_rows: int, where: str) -> None:
         raise DataValidationError(f"{where}: the input has no rows")
 
 
-__all__ = ["SPLITS", "BadRowReport", "check_batch", "drop_bad_rows", "summarize_bad_rows", "to_key", "to_seconds"]
+__all__ = ["ROW_HASH", "SPLITS", "BadRowReport", "check_batch", "drop_bad_rows", "summarize_bad_rows"]

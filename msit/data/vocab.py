@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from msit.data.history import NO_TRAIN, ROW_HASH
 from msit.data.spec import SceneLogSpec
 
 PAD, OOV = 0, 1
 RESERVED = ["<pad>", "<oov>"]
 _NUM = "__num__"  # prefix of the count rows that carry numeric sums
 _LEN = "__len__"  # prefix of the count rows that carry multi-valued lengths
+_ALL = "__all__"  # prefix of the count rows over every split (not only training): the scenes
+_STAT = "__stat__"  # field of the count rows that carry whole-log statistics
 
 
 @dataclass
@@ -76,7 +79,27 @@ def count_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
         for col in group.numeric:
             x = train[col].dropna()
             add(_NUM + col, pd.Series([len(x), x.sum(), (x * x).sum()], index=["n", "sum", "sumsq"]))
+    add(_ALL + "scenario", batch["scenario"].dropna().value_counts())
+    if NO_TRAIN in batch:  # 2 on a user's first row, 1 on their other rows, when the split left them no train row
+        flags = batch[NO_TRAIN].to_numpy()
+        add(_STAT, pd.Series([(flags == 2).sum(), (flags > 0).sum()], index=["users_without_train",
+                                                                              "events_without_train"]))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["field", "value", "count"])
+
+
+@dataclass
+class SplitStats:
+    scenes: dict[str, float]  # every scene (all splits) -> rows
+    users_without_train: int = 0
+    events_without_train: int = 0
+
+
+def split_stats(counts: pd.DataFrame) -> SplitStats:
+    """What `count_batch` counted over every split, beside the training vocabularies."""
+    by_field = _counts_by_field(counts)
+    stat = by_field.get(_STAT, {})
+    return SplitStats(by_field.get(_ALL + "scenario", {}), int(stat.get("users_without_train", 0)),
+                      int(stat.get("events_without_train", 0)))
 
 
 def vocab_fields(spec: SceneLogSpec) -> list[str]:
@@ -181,6 +204,8 @@ def encode_batch(batch: pd.DataFrame, encoders: Encoders, spec: SceneLogSpec) ->
     out["label"] = batch["label"].to_numpy(np.int64)
     out["timestamp"] = batch["timestamp"].to_numpy(np.int64)
     out["split"] = batch["split"].to_numpy(dtype=object)
+    if ROW_HASH in batch:  # carried to the histories step, which counts exact duplicates
+        out[ROW_HASH] = batch[ROW_HASH].to_numpy(np.uint64)
     out["user_key"] = batch["user_id"].to_numpy(dtype=object)
     out["item_key"] = batch["item_id"].to_numpy(dtype=object)
     for col in spec.item.text:
