@@ -46,4 +46,5 @@ def users_without_train(users: int, events: int, ratios: tuple[float, float, flo
 def duplicates(n: int) -> list[str]:
     if not n:
         return []
-    return [f"{_rows(n)} exactly repeat an earlier row (every column msit reads, the file aside); they are kept"]
+    return [f"{_rows(n)} exactly repeat{'s' if n == 1 else ''} an earlier row (every column msit reads, the file "
+            "aside); they are kept"]

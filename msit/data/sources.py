@@ -232,7 +232,7 @@ def read_sample(sources: Sources, max_rows: int = 100_000) -> pd.DataFrame:
             batches = _sample_file(sources, path, max_rows - total)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataValidationError(f"{path}: cannot read it as {sources.format}: {_one_line(e)}") from None
-        frames += [b.to_pandas() for b in batches]
+        frames += [b.to_pandas(ignore_metadata=True) for b in batches]
         total += sum(b.num_rows for b in batches)
         if total >= max_rows:
             break
