@@ -121,6 +121,7 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
     from msit.data.spec import infer_spec
 
     found = sources.resolve(args.inputs)
+    sources.inspect_files(found)  # an empty or mislabelled file is one line, as in prepare
     spec, notes = infer_spec(sources.read_sample(found), where=found.files[0])
     for note in notes:
         _log(f"note: {note}")

@@ -165,7 +165,7 @@ def _typed_log() -> pd.DataFrame:
     rows = []
     for u in range(6):
         for t in range(10):
-            rows.append({"user_id": float(u + 1), "item_id": ["NA", "i1", "i2", "i3"][(u + t) % 4],
+            rows.append({"user_id": float(u + 1), "item_id": ["NA", "i1", "null", "i3"][(u + t) % 4],
                          "scenario": ["feed", " feed", "Feed", "search"][t % 4], "label": bool((u + t) % 2),
                          "timestamp": (T0 + 60 * t) * 1000, "age": 20.0 + u})
     rows[9]["scenario"] = "promo"  # user 1.0's newest event: test only
@@ -194,7 +194,7 @@ def test_ids_scenes_booleans_and_text_na_read_alike_in_csv_and_parquet(typed):
     pd.testing.assert_frame_equal(csv_events, parquet_events)
     pd.testing.assert_frame_equal(csv_users, parquet_users)
     assert sorted(spec.vocabularies["user_id"][2:]) == ["1", "2", "3", "4", "5", "6"]  # 1.0 -> "1", as 1 and "1"
-    assert "NA" in spec.vocabularies["item_id"]  # text in CSV as in Parquet, not a missing value
+    assert {"NA", "null"} <= set(spec.vocabularies["item_id"])  # text in CSV as in Parquet, not missing values
     assert spec.scenarios == ["Feed", "feed", "search"]  # " feed" is "feed"; "promo" is only in test
     assert set(csv_events.label) == {0, 1}
     assert csv_events.timestamp.min() == T0  # milliseconds converted
@@ -280,7 +280,7 @@ def test_parquet_shards_with_drifting_types_are_read_alike(ray_session, tmp_path
     a, b = df[df.user_id < "u3"], df[df.user_id >= "u3"]
     a = a.assign(user_id=a.user_id.str[1:].astype(int), label=a.label.astype(int), age=a.age.astype(int),
                  timestamp=pd.to_datetime(a.timestamp.astype(int), unit="s"), scenario=a.scenario.astype("category"))
-    b = b.assign(label=b.label.astype(float), age=b.age.astype(float))
+    b = b.assign(label=b.label.astype(float), age=b.age.astype(float), item_id=b.item_id.str.encode("utf-8"))
     (tmp_path / "log").mkdir()
     a.to_parquet(tmp_path / "log" / "a.parquet", index=False)
     b.to_parquet(tmp_path / "log" / "b.parquet", index=False)
@@ -289,6 +289,7 @@ def test_parquet_shards_with_drifting_types_are_read_alike(ray_session, tmp_path
     assert spec.row_counts["input"] == 60 and spec.row_counts["bad_rows_dropped"] == {}
     assert sorted(spec.vocabularies["user_id"][2:]) == ["0", "1", "2", "u3", "u4", "u5"]
     assert spec.scenarios == ["feed", "search"]
+    assert sorted(spec.vocabularies["item_id"][2:]) == ["i0", "i1", "i2", "i3", "i4"]  # binary decoded as UTF-8
     assert _events(tmp_path / "out").timestamp.min() == T0
 
 

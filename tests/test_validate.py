@@ -116,3 +116,9 @@ def test_scalar_and_vectorised_keys_agree():
         parse.keys(pa.array([v]))[0].to_pylist()[0] for v in values]
     assert parse.normalize_key("") is None and parse.normalize_key(float("nan")) is None
     assert parse.normalize_key("NA") == "NA"  # text, not a missing value
+
+
+def test_keys_no_file_can_hold_still_normalise():
+    assert parse.normalize_key(2**70) == str(2**70)
+    assert parse.normalize_key("\ud800") == "\ud800"  # a lone surrogate: no error, and it matches no id
+    assert parse.normalize_keys([1, "a", 2.0, None]) == ["1", "a", "2", None]

@@ -120,10 +120,12 @@ def normalize_keys(values: list) -> list[str | None]:
     """`normalize_key` of many values at once (one vectorised call when they share a type)."""
     try:
         return keys(pa.array(values))[0].to_pylist()
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, OverflowError, UnicodeError):
         if len(values) > 1:  # mixed types: one at a time
             return [normalize_key(v) for v in values]
-        return [str(values[0]).strip() or None]  # e.g. an int beyond int64, which no file can hold as a number
+        # An int beyond int64 (no file holds one as a number) or a string that is not UTF-8-encodable (a lone
+        # surrogate, which no file holds at all): as text, which meets no vocabulary entry.
+        return [str(values[0]).strip() or None]
 
 
 @dataclass
