@@ -3,6 +3,7 @@ Parquet: every defect is a one-line error naming file, column, row count and an 
 --on-bad-rows drop, an exact count per reason); the formats the README accepts give the same result in
 both; a failed or refused prepare loses no data."""
 
+import functools
 import gzip
 import json
 import shutil
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from msit.cli import main
+from msit.data import sources
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.data.spec import FeatureGroup, SceneLogSpec
@@ -254,6 +256,11 @@ def _file_cases(tmp_path):
     pq.write_table(table.set_column(0, "user_id", pa.array([[1], [2], [3]])), drift / "b.parquet")
     cases["unreadable type"] = ([drift], "b.parquet: column 'user_id' has type list<element: int64>, which msit "
                                 "cannot read")
+    pq.write_table(table.set_column(0, "user_id", pa.array([b"u1", b"u2", b"u3"])), tmp_path / "bin.parquet")
+    pq.write_table(table.set_column(0, "user_id", pa.array([1, 2, 3])), tmp_path / "c.parquet")
+    cases["drift that cannot be read alike"] = ([tmp_path / "bin.parquet", tmp_path / "c.parquet"],
+                                                f"column 'user_id' has type binary in {tmp_path / 'bin.parquet'} "
+                                                f"but int64 in {tmp_path / 'c.parquet'}")
     (tmp_path / "latin1.csv").write_bytes("usér,item_id,scenario,label,timestamp\n".encode("latin-1"))
     cases["header not utf-8"] = ([tmp_path / "latin1.csv"], "latin1.csv: the header line is not valid UTF-8 text")
     return cases
@@ -265,6 +272,24 @@ def test_broken_files_are_one_line_errors_naming_the_file(tmp_path):
             _prepare([str(p) for p in inputs], tmp_path / "out", spec=None)
         assert expected in str(e.value) and "\n" not in str(e.value), name
         assert not (tmp_path / "out").exists(), name
+
+
+def test_a_csv_row_with_too_many_fields_is_one_line(ray_session, tmp_path, monkeypatch):
+    path = tmp_path / "ragged.csv"
+    path.write_text(_header_and_rows(3) + f"u9,i9,feed,1,{T0},extra\n")
+    with pytest.raises(DataValidationError) as e:  # found while sampling the file for the spec
+        _prepare(str(path), tmp_path / "out", spec=None)
+    assert str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: " \
+                           f"u9,i9,feed,1,{T0},extra"
+    # Beyond the sample (past the first 1 MiB block), the same defect fails the read inside Ray: still one line
+    # naming the input.
+    path.write_text(_header_and_rows(40_000) + f"u9,i9,feed,1,{T0},extra\n")
+    monkeypatch.setattr(sources, "read_sample", functools.partial(sources.read_sample, max_rows=2))
+    with pytest.raises(DataValidationError) as e:
+        _prepare(str(path), tmp_path / "out", spec=None)
+    assert str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: " \
+                           f"u9,i9,feed,1,{T0},extra"
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_prints_one_line_not_a_traceback(tmp_path, capsys):

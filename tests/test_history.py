@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from msit.data.history import add_histories, assign_split
+from msit.data.history import NO_TRAIN, add_histories, assign_split
 
 
 def _events(rows):
@@ -91,6 +91,8 @@ def test_chronological_split_ratios_and_minimums():
     u = out["split"][out["user_id"] == "u"].tolist()
     assert u == ["train"] * 16 + ["val"] * 2 + ["test"] * 2  # oldest first
     assert out["split"][out["user_id"] == "v"].tolist() == ["test"]  # one event: test gets at least one
+    # v is left without a training event: marked on its first row, for prepare's note
+    assert out[NO_TRAIN][out["user_id"] == "v"].tolist() == [2] and not out[NO_TRAIN][out["user_id"] == "u"].any()
 
 
 def test_chronological_split_reproduces_the_movielens_protocol(shared_data):

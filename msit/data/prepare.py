@@ -4,7 +4,7 @@
 
 The log never passes through the driver: every step is a Ray Data operation over blocks.
 Only small things come back to the driver: bad-row summaries, value counts (the vocabularies)
-and row counts.
+and row counts. Everything is written into a staging folder and renamed into place (msit.output_dir).
 
 Output directory:
     train/ val/ test/      Parquet shards of encoded events with their behaviour histories
@@ -15,6 +15,7 @@ Output directory:
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -247,15 +248,22 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
 
 @contextmanager
 def _reading(sources: src.Sources) -> Iterator[None]:
-    """A read that fails inside Ray on a file pyarrow cannot parse (a CSV line with too many fields, a corrupt
-    Parquet page) is one line naming the input, not a Ray traceback."""
+    """A read that fails inside Ray on a file pyarrow cannot parse (a CSV line with too many fields past the
+    sampled rows, a corrupt Parquet page) is one line naming the input and pyarrow's reason, not a Ray
+    traceback."""
     try:
         yield
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
-        if not isinstance(cause, pa.ArrowException | OSError | UnicodeDecodeError):
+        if not isinstance(cause, pa.ArrowException | OSError | UnicodeDecodeError | ValueError):
             raise
-        message = " ".join(str(cause).split())
+        # Ray re-raises pyarrow's CSV errors as a ValueError that names the file but drops pyarrow's reason:
+        # read that file again here (an error path) to find it.
+        failed = re.search(r"Failed to read CSV file: (.+?)\. Please check", str(cause))
+        reason = src.csv_error(sources, failed.group(1)) if failed else None
+        if failed and reason:
+            raise DataValidationError(f"{failed.group(1)}: cannot read it as CSV: {reason}") from None
+        message = " ".join(str(cause).split("\n")[0].split())
         raise DataValidationError(f"{sources.describe()}: cannot read the input: {message}") from None
 
 

@@ -1,9 +1,10 @@
 """Row validation: turn a batch of raw scene-log rows into canonical columns and flag bad rows.
 
-`check_batch` runs inside Ray Data's `map_batches` on pyarrow batches. Every row gets `_bad_reason` (empty when
-the row is good; otherwise the first problem found, so that counts per reason add up to the
-number of bad rows) and bad rows keep a JSON copy of their raw values in `_bad_example`.
-`BadRowReport` gathers those into the message a user sees.
+`check_batch` runs inside Ray Data's `map_batches` on pyarrow batches, parsing each value with
+msit.data.parse. Every row gets `_bad_reason` (empty when the row is good; otherwise the first problem
+found, so that counts per reason add up to the number of bad rows); the first bad row of each reason and
+file in a batch keeps a JSON copy of its raw values in `_bad_example`. `BadRowReport` gathers those into
+the message a user sees.
 """
 
 from __future__ import annotations
