@@ -79,3 +79,17 @@ def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log
 def test_invalid_configs_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         synth.SynthConfig(**kwargs)
+
+
+def test_writing_again_replaces_the_log_whole_and_refuses_a_foreign_directory(tmp_path):
+    out = tmp_path / "s"
+    synth.write(synth.SynthConfig(users=120, items=50, users_per_shard=50), out, progress=False)
+    assert len(list(out.glob("part-*.parquet"))) == 3
+    synth.write(synth.SynthConfig(users=40, items=50, users_per_shard=50), out, progress=False)
+    assert len(list(out.glob("part-*.parquet"))) == 1  # no stale shards of the larger log
+    assert pd.read_parquet(out / "part-00000.parquet").user_id.nunique() == 40
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not written by msit"):
+        synth.write(synth.SynthConfig(users=40, items=50), tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

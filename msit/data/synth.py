@@ -28,7 +28,9 @@ import yaml
 from tqdm import tqdm
 
 from msit.errors import ConfigError
+from msit.output_dir import writing
 
+SYNTH_INFO = "synth.json"  # written last: marks a directory as a complete synthetic log
 SCENE_NAMES = ["home_feed", "search", "shop", "video", "live", "music", "news", "games"]
 CATEGORY_NAMES = ["sports", "cooking", "travel", "music", "science", "fashion", "gaming", "finance",
                   "comedy", "nature", "history", "art", "cars", "health", "movies", "books"]
@@ -159,23 +161,24 @@ def generate(cfg: SynthConfig) -> pd.DataFrame:
 
 
 def write(cfg: SynthConfig, out: str | Path, fmt: str = "parquet", progress: bool = True) -> dict:
-    """Write the log as Parquet shards (or one CSV) plus spec.yaml and synth.json into `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the log as Parquet shards (or one CSV) plus spec.yaml and synth.json into `out`. An earlier
+    synthetic log there is replaced whole (no stale shards of a larger log stay behind); a directory of
+    anything else is refused (msit.output_dir)."""
     if fmt not in ("parquet", "csv"):
         raise ConfigError(f"format must be parquet or csv, got {fmt!r}")
     world = _World(cfg)
     firsts = range(0, cfg.users, cfg.users_per_shard)
     rows = 0
-    for i, first in enumerate(tqdm(firsts, desc="synth shards", unit="shard", disable=not progress)):
-        shard = _shard(cfg, world, first, min(cfg.users_per_shard, cfg.users - first))
-        rows += len(shard)
-        if fmt == "parquet":
-            shard.to_parquet(out / f"part-{i:05d}.parquet", index=False)
-        else:
-            shard.to_csv(out / "scene_log.csv", index=False, mode="a" if i else "w", header=not i)
-    (out / "spec.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
-    info = {"rows": rows, "config": asdict(cfg), "scenes": world.scene_names,
-            "sparse_scene": world.scene_names[-1]}
-    (out / "synth.json").write_text(json.dumps(info, indent=1))
+    with writing(out, marker=SYNTH_INFO, overwrite=True) as staging:
+        for i, first in enumerate(tqdm(firsts, desc="synth shards", unit="shard", disable=not progress)):
+            shard = _shard(cfg, world, first, min(cfg.users_per_shard, cfg.users - first))
+            rows += len(shard)
+            if fmt == "parquet":
+                shard.to_parquet(staging / f"part-{i:05d}.parquet", index=False)
+            else:
+                shard.to_csv(staging / "scene_log.csv", index=False, mode="a" if i else "w", header=not i)
+        (staging / "spec.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
+        info = {"rows": rows, "config": asdict(cfg), "scenes": world.scene_names,
+                "sparse_scene": world.scene_names[-1]}
+        (staging / SYNTH_INFO).write_text(json.dumps(info, indent=1))
     return info
