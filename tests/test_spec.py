@@ -71,3 +71,13 @@ def test_invalid_spec_files_are_refused_with_the_reason(tmp_path, text, message)
     with pytest.raises(ConfigError, match=message) as e:
         SceneLogSpec.load(path)
     assert str(path) in str(e.value)
+
+
+def test_list_columns_are_left_out_of_inference_with_a_note():
+    import numpy as np
+
+    sample = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["1", "2", "3"], "scenario": "s", "label": 1,
+                           "timestamp": [1, 2, 3], "tags": [np.array(["x"]), np.array(["y"]), None]})
+    spec, notes = infer_spec(sample)
+    assert "tags" not in spec.feature_columns()
+    assert any(n.startswith("tags: left out (it holds lists or structs") for n in notes)

@@ -157,6 +157,10 @@ def infer_spec(sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: st
         if col in roles.values() or col == "path":
             continue
         values = sample[col]
+        if values.dtype == object and values.map(lambda v: not isinstance(v, str | bytes | int | float | bool)
+                                                 and v is not None).any():
+            notes.append(f"{col}: left out (it holds lists or structs; declare a list column under multi: to use it)")
+            continue
         if values.nunique(dropna=True) <= 1:
             notes.append(f"{col}: left out (a single value in the sample)")
             continue
