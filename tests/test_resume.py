@@ -62,3 +62,22 @@ def test_what_does_not_change_the_training_still_resumes(tmp_path):
     cfg = _config(tmp_path)
     cfg.output, cfg.scaling = str(tmp_path / "elsewhere"), ScalingSpec(num_workers=8, use_gpu=True)
     check_run_config(cfg)
+
+
+def test_a_workers_msit_error_surfaces_as_that_one_line(monkeypatch, tmp_path):
+    """Every attempt failing on an MsitError in a worker (say, no checkpoint loads) ends `msit train` with its
+    message, not Ray's traceback: Train V2 wraps it in UserExceptionWithTraceback inside a WorkerGroupError."""
+    import ray.train
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from msit import ray_train
+    from msit.errors import MsitError
+
+    class FailingTrainer:
+        def fit(self):
+            raise ray.train.WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(
+                MsitError("no checkpoint of the run in /runs/r loads (2 tried, each damaged)"), "Traceback ...")})
+
+    monkeypatch.setattr(ray_train, "make_trainer", lambda cfg, log: FailingTrainer())
+    with pytest.raises(MsitError, match=r"^no checkpoint of the run in /runs/r loads \(2 tried, each damaged\)$"):
+        ray_train.run_training(_config(tmp_path), log=lambda _: None)
