@@ -5,8 +5,9 @@ shard of the prepared training split (Ray Data, `iter_torch_batches`), wraps the
 `prepare_model`, and calls the same `train_step` as the single-process trainer. Rank 0 evaluates on
 the validation split every epoch and attaches a checkpoint: a model directory (weights in
 safetensors, config, feature spec) plus the optimizer state and the epoch. A restarted worker
-group resumes from the latest checkpoint, the epoch counter continuing. The best checkpoint by val
-AUC is exported as a self-contained model directory.
+group resumes from the latest checkpoint that loads, the epoch counter continuing. The best checkpoint
+by val AUC is exported as a self-contained model directory. A run name stands for one training config
+(`check_run_config`): the same name resumes it, a different config under it is refused.
 """
 
 from __future__ import annotations
