@@ -25,12 +25,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
-from msit.model_dir import WEIGHTS_FILE, load_model_config
+from msit.model_dir import WEIGHTS_FILE, load_model_config, load_model_spec, load_weights
 
 MODES = ("scene", "head", "full")
 
@@ -83,7 +82,7 @@ class StartSummary:
 def check_encoding_extends(model_dir: str | Path, data_spec: FeatureSpec, data_dir: str | Path) -> None:
     """The data must encode every value the model knows at the model's index: its vocabularies must
     start with the model's."""
-    model_spec = FeatureSpec.load(model_dir)
+    model_spec = load_model_spec(model_dir)
     for name, values in model_spec.vocabularies.items():
         if data_spec.vocabularies.get(name, [])[:len(values)] != values:
             raise MsitError(f"{data_dir} does not extend the encoding of {model_dir} (vocabulary {name!r} differs); "
@@ -100,7 +99,7 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
     encoding) and freeze what the mode does not train. `scenes`: the scenes scene mode fine-tunes
     (default: the scenes new to the model)."""
     config = load_model_config(spec.from_model)
-    summary = transplant(model, load_file(str(Path(spec.from_model) / WEIGHTS_FILE)))
+    summary = transplant(model, load_weights(Path(spec.from_model) / WEIGHTS_FILE))
     params = dict(model.named_parameters())
     # Rows that train, per parameter (a parameter not named here is frozen). Fresh rows of grown
     # tables always train: nothing was learned for the ids they stand for.
@@ -128,7 +127,7 @@ def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[s
     """Scene ids whose rows scene mode trains: `scenes`, or else the scenes new to the model."""
     if scenes:
         return data_spec.scene_ids(scenes)
-    ids = list(range(len(FeatureSpec.load(model_dir).scenarios) + 2, len(data_spec.scenarios) + 2))
+    ids = list(range(len(load_model_spec(model_dir).scenarios) + 2, len(data_spec.scenarios) + 2))
     if not ids:
         raise ConfigError(f"scene mode has no scene to fine-tune: the data has no scene new to {model_dir}; "
                           "name the scenes to fine-tune (--scenes) or use --mode head or full")

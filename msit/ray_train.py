@@ -5,16 +5,18 @@ shard of the prepared training split (Ray Data, `iter_torch_batches`), wraps the
 `prepare_model`, and calls the same `train_step` as the single-process trainer. Rank 0 evaluates on
 the validation split every epoch and attaches a checkpoint: a model directory (weights in
 safetensors, config, feature spec) plus the optimizer state and the epoch. A restarted worker
-group resumes from the latest checkpoint, the epoch counter continuing. The best checkpoint by val
-AUC is exported as a self-contained model directory.
+group resumes from the latest checkpoint that loads, the epoch counter continuing. The best checkpoint
+by val AUC is exported as a self-contained model directory. A run name stands for one training config
+(`check_run_config`): the same name resumes it, a different config under it is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import shutil
+import posixpath
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,18 +24,28 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load_file
 
 from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
 from msit.finetune import FinetuneSpec, check_encoding_extends, scenes_to_tune, start_from
 from msit.model import ModelConfig, batch_columns, build_for_data
-from msit.model_dir import CONFIG_FILE, WEIGHTS_FILE, load_model_config, load_model_dir, save_model_dir
+from msit.model_dir import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_model_config,
+    load_model_dir,
+    load_state_checked,
+    load_weights,
+    save_model_dir,
+    write_model_files,
+)
+from msit.output_dir import check_outside_inputs, check_replaceable
 from msit.trainer import (
     TrainConfig,
     evaluate,
@@ -46,6 +58,7 @@ from msit.trainer import (
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
+RUN_CONFIG_FILE = "msit_run_config.json"  # in the run's storage folder: what a resume must match
 
 
 @dataclass
@@ -63,7 +76,19 @@ class RunSpec:
     storage_path: str = "runs/ray_results"  # local path, NFS or s3:// / gs:// shared by all nodes
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # best by val AUC (Ray also keeps the latest)
-    kill_worker_after_epoch: int | None = None  # fault drill: the last worker dies once after this epoch
+    # Fault drill, once per run: a worker process dies hard (os._exit) after this epoch's report, or, with
+    # kill_after_batches, that many batches into the next epoch (mid-epoch, nothing of it checkpointed).
+    kill_worker_after_epoch: int | None = None
+    kill_rank: int | None = None  # the rank that dies (0 included); None: the last one
+    kill_after_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kill_worker_after_epoch is None and (self.kill_rank is not None or self.kill_after_batches is not None):
+            raise ConfigError("run.kill_rank and run.kill_after_batches need run.kill_worker_after_epoch")
+        if self.kill_rank is not None and self.kill_rank < 0:
+            raise ConfigError(f"run.kill_rank must be a rank (>= 0), got {self.kill_rank}")
+        if self.kill_after_batches is not None and self.kill_after_batches < 1:
+            raise ConfigError(f"run.kill_after_batches must be at least 1, got {self.kill_after_batches}")
 
 
 @dataclass
@@ -82,6 +107,71 @@ class TrainRunConfig:
         return from_dict(cls, load_yaml(path), where=str(path))
 
 
+# Config that does not change what a run trains, so a resume may differ in it: where the model goes, Ray's
+# run settings (name, storage, failures, checkpoints kept, drills), resources (more or fewer workers after a
+# lost node), and how long / how patiently it trains and evaluates (a resume with more epochs continues).
+RESUMABLE_TRAIN_FIELDS = ("epochs", "patience", "eval_batch_size")
+
+
+def run_identity(cfg: TrainRunConfig) -> dict:
+    """What a run name stands for: the training-relevant config. Counted: the whole model config; the train
+    config but epochs, patience and eval_batch_size; scenes; finetune (from_model, mode); and the data by what
+    it holds (its encoding fingerprint and row counts), not by its path. Not counted: output, run.*, scaling.*."""
+    spec = FeatureSpec.load(cfg.data)
+    train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUMABLE_TRAIN_FIELDS}
+    identity = {"model": dataclasses.asdict(cfg.model), "train": train, "scenes": cfg.scenes,
+                "finetune": dataclasses.asdict(cfg.finetune) if cfg.finetune is not None else None,
+                "data": {"encoding": spec.fingerprint(), "rows": spec.row_counts}}
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))  # tuples as lists, as read back
+
+
+def check_run_config(cfg: TrainRunConfig) -> None:
+    """On the driver, before Ray Train starts (which resumes any run of the same name and storage path):
+    record the run's identity in its storage folder, or, if the run exists, refuse a different one with the
+    keys that differ. Otherwise a new learning rate would resume the old run's weights without training, and
+    a wider model would fail with a size mismatch on every attempt."""
+    fs, run_dir = _run_storage(cfg)
+    path = posixpath.join(run_dir, RUN_CONFIG_FILE)
+    identity = run_identity(cfg)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as f:
+            try:
+                stored = json.loads(f.read())
+                old_digest, old = stored["hash"], stored["config"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); remove {run_dir} to start "
+                                  "afresh, or pick a new run name") from None
+        if old_digest != digest or old != identity:
+            changes = _differences(old, identity)
+            shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+            raise ConfigError(f"run {cfg.run.name!r} in {cfg.run.storage_path} was started with another config "
+                              f"({shown or 'hash ' + old_digest + ' -> ' + digest}); the same run name resumes "
+                              f"that run: pick a new run name (--name or run.name), or remove {run_dir} to start "
+                              "afresh")
+        return
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps({"hash": digest, "config": identity}, indent=1, sort_keys=True).encode())
+
+
+def _run_storage(cfg: TrainRunConfig) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of the run's folder (Ray's `storage_path/name`): local, NFS or a URI."""
+    if "://" in cfg.run.storage_path:
+        fs, root = pafs.FileSystem.from_uri(cfg.run.storage_path)
+        return fs, posixpath.join(root, cfg.run.name)
+    return pafs.LocalFileSystem(), str(Path(cfg.run.storage_path) / cfg.run.name)
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """`key.path: old -> new` for every leaf that differs between two JSON values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new), key=str)
+                for line in _differences(old.get(key, "(absent)"), new.get(key, "(absent)"),
+                                         f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
 def _use_gpu(setting: bool | str) -> bool:
     if setting == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
@@ -92,7 +182,7 @@ def _use_gpu(setting: bool | str) -> bool:
 
 def _save_checkpoint(directory: Path, model, cfg: TrainRunConfig, spec: FeatureSpec, optimizer, state: dict) -> None:
     origin = {"finetuned_from": dataclasses.asdict(cfg.finetune)} if cfg.finetune is not None else {}
-    save_model_dir(directory, model, cfg.model, spec, {"train": state, **origin})
+    write_model_files(directory, model, cfg.model, spec, {"train": state, **origin})  # a fresh private folder
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state))
 
@@ -112,14 +202,11 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             for line in summary.lines():
                 print(f"[msit] fine-tuning from {cfg.finetune.from_model} ({cfg.finetune.mode}): {line}", flush=True)
-    first_epoch, best_auc, best_epoch, history = 1, -1.0, 0, []
+    first_epoch, best_auc, best_epoch, history, skipped = 1, -1.0, 0, [], []
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
-        with checkpoint.as_directory() as directory:
-            model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-            optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, weights_only=True)
+        state, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
         first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]
         history = state["history"]
     ddp_model = ray.train.torch.prepare_model(model)  # DDP-wrapped (when world size > 1): training steps use it
@@ -149,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
                                               local_shuffle_seed=cfg.train.seed + epoch):
             losses.append(train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp))
             samples += len(batch["label"])
+            _fault_drill(cfg, context, epoch - 1, batches=len(losses))
         # Throughput of the training pass alone (validation and checkpointing excluded), over all workers.
         samples = _sum_over_workers(samples, device, context.get_world_size())
         seconds = time.perf_counter() - started
@@ -160,7 +248,8 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics["val_auc"] > best_auc:
                 best_auc, best_epoch = metrics["val_auc"], epoch
             stop[0] = float(epoch - best_epoch >= cfg.train.patience)
-            history.append({**metrics, "first_epoch_of_attempt": first_epoch})
+            history.append({**metrics, "first_epoch_of_attempt": first_epoch,
+                            **({"skipped_checkpoints": skipped} if skipped and epoch == first_epoch else {})})
             state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics,
                      "history": history}
             _report_checkpoint(model, cfg, spec, optimizer, metrics, state)
@@ -170,7 +259,61 @@ def train_loop_per_worker(config: dict) -> None:
             torch.distributed.broadcast(stop, src=0)
         if stop.item():
             break
-        _fault_drill(cfg, context, epoch)
+        _fault_drill(cfg, context, epoch, batches=None)
+
+
+def resume_from(checkpoint: ray.train.Checkpoint, model, log=None) -> tuple[dict, dict, list[str]]:
+    """Load the checkpoint Ray hands a restarted worker into `model`; if it does not load (a truncated
+    safetensors file, bad JSON, a missing file), the run's older checkpoints (`checkpoint_<time>` folders
+    beside it, newest first) in turn, as Ray Train's own resume would skip a broken one. Returns the training
+    state, the optimizer state and the checkpoints skipped. Every rank runs this on the same storage, so all
+    pick the same checkpoint; `log` (rank 0's print) says which."""
+    skipped: list[str] = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as directory:
+                state, optimizer_state = load_checkpoint(Path(directory), model)
+        except MsitError as e:
+            skipped.append(posixpath.basename(candidate.path))
+            if log:
+                log(f"[msit] checkpoint {candidate.path} cannot be loaded: {e}", flush=True)
+            continue
+        if skipped and log:
+            log(f"[msit] resuming from the newest checkpoint that loads: {candidate.path} (epoch {state['epoch']}); "
+                f"skipped {skipped}", flush=True)
+        return state, optimizer_state, skipped
+    run_dir = posixpath.dirname(checkpoint.path)
+    raise MsitError(f"no checkpoint of the run in {run_dir} loads ({len(skipped)} tried, each damaged); "
+                    f"remove {run_dir} to start afresh, or use a new run name")
+
+
+def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """The run's checkpoints older than `checkpoint`, newest first (Train V2 names them checkpoint_<time>)."""
+    run_dir, name = posixpath.split(checkpoint.path.rstrip("/"))
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(run_dir))
+    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(posixpath.join(run_dir, n), filesystem=checkpoint.filesystem) for n in older]
+
+
+def load_checkpoint(directory: Path, model) -> tuple[dict, dict]:
+    """Weights into `model`, and the training and optimizer states, of one checkpoint folder; anything
+    missing or damaged is an MsitError naming the file."""
+    load_state_checked(model, load_weights(directory / WEIGHTS_FILE), directory / WEIGHTS_FILE)
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        for key in ("epoch", "best_val_auc", "best_epoch", "history"):
+            state[key]  # noqa: B018  (a KeyError names the key)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MsitError(f"{path}: not a training state ({type(e).__name__}: {e})") from None
+    path = directory / OPTIMIZER_FILE
+    try:
+        optimizer_state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises anything from a damaged zip or pickle stream)
+        raise MsitError(f"{path}: not an optimizer state ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                        ) from None
+    return state, optimizer_state
 
 
 def _report_start(model, val, spec: FeatureSpec, cfg: TrainRunConfig, optimizer, history: list[dict]) -> float:
@@ -203,15 +346,20 @@ def _sum_over_workers(value: int, device: torch.device, world_size: int) -> int:
     return int(total.item())
 
 
-def _fault_drill(cfg: TrainRunConfig, context, epoch: int) -> None:
-    """With run.kill_worker_after_epoch set, the last worker process dies hard, once per run."""
-    drill = cfg.run.kill_worker_after_epoch
-    if drill is None or epoch != drill or context.get_world_rank() != context.get_world_size() - 1:
+def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) -> None:
+    """The drill of `run.kill_*`: the chosen rank's process dies hard, once per run. Called after each
+    epoch (`batches` None) and after each batch (`epoch` the last finished one, `batches` into the next)."""
+    run = cfg.run
+    if run.kill_worker_after_epoch is None or epoch != run.kill_worker_after_epoch or batches != run.kill_after_batches:
         return
-    marker = Path(cfg.run.storage_path) / cfg.run.name / ".fault_drill_done"
+    rank = context.get_world_size() - 1 if run.kill_rank is None else run.kill_rank
+    if context.get_world_rank() != rank:
+        return
+    marker = Path(run.storage_path) / run.name / ".fault_drill_done"
     if not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"killed after epoch {epoch}")
+        where = f"{batches} batches into epoch {epoch + 1}" if batches is not None else f"after epoch {epoch}"
+        marker.write_text(f"rank {rank} killed {where}")
         os._exit(1)
 
 
@@ -252,6 +400,7 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
         log(f"note: {workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
             f"of the {budget:g} this run may use; using {cpus:.2f} CPU per worker")
     resources = {"CPU": cpus, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
+    check_run_config(cfg)  # last: a run folder is claimed only by a config that passed every other check
     log(f"training {cfg.model.family} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
         f"run {cfg.run.name!r} in {cfg.run.storage_path}")
     return TorchTrainer(
@@ -273,31 +422,58 @@ def _rows_of_scenes(batch: pa.Table, scene_ids: list[int]) -> pa.Table:
 
 
 def export_checkpoint(checkpoint: ray.train.Checkpoint, export: Path) -> dict:
-    """Copy a checkpoint's model directory (not the optimizer) to `export`; returns its training info."""
+    """Copy a checkpoint's model directory (not the optimizer) to `export`; returns its training info.
+    Loading it first proves it loads; `save_model_dir` writes atomically and replaces only a model dir."""
     with checkpoint.as_directory() as directory:
-        staging = Path(tempfile.mkdtemp(dir=export.parent if export.parent.exists() else None))
-        for name in (WEIGHTS_FILE, CONFIG_FILE, "feature_spec.json"):
-            shutil.copy2(Path(directory) / name, staging / name)
-    loaded = load_model_dir(staging)  # re-save through the one writer: atomic, and proves it loads
+        loaded = load_model_dir(directory)
     save_model_dir(export, loaded.model, loaded.config, loaded.spec, loaded.info)
-    shutil.rmtree(staging, ignore_errors=True)
     return loaded.info["train"]
+
+
+def export_best(result: ray.train.Result, export: Path, log=print) -> dict:
+    """Export the best checkpoint by val AUC that loads; a damaged one is skipped, saying so."""
+    ranked = sorted(result.best_checkpoints or [], key=lambda pair: pair[1].get("val_auc", -1.0), reverse=True)
+    for checkpoint, _ in ranked:
+        try:
+            return export_checkpoint(checkpoint, export)
+        except MsitError as e:
+            log(f"note: skipping the damaged checkpoint {checkpoint.path}: {e}")
+    raise MsitError(f"run {result.path} has no checkpoint that loads; nothing was exported to {export}")
 
 
 def run_training(cfg: TrainRunConfig, log=print) -> Path:
     """Fit on Ray Train and export the best checkpoint to `cfg.output`; returns that directory."""
     cfg = resolve_paths(cfg)
-    result = make_trainer(cfg, log=log).fit()
-    best = result.get_best_checkpoint(metric="val_auc", mode="max")
-    if best is None:
-        raise MsitError(f"run {cfg.run.name!r} finished without a checkpoint")
-    info = export_checkpoint(best, Path(cfg.output))
+    output = Path(cfg.output)
+    check_outside_inputs(output, [cfg.data])  # fail now, not after training, if the export would be refused
+    check_replaceable(output, CONFIG_FILE, overwrite=True)
+    trainer = make_trainer(cfg, log=log)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        user_error = _user_error(e)
+        if user_error is None:
+            raise
+        raise user_error from None
+    info = export_best(result, output, log=log)
     with result.checkpoint.as_directory() as directory:  # the latest checkpoint holds the whole history
         history = json.loads((Path(directory) / STATE_FILE).read_text())["history"]
     write_run_outputs(history, run_outputs_dir(cfg))
     log(f"per-epoch metrics, TensorBoard logs and curves.png in {run_outputs_dir(cfg)}")
     log(f"best epoch {info['best_epoch']} (val AUC {info['best_val_auc']:.4f}) exported to {cfg.output}")
-    return Path(cfg.output)
+    return output
+
+
+def _user_error(error: Exception) -> MsitError | None:
+    """The MsitError a worker raised (every attempt failed on it), to be shown as one line, not a traceback."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for failure in [*failures.values(), error.__cause__]:
+        while failure is not None:
+            if isinstance(failure, MsitError):
+                return type(failure)(str(failure))
+            # Train V2 wraps a worker's exception in UserExceptionWithTraceback (`_base_exc`).
+            failure = getattr(failure, "_base_exc", None) or failure.__cause__
+    return None
 
 
 def run_outputs_dir(cfg: TrainRunConfig) -> Path:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
@@ -56,19 +57,51 @@ def seed_everything(seed: int) -> None:
 
 
 def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch:
-    """One split of a prepared directory as in-memory tensors (the columns models read)."""
+    """One split of a prepared directory as in-memory tensors (the columns models read). Shards that do not
+    fit `spec` (another history length, other fields: data prepared otherwise than the model) are one line
+    naming the column, not a torch error deep in the forward pass."""
     path = Path(prepared_dir) / split
     if not path.is_dir():
         raise MsitError(f"no {split!r} split at {path}: is {prepared_dir} a directory made by `msit data prepare`?")
-    table = pq.read_table(path, columns=batch_columns(spec))
+    columns = batch_columns(spec)
+    try:
+        dataset = pq.ParquetDataset(path)
+        missing = [c for c in columns if c not in dataset.schema.names]
+        if missing:
+            raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs: the data was "
+                            "prepared with other fields; prepare it with `--encoding-from MODEL`")
+        table = dataset.read(columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise MsitError(f"{path}: the split's Parquet shards cannot be read ({' '.join(str(e).split())[:200]}); "
+                        "prepare the data again") from None
+    widths = _column_widths(spec)
     out = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
         values = column.to_numpy(zero_copy_only=False)
-        if values.dtype == object:  # fixed-length list columns (histories, multi-valued features)
-            values = np.stack(values)
+        if values.dtype == object:  # list columns (histories, multi-valued features) read without Ray's tensor type
+            lengths = sorted({len(v) for v in values})
+            if len(lengths) > 1:
+                raise MsitError(f"{path}: column {name!r} holds lists of {lengths[:5]} values, not one length; "
+                                "prepare the data again")
+            values = np.stack(values) if len(values) else np.zeros((0, widths.get(name) or 0), dtype=np.int64)
+        width = values.shape[1] if values.ndim == 2 else None
+        if width != widths.get(name):
+            found, expected = (f"lists of {width} values" if width is not None else "single values",
+                               f"lists of {widths[name]}" if widths.get(name) is not None else "single values")
+            raise MsitError(f"{path}: column {name!r} holds {found} where the model's feature spec says {expected}: "
+                            "the data was prepared with another history length or settings; prepare it with "
+                            "`--encoding-from MODEL`")
         out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
     return out
+
+
+def _column_widths(spec: FeatureSpec) -> dict[str, int | None]:
+    """The list length of each list column of the prepared shards (histories, multi-valued features)."""
+    widths: dict[str, int | None] = {c: spec.history_length for c in
+                                     ("history_item_ids", "history_scene_ids", "history_labels", "history_time_gaps")}
+    widths |= {name: f.max_len for name, f in spec.fields.items() if f.type == "multi"}
+    return widths
 
 
 def select_scenes(data: Batch, scene_ids: list[int]) -> Batch:
