@@ -129,8 +129,9 @@ class MsitScorer:
         return path if "://" in path else str(Path(self.settings["base_dir"], path))
 
     async def score_many(self, requests: list[dict]) -> tuple[str, list[Scored | RequestError | ScoringError]]:
-        """A batch of score requests; a client's mistake or a failure to score is that request's result. Batches that queue while a
-        forward pass runs are merged into the next one, up to max_batch_size requests (at least one batch)."""
+        """A batch of score requests; a client's mistake or a failure to score is that request's result. Batches
+        that queue while a forward pass runs are merged into the next one, up to max_batch_size requests (at
+        least one batch)."""
         answer = asyncio.get_running_loop().create_future()
         self.queued.append((requests, answer))
         async with self.computing:  # FIFO: each waiter either finds its batch already scored, or scores it
