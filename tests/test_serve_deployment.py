@@ -115,28 +115,6 @@ def test_a_poisoned_request_inside_a_loaded_batch_fails_no_other(endpoint, small
     assert load.statuses and set(load.statuses) == {200}, load.statuses
 
 
-def test_a_broken_model_pushed_under_load_fails_no_request(endpoint, small_model, tmp_path):
-    """Hot reload onto a model directory that does not load: the old model keeps serving, no request fails,
-    and /v1/model says what went wrong."""
-    from ray import serve
-
-    model_dir, prepared = small_model
-    broken = corrupt_weights(model_dir, tmp_path / "broken")
-    version = requests.get(f"{endpoint}/v1/model", timeout=10).json()["version"]
-    with _Load(f"{endpoint}/v1/score", _request(prepared)) as load:
-        serve.run(build({"model": str(model_dir), "data": str(prepared), **ARGS,
-                         "user_config": {"model": str(broken)}}), name="msit", route_prefix="/")
-        deadline = time.monotonic() + 120
-        while (model := requests.get(f"{endpoint}/v1/model", timeout=10).json())["last_reload_error"] is None:
-            assert time.monotonic() < deadline, "the failed reload was never reported"
-            time.sleep(0.5)
-        time.sleep(1)
-    assert len(load.statuses) > 5 and set(load.statuses) == {200}, load.statuses
-    assert model["version"] == version and model["last_reload_error"]["model"] == str(broken)
-    assert model["last_reload_error"]["error"]
-    assert requests.get(f"{endpoint}/v1/health", timeout=10).json()["model_version"] == version
-
-
 def test_a_new_model_directory_is_swapped_in_without_dropping_requests(endpoint, small_model, tmp_path):
     from ray import serve
 
@@ -166,6 +144,40 @@ def test_a_new_model_directory_is_swapped_in_without_dropping_requests(endpoint,
         t.join()
     assert len(statuses) > 5 and set(statuses) == {200}, statuses
     assert requests.get(f"{endpoint}/v1/model", timeout=10).json()["config"]["embed_dim"] == 8
+
+
+def _deploy_config(endpoint: str, model_dir, prepared, user_config: dict) -> None:
+    """Deploy as `serve deploy serve/config.yaml` (and KubeRay) do: a config whose user_config alone changed is
+    applied in place, each scorer replica's reconfigure() is called (serve.run would replace the replicas)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "msit", "route_prefix": "/", "import_path": "serve.app:build",
+           "args": {"model": str(model_dir), "data": str(prepared), **ARGS},
+           "deployments": [{"name": DEPLOYMENT, "user_config": user_config}]}
+    http = {"host": "127.0.0.1", "port": int(endpoint.rsplit(":", 1)[1])}
+    _get_global_client().deploy_apps(ServeDeploySchema(http_options=http, applications=[app]), _blocking=True)
+
+
+def test_a_broken_model_pushed_under_load_fails_no_request(endpoint, small_model, tmp_path):
+    """Hot reload onto a model directory that does not load: the old model keeps serving, no request fails,
+    and /v1/model says what went wrong."""
+    model_dir, prepared = small_model
+    broken = corrupt_weights(model_dir, tmp_path / "broken")
+    _deploy_config(endpoint, model_dir, prepared, {"max_batch_size": 64})
+    version = requests.get(f"{endpoint}/v1/model", timeout=10).json()["version"]
+    assert version == Scorer(model_dir).version
+    with _Load(f"{endpoint}/v1/score", _request(prepared)) as load:
+        _deploy_config(endpoint, model_dir, prepared, {"max_batch_size": 64, "model": str(broken)})
+        deadline = time.monotonic() + 120
+        while (model := requests.get(f"{endpoint}/v1/model", timeout=10).json())["last_reload_error"] is None:
+            assert time.monotonic() < deadline, "the failed reload was never reported"
+            time.sleep(0.5)
+        time.sleep(1)
+    assert len(load.statuses) > 5 and set(load.statuses) == {200}, load.statuses
+    assert model["version"] == version and model["last_reload_error"]["model"] == str(broken)
+    assert model["last_reload_error"]["error"]
+    assert requests.get(f"{endpoint}/v1/health", timeout=10).json()["model_version"] == version
 
 
 def test_the_serve_config_file_names_a_working_builder():

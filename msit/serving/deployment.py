@@ -101,6 +101,7 @@ class MsitScorer:
         self.max_batch_size = int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
         model, data = (self._resolve(user_config.get(key, self.settings[key])) for key in ("model", "data"))
         if self.scorer is not None and (model, data) == self.loaded:
+            self.last_reload_error = None  # asked for what is served (say, back after a failed reload): nothing failed
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -187,7 +188,9 @@ class MsitScorer:
         return {**self.scorer.describe(), "last_reload_error": self.last_reload_error}
 
 
-@serve.deployment(name=INGRESS, max_ongoing_requests=512)
+# graceful_shutdown_timeout_s: an ingress replica being replaced (a redeploy) answers the requests it holds first;
+# they may wait for a scorer replica that is starting. Beyond the proxy's request timeout (30 s) none is left.
+@serve.deployment(name=INGRESS, max_ongoing_requests=512, graceful_shutdown_timeout_s=60)
 @serve.ingress()
 class MsitApi:
     """HTTP in front of the scorers: batches score requests, retries a batch whose scorer replica died."""
