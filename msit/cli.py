@@ -251,8 +251,10 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
 
     from msit.serving.deployment import TARGET_ONGOING_BATCHES, build
 
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # request_timeout_s: a stuck request gets a 408 from Serve's proxy instead of hanging.
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
+                     "max_history": args.max_history, "require_token": args.require_token,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                      "target_ongoing_requests": TARGET_ONGOING_BATCHES}}), name="msit",
@@ -279,6 +281,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted")
+    p.add_argument("--max-history", type=int, default=1000, help="most events accepted in a request's history")
+    p.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="a request still unanswered after this many seconds gets a 408 (default %(default)s)")
+    p.add_argument("--require-token", action="store_true",
+                   help="refuse to start unless MSIT_SERVE_TOKEN or MSIT_SERVE_TOKEN_FILE gives a bearer token")
     p.add_argument("--max-batch-size", type=int, default=64, help="requests scored in one forward pass")
     p.add_argument("--min-replicas", type=int, default=1)
     p.add_argument("--max-replicas", type=int, default=4)

@@ -327,6 +327,13 @@ def test_rayservice_model_and_data_are_on_a_volume_every_pod_mounts():
         assert _on_shared_volume(path, shared), f"{where} {path} is not on {shared}"
 
 
+def test_rayservice_auth_fails_closed_and_requests_time_out():
+    """Without its token Secret the application must not deploy (require_token), never serve an open API."""
+    cfg = from_dict(ServeArgs, _serve_app()["args"])
+    assert cfg.require_token, "deploy/rayservice.yaml must set require_token: true (auth fails closed)"
+    assert _serve_config()["http_options"]["request_timeout_s"] > 0, "a stuck request must get a 408, not hang"
+
+
 def test_rayservice_token_comes_from_a_secret_on_every_pod():
     """The builder reads MSIT_SERVE_TOKEN where it runs, on any pod; the token itself never is in the manifest."""
     for pod in _pod_specs(_rayservice()["spec"]["rayClusterConfig"]):

@@ -4,12 +4,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from msit.data.feature_spec import FeatureSpec
 from msit.model_dir import load_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
-from msit.serving.scorer import RequestError, Scorer
+from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
 from msit.trainer import load_split, predict
+from tests.serving_helpers import MEAN, NUMERIC_CONTEXT, STD, nan_weights, numeric_context_model
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,108 @@ def test_the_store_keeps_each_user_feature_in_its_own_dtype(small_model, tmp_pat
     categorical = [c for c, f in spec.fields.items() if f.role == "user" and f.type == "categorical"]
     assert categorical and all(record.features[c].dtype == np.int64 for c in categorical)
     assert record.features["score"].dtype == np.float32
+
+
+def _offline(model_dir, prepared, rows):
+    spec = FeatureSpec.load(prepared)
+    test = load_split(prepared, "test", spec)
+    return predict(load_model_dir(model_dir).model, {k: v[rows.index.to_numpy()] for k, v in test.items()})
+
+
+def test_a_poisoned_request_fails_alone_and_the_others_get_the_offline_scores(scorer, small_model):
+    """Requests past the HTTP schema (a library caller, or a schema gap) are still isolated within a batch."""
+    model_dir, prepared = small_model
+    spec = FeatureSpec.load(prepared)
+    rows = _test_rows(prepared, count=6)
+    good = [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2], "candidates": [r.item_key],
+             "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
+    base, scene = good[0], spec.scenarios[0]
+    poisoned = [
+        {**base, "candidates": ["\ud800"]}, {**base, "user_id": "\udfff"}, {**base, "timestamp": 2**63},
+        {**base, "history": [{"item_id": "\ud800", "scenario": scene, "timestamp": 1}]},
+        {**base, "history": [{"item_id": "1", "scenario": scene, "timestamp": 2**64}]},
+        {**base, "timestamp": float("nan")}, {**base, "context": {"\ud800": 1}},
+    ]
+    batch = [good[0], *poisoned[:3], good[1], good[2], *poisoned[3:], *good[3:]]  # poison among the good
+    results = scorer.score(batch)
+    assert len(results) == len(batch)
+    served = [results[batch.index(g)].scores[0] for g in good]
+    np.testing.assert_allclose(served, _offline(model_dir, prepared, rows), rtol=0, atol=1e-6)
+    failed = [results[next(j for j, r in enumerate(batch) if r is p)] for p in poisoned]
+    assert isinstance(failed[0], ScoringError) and "UnicodeEncodeError" in str(failed[0])  # the schema says 422
+    assert isinstance(failed[1], ScoringError)
+    assert isinstance(failed[2], RequestError) and failed[2].field == ("timestamp",)
+    assert "timestamp must be an integer from 0 to 2^63-1" in failed[2].message
+    assert isinstance(failed[3], ScoringError)
+    assert isinstance(failed[4], RequestError) and failed[4].field == ("history", 0, "timestamp")
+    assert isinstance(failed[5], RequestError) and failed[5].field == ("timestamp",)
+    assert isinstance(failed[6], RequestError) and failed[6].field == ("context", "\ud800")
+
+
+class _Faulty(torch.nn.Module):
+    """The model, except on batches holding the poison item: the forward pass raises, or gives NaN there."""
+
+    def __init__(self, model, poison: int, nan: bool):
+        super().__init__()
+        self.model, self.poison, self.nan = model, poison, nan
+
+    def forward(self, batch):
+        hit = batch["item_id"] == self.poison
+        if hit.any() and not self.nan:
+            raise RuntimeError("simulated fault in the forward pass")
+        output = self.model(batch)
+        output.logits[hit] = float("nan")
+        return output
+
+
+@pytest.mark.parametrize("nan, message", [(False, "could not be scored (RuntimeError)"),
+                                          (True, "non-finite score")])
+def test_a_request_that_breaks_the_forward_pass_fails_alone(scorer, monkeypatch, nan, message):
+    items = scorer.spec.vocabularies["item_id"]
+    good = [{"user_id": "1", "scenario": scorer.spec.scenarios[0], "candidates": items[2 + i:4 + i],
+             "timestamp": 10**9} for i in range(4)]
+    alone = [scorer.score([g])[0].scores for g in good]
+    poison = {**good[0], "candidates": [items[2], items[20]]}
+    monkeypatch.setattr(scorer, "model", _Faulty(scorer.model, poison=20, nan=nan))  # items[20] is id 20
+    results = scorer.score([good[0], good[1], poison, good[2], good[3]])
+    assert isinstance(results[2], ScoringError) and message in str(results[2])
+    np.testing.assert_allclose([r.scores for r in results[:2] + results[3:]], alone, rtol=0, atol=1e-6)
+
+
+def test_timestamp_zero_is_1970_not_now(scorer):
+    user = next(u for u, r in scorer.store._records.items() if len(r.item_ids) >= 3)
+    base = {"user_id": user, "scenario": scorer.spec.scenarios[0], "candidates": ["1", "2"]}
+    at_zero, cold_at_zero, now = scorer.score([{**base, "timestamp": 0}, {**base, "timestamp": 0, "history": []},
+                                               base])
+    assert at_zero.scores == cold_at_zero.scores  # no event is before 1970: the history is empty
+    assert now.scores != at_zero.scores  # "now" sees the user's history
+
+
+def test_the_self_test_scores_a_tiny_request_and_fails_on_a_model_that_cannot(scorer, small_model, tmp_path,
+                                                                              monkeypatch):
+    scorer.self_test()
+    broken = Scorer(nan_weights(small_model[1], tmp_path / "nan"))  # loads fine
+    with pytest.raises(ScoringError, match="self-test failed.*non-finite"):
+        broken.self_test()
+    monkeypatch.setattr(scorer, "model", _Faulty(scorer.model, poison=2, nan=False))
+    with pytest.raises(RuntimeError, match="simulated fault"):
+        scorer.self_test()
+
+
+@pytest.fixture(scope="module")
+def numeric_scorer(small_model, tmp_path_factory):
+    _, prepared = small_model
+    return Scorer(numeric_context_model(prepared, tmp_path_factory.mktemp("numeric") / "model"))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e300, -1e40, MEAN + 2e6 * STD,
+                                   10**400, "warm", True])
+def test_numeric_context_must_stay_finite_once_standardised(numeric_scorer, value):
+    good = {"user_id": "1", "scenario": numeric_scorer.spec.scenarios[0], "candidates": ["1"]}
+    bad, ok, far = numeric_scorer.score([{**good, "context": {NUMERIC_CONTEXT: value}}, good,
+                                         {**good, "context": {NUMERIC_CONTEXT: MEAN - 1e6 * STD}}])
+    assert isinstance(bad, RequestError) and bad.field == ("context", NUMERIC_CONTEXT), bad
+    assert ("must be a number" if isinstance(value, str | bool) else
+            f"within 1e+06 standard deviations of its training mean (mean {MEAN:g}, std {STD:g})") in bad.message
+    assert len(bad.message) < 300  # a 400-digit int is cut short in the message
+    assert isinstance(ok, Scored) and isinstance(far, Scored) and all(0 <= x <= 1 for x in far.scores)

@@ -11,6 +11,7 @@ from msit.data.feature_spec import FeatureSpec
 from msit.serving.app import ApiSettings, LocalBackend, create_app
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import Scorer
+from tests.serving_helpers import NUMERIC_CONTEXT, numeric_context_model
 
 TOKEN = "s3cret-token"
 
@@ -153,3 +154,129 @@ def test_fuzz_no_request_gets_a_5xx(client, known, data):
             body.pop("k", None)
         response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert response.status_code < 500, (path, response.text)
+
+
+SURROGATE = '"\\ud800"'  # a JSON escape Python's json reads into a lone UTF-16 surrogate
+
+
+@pytest.mark.parametrize("path, change, field", [
+    ("/v1/score", {"candidates": ["@"]}, ["body", "candidates", 0]),
+    ("/v1/score", {"user_id": "@"}, ["body", "user_id"]),
+    ("/v1/score", {"scenario": "@"}, ["body", "scenario"]),
+    ("/v1/score", {"context": {"hour": "@"}}, ["body", "context", "hour"]),
+    ("/v1/score", {"context": {"hour": ["@"]}}, ["body", "context", "hour"]),
+    ("/v1/score", {"history": [{"item_id": "@", "scenario": "x", "timestamp": 1}]}, ["body", "history", 0, "item_id"]),
+    ("/v1/score", {"history": [{"item_id": 1, "scenario": "@", "timestamp": 1}]}, ["body", "history", 0, "scenario"]),
+    ("/v1/recommend", {"user_id": "@"}, ["body", "user_id"]),
+    ("/v1/recommend", {"scenario": "@"}, ["body", "scenario"]),
+])
+def test_a_lone_surrogate_is_a_422_naming_the_field(client, known, path, change, field):
+    body = {**known, **change}
+    if path == "/v1/recommend":
+        body = {k: v for k, v in body.items() if k != "candidates"}
+    text = json.dumps(body).replace('"@"', SURROGATE)
+    response = client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"][: len(field)] == field and "lone UTF-16 surrogate" in e["msg"] for e in errors), errors
+
+
+def test_a_lone_surrogate_in_a_context_key_is_a_422_and_the_answer_is_valid_json(client, known):
+    text = json.dumps({**known, "context": {"@": 1}}).replace('"@"', SURROGATE)
+    response = client.post("/v1/score", content=text.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    error, = response.json()["detail"]
+    # pydantic hands the key back with replacement characters: the answer stays valid UTF-8 JSON.
+    assert error["loc"][:2] == ["body", "context"] and error["loc"][-1] == "[key]", error
+    assert "lone UTF-16 surrogate" in error["msg"]
+
+
+@pytest.mark.parametrize("change, field, message", [
+    ({"timestamp": 2**63}, ["body", "timestamp"], "less than or equal to 9223372036854775807"),
+    ({"timestamp": 2**63 - 1}, None, None),  # the largest int64 is a valid moment
+    ({"history": [{"item_id": 1, "scenario": "x", "timestamp": 2**64}]}, ["body", "history", 0, "timestamp"],
+     "less than or equal to 9223372036854775807"),
+    ({"context": {"hour": float("nan")}}, ["body", "context", "hour"], "finite number"),
+    ({"context": {"hour": float("inf")}}, ["body", "context", "hour"], "finite number"),
+])
+def test_timestamps_are_int64_and_numbers_finite(client, known, change, field, message):
+    response = client.post("/v1/score", content=json.dumps({**known, **change}),  # NaN, Infinity as Python writes
+                           headers={"content-type": "application/json"})
+    if field is None:
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert any(e["loc"][: len(field)] == field and message in e["msg"] for e in errors), errors
+    recommend = client.post("/v1/recommend", content=json.dumps({
+        "user_id": known["user_id"], "scenario": known["scenario"], **{k: v for k, v in change.items()
+                                                                      if k != "history"}}),
+        headers={"content-type": "application/json"})
+    assert recommend.status_code == (422 if "history" not in change else 200), recommend.text
+
+
+def test_the_history_is_capped(scorer, known):
+    assert ApiSettings().max_history == 1000
+    client = TestClient(create_app(LocalBackend(scorer), ApiSettings(max_history=5)))
+    event = {"item_id": known["candidates"][0], "scenario": known["scenario"], "timestamp": 100}
+    assert client.post("/v1/score", json={**known, "history": [event] * 5}).status_code == 200
+    response = client.post("/v1/score", json={**known, "history": [event] * 6})
+    assert response.status_code == 422
+    assert response.json()["detail"] == [{"loc": ["body", "history"], "type": "value_error",
+                                          "msg": "at most 5 history events per request, got 6"}]
+
+
+def test_timestamp_zero_is_a_moment_over_http(client, known):
+    at_zero = client.post("/v1/score", json={**known, "timestamp": 0}).json()["scores"]
+    cold = client.post("/v1/score", json={**known, "timestamp": 0, "history": []}).json()["scores"]
+    now = client.post("/v1/score", json=known).json()["scores"]
+    assert at_zero == cold != now
+
+
+@pytest.fixture(scope="module")
+def numeric_client(small_model, tmp_path_factory):
+    _, prepared = small_model
+    model = numeric_context_model(prepared, tmp_path_factory.mktemp("numeric") / "model")
+    return TestClient(create_app(LocalBackend(Scorer(model, catalogue_from=prepared)), ApiSettings()),
+                      raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e300", "1" + "0" * 400])
+@pytest.mark.parametrize("path", ["/v1/score", "/v1/recommend"])
+def test_a_numeric_context_value_must_be_finite_once_standardised(numeric_client, known, path, value):
+    body = {"user_id": known["user_id"], "scenario": known["scenario"], "context": {NUMERIC_CONTEXT: "@"},
+            **({"candidates": known["candidates"]} if path == "/v1/score" else {"k": 5})}
+    text = json.dumps(body).replace('"@"', value)
+    response = numeric_client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text  # before: a 500, or `score: null` for every item
+    errors = response.json()["detail"]
+    assert any(e["loc"][:3] == ["body", "context", NUMERIC_CONTEXT] and
+               ("finite number" in e["msg"]) for e in errors), errors
+    fine = numeric_client.post(path, json={**body, "context": {NUMERIC_CONTEXT: 21.5}})
+    assert fine.status_code == 200 and all(
+        0 <= s["score"] <= 1 for s in fine.json().get("scores", fine.json().get("items")))
+
+
+def test_a_required_token_that_is_missing_or_empty_refuses_to_serve(tmp_path, monkeypatch, small_model):
+    from msit.errors import ConfigError
+    from msit.serving.app import token_from_env
+    from msit.serving.deployment import build
+
+    monkeypatch.delenv("MSIT_SERVE_TOKEN", raising=False)
+    monkeypatch.delenv("MSIT_SERVE_TOKEN_FILE", raising=False)
+    with pytest.raises(ConfigError, match="refusing to serve without auth"):
+        token_from_env(required=True)
+    model_dir, prepared = small_model
+    args = {"model": str(model_dir), "data": str(prepared), "num_gpus": 0, "require_token": True}
+    with pytest.raises(ConfigError, match="MSIT_SERVE_TOKEN nor MSIT_SERVE_TOKEN_FILE is set"):
+        build(args)  # what deploy/rayservice.yaml gets without its Secret: the application does not start
+    monkeypatch.setenv("MSIT_SERVE_TOKEN", "")  # a Secret whose key is empty
+    with pytest.raises(ConfigError, match="set but empty"):
+        build(args)
+    (tmp_path / "token").write_text("\n")
+    monkeypatch.delenv("MSIT_SERVE_TOKEN")
+    monkeypatch.setenv("MSIT_SERVE_TOKEN_FILE", str(tmp_path / "token"))
+    with pytest.raises(ConfigError, match="set but empty"):
+        token_from_env()
+    monkeypatch.setenv("MSIT_SERVE_TOKEN", "t0ken")
+    assert token_from_env(required=True) == "t0ken" and build(args) is not None

@@ -7,7 +7,8 @@ Ray Serve deployment (`msit.serving.deployment`) builds the same app on each rep
     GET  /v1/model      model version, config, scenes, counts
 
 A client's mistake gets a 4xx naming the field (422), a missing or wrong token 401, a body over the
-limit 413; never a 5xx.
+limit 413; never a 5xx. A request the server fails to score gets a 500 of its own: the other requests of
+its batch are answered.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from msit.serving.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from msit.serving.scorer import RequestError, Scored
+from msit.serving.scorer import RequestError, Scored, ScoringError
 
 logger = logging.getLogger("msit.serving")
 TOKEN_ENV, TOKEN_FILE_ENV = "MSIT_SERVE_TOKEN", "MSIT_SERVE_TOKEN_FILE"
@@ -45,10 +46,13 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(
 class ApiSettings:
     auth_token: str | None = None  # bearer token required on every /v1 route; None: no auth
     max_body_bytes: int = 1_000_000
+    max_history: int = 1000  # events in a request's `history`
 
 
-def token_from_env() -> str | None:
-    """The bearer token from MSIT_SERVE_TOKEN, or from the file MSIT_SERVE_TOKEN_FILE names; None if neither."""
+def token_from_env(required: bool = False) -> str | None:
+    """The bearer token from MSIT_SERVE_TOKEN, or from the file MSIT_SERVE_TOKEN_FILE names; None if neither.
+    A variable set but empty, an unreadable or empty file, or (`required`) no token at all is a ConfigError:
+    auth that was asked for never silently turns off."""
     token, path = os.environ.get(TOKEN_ENV), os.environ.get(TOKEN_FILE_ENV)
     if not token and path:
         try:
@@ -57,13 +61,16 @@ def token_from_env() -> str | None:
             raise ConfigError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({e.strerror})") from None
     if token is not None and not token.strip():
         raise ConfigError(f"{TOKEN_ENV} / {TOKEN_FILE_ENV} is set but empty")
+    if required and not token:
+        raise ConfigError(f"a bearer token is required (require_token) but neither {TOKEN_ENV} nor {TOKEN_FILE_ENV} "
+                          "is set (a missing Secret?); refusing to serve without auth")
     return token or None
 
 
 class Backend(Protocol):
     version: str  # the latest model version seen (for logs); answers carry their own
 
-    async def score(self, request: dict) -> tuple[str, Scored | RequestError]: ...
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError | ScoringError]: ...
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]: ...
 
@@ -72,9 +79,14 @@ class Backend(Protocol):
     async def describe(self) -> dict: ...
 
 
+def _printable(value):
+    """A string as JSON can carry it: a lone surrogate (from a `\\ud800` escape) would fail the response."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(value, str) else value
+
+
 def _field_error(error: RequestError) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": [
-        {"loc": ["body", *error.field], "msg": error.message, "type": "value_error"}]})
+        {"loc": ["body", *map(_printable, error.field)], "msg": _printable(error.message), "type": "value_error"}]})
 
 
 def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
@@ -91,12 +103,17 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
         # pydantic's details, minus the echoed input: it may not be valid JSON (Infinity, NaN) and is payload.
-        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        details = [{"loc": [_printable(part) for part in e["loc"]], "msg": _printable(e["msg"]), "type": e["type"]}
+                   for e in error.errors()]
         return JSONResponse(status_code=422, content={"detail": details})
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError) -> JSONResponse:
         return _field_error(error)
+
+    @app.exception_handler(ScoringError)
+    async def scoring_error(_: Request, error: ScoringError) -> JSONResponse:
+        return JSONResponse(status_code=500, content={"detail": f"internal error: {error}"})
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_: Request, __: Exception) -> JSONResponse:
@@ -107,8 +124,11 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
     async def score(body: ScoreRequest) -> ScoreResponse:
+        if body.history is not None and len(body.history) > settings.max_history:
+            raise RequestError(("history",), f"at most {settings.max_history} history events per request, "
+                               f"got {len(body.history)}")
         version, result = await backend.score(body.model_dump())
-        if isinstance(result, RequestError):
+        if isinstance(result, RequestError | ScoringError):
             raise result
         explanations = result.explanations or [None] * len(result.scores)
         # Built as plain JSON: validating a response the scorer just made (as response_model would) costs
@@ -186,7 +206,7 @@ class LocalBackend:
     def __init__(self, scorer):
         self.scorer, self.version = scorer, scorer.version
 
-    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError | ScoringError]:
         return self.version, self.scorer.score([request])[0]
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
@@ -196,4 +216,4 @@ class LocalBackend:
         return self.version
 
     async def describe(self) -> dict:
-        return self.scorer.describe()
+        return {**self.scorer.describe(), "last_reload_error": None}

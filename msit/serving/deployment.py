@@ -6,7 +6,9 @@
   a lost replica costs latency, not answers.
 - `MsitScorer` replicas hold a Scorer: a batch in one forward pass, hot reload of a new model
   directory through `user_config`, request metrics on Ray's Prometheus endpoint. They autoscale and
-  take the GPUs.
+  take the GPUs. A reload loads and self-tests the new model before swapping it in; if that fails,
+  the old model keeps serving and `/v1/model` shows the error. Serve's health check scores a tiny
+  request on each replica.
 
 `build(args)` is the application builder named in serve/config.yaml (`serve run serve/config.yaml`)
 and used by `msit serve`.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from msit.config import absolute_path, from_dict
 from msit.serving.app import ApiSettings, create_app, token_from_env
 from msit.serving.history_store import InMemoryHistoryStore
-from msit.serving.scorer import RequestError, Scored, Scorer
+from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
 
 logger = logging.getLogger("msit.serving")
 DEPLOYMENT, INGRESS = "MsitScorer", "MsitApi"
@@ -57,6 +60,10 @@ class ServeArgs:
     max_batch_size: int = 64  # requests scored in one forward pass
     batch_wait_timeout_s: float = 0.005
     max_body_bytes: int = 1_000_000
+    max_history: int = 1000  # events in a request's `history` (a 422 beyond)
+    # Refuse to start without a bearer token (MSIT_SERVE_TOKEN / MSIT_SERVE_TOKEN_FILE): where auth is meant to
+    # be on (deploy/rayservice.yaml), a missing Secret must not mean an open API.
+    require_token: bool = False
     num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
     num_cpus: float = 1.0
     # MsitScorer replicas; their ongoing requests are batches (at most CONCURRENT_BATCHES per ingress replica)
@@ -69,11 +76,12 @@ class ServeArgs:
     throughput_optimized: bool = True  # THROUGHPUT_ENV in the replicas
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16)
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30)
 class MsitScorer:
     def __init__(self, settings: dict):
         self.settings = settings
         self.scorer: Scorer | None = None
+        self.last_reload_error: dict | None = None  # the latest failed reload, until one succeeds
         self.computing = asyncio.Lock()
         self.queued: deque[tuple[list[dict], asyncio.Future]] = deque()
         self.candidates = Histogram("msit_candidates_per_request", "candidate items per score request",
@@ -87,14 +95,30 @@ class MsitScorer:
         self.reconfigure({})  # the model of `settings`; Serve calls reconfigure again if a user_config is set
 
     def reconfigure(self, user_config: dict) -> None:
-        """Hot reload: load the new model directory beside the old one, then swap; requests keep flowing."""
+        """Hot reload: load the new model directory beside the old one, self-test it, then swap; requests keep
+        flowing. A model that fails to load or to score is not swapped in: the old one keeps serving (like
+        `nginx -s reload`), and the error is logged and shown at /v1/model. Only the first load may raise."""
         self.max_batch_size = int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
         model, data = (self._resolve(user_config.get(key, self.settings[key])) for key in ("model", "data"))
         if self.scorer is not None and (model, data) == self.loaded:
+            self.last_reload_error = None  # asked for what is served (say, back after a failed reload): nothing failed
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device, catalogue_from=data)
-        scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec)
+        try:
+            scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device,
+                            catalogue_from=data)
+            scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec)
+            scorer.self_test()
+        except Exception as error:
+            if self.scorer is None:  # nothing to keep serving: the replica fails to start, and says why
+                raise
+            message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+            self.last_reload_error = {"model": model, "data": data, "error": message,
+                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            logger.error(f"reload of {model} failed, still serving {self.scorer.version} from "
+                         f"{self.loaded[0]}: {message}")
+            return
+        self.last_reload_error = None
         if self.scorer is not None:
             self.model_version.set(0, tags={"version": self.scorer.version})
         self.scorer, self.loaded = scorer, (model, data)
@@ -105,9 +129,10 @@ class MsitScorer:
         """Relative paths are relative to where the application was built."""
         return path if "://" in path else str(Path(self.settings["base_dir"], path))
 
-    async def score_many(self, requests: list[dict]) -> tuple[str, list[Scored | RequestError]]:
-        """A batch of score requests; a client's mistake is its request's result. Batches that queue while a
-        forward pass runs are merged into the next one, up to max_batch_size requests (at least one batch)."""
+    async def score_many(self, requests: list[dict]) -> tuple[str, list[Scored | RequestError | ScoringError]]:
+        """A batch of score requests; a client's mistake or a failure to score is that request's result. Batches
+        that queue while a forward pass runs are merged into the next one, up to max_batch_size requests (at
+        least one batch)."""
         answer = asyncio.get_running_loop().create_future()
         self.queued.append((requests, answer))
         async with self.computing:  # FIFO: each waiter either finds its batch already scored, or scores it
@@ -145,20 +170,27 @@ class MsitScorer:
                 for score in result.scores:
                     self.scores.observe(score)
 
-    async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError]:
+    async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError | ScoringError]:
+        scorer = self.scorer
         try:
-            return self.scorer.version, self.scorer.recommend(request)
-        except RequestError as error:  # returned, not raised: it crosses the handle as a value
-            return self.scorer.version, error
+            return scorer.version, scorer.recommend(request)
+        except (RequestError, ScoringError) as error:  # returned, not raised: it crosses the handle as a value
+            return scorer.version, error
+
+    async def check_health(self) -> None:
+        """Serve's health check (every health_check_period_s): the model must still score a tiny request."""
+        await asyncio.to_thread(self.scorer.self_test)
 
     def current_version(self) -> str:
         return self.scorer.version
 
     def describe(self) -> dict:
-        return self.scorer.describe()
+        return {**self.scorer.describe(), "last_reload_error": self.last_reload_error}
 
 
-@serve.deployment(name=INGRESS, max_ongoing_requests=512)
+# graceful_shutdown_timeout_s: an ingress replica being replaced (a redeploy) answers the requests it holds first;
+# they may wait for a scorer replica that is starting. Beyond the proxy's request timeout (30 s) none is left.
+@serve.deployment(name=INGRESS, max_ongoing_requests=512, graceful_shutdown_timeout_s=60)
 @serve.ingress()
 class MsitApi:
     """HTTP in front of the scorers: batches score requests, retries a batch whose scorer replica died."""
@@ -175,7 +207,8 @@ class MsitApi:
 
     def __serve_build_asgi_app__(self):
         return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
-                                            max_body_bytes=self.settings["max_body_bytes"]))
+                                            max_body_bytes=self.settings["max_body_bytes"],
+                                            max_history=self.settings["max_history"]))
 
     async def _call(self, method: str, *args):
         for attempt in range(RETRIES + 1):
@@ -188,17 +221,17 @@ class MsitApi:
                 await asyncio.sleep(0.05 * (attempt + 1))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005, max_concurrent_batches=CONCURRENT_BATCHES)
-    async def _score_batch(self, requests: list[dict]) -> list[tuple[str, Scored | RequestError]]:
+    async def _score_batch(self, requests: list[dict]) -> list[tuple[str, Scored | RequestError | ScoringError]]:
         version, results = await self._call("score_many", requests)
         return [(version, result) for result in results]
 
-    async def score(self, request: dict) -> tuple[str, Scored | RequestError]:
+    async def score(self, request: dict) -> tuple[str, Scored | RequestError | ScoringError]:
         self.version, result = await self._score_batch(request)
         return self.version, result
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
         self.version, result = await self._call("recommend", request)
-        if isinstance(result, RequestError):
+        if isinstance(result, RequestError | ScoringError):
             raise result
         return self.version, *result
 
@@ -219,7 +252,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     settings = {"model": absolute_path(cfg.model), "data": absolute_path(cfg.data),
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
-                "auth_token": token_from_env(), "base_dir": os.getcwd()}
+                "max_history": cfg.max_history, "auth_token": token_from_env(required=cfg.require_token),
+                "base_dir": os.getcwd()}
     runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}
     scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config, ray_actor_options={
         "num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env}).bind(settings)

@@ -1,13 +1,32 @@
-"""Request and response bodies of the HTTP API (pydantic: wrong types get a 422 naming the field)."""
+"""Request and response bodies of the HTTP API (pydantic: wrong types get a 422 naming the field).
+
+Every field is bounded: strings must be encodable as UTF-8 (JSON's `\\ud800` escapes allow lone UTF-16
+surrogates, which no id, scene or feature value can be), timestamps fit int64 seconds, numbers are finite.
+The number of history events is capped by the server (`max_history`), candidates by `max_candidates`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-Id = StrictStr | StrictInt  # raw ids as in the scene logs: 7 and "7" are one id
-ContextValue = StrictStr | StrictInt | StrictFloat | list[StrictStr]
+INT64_MAX = 2**63 - 1
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be UTF-8 text: a lone UTF-16 surrogate at position {e.start}") from None
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+Id = Text | StrictInt  # raw ids as in the scene logs: 7 and "7" are one id
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]  # NaN, Infinity (Python's JSON reads them) refused
+ContextValue = Text | StrictInt | Finite | list[Text]
+Timestamp = Annotated[StrictInt, Field(ge=0, le=INT64_MAX, description="seconds since the epoch (int64)")]
 
 
 class _Body(BaseModel):
@@ -16,29 +35,30 @@ class _Body(BaseModel):
 
 class HistoryEvent(_Body):
     item_id: Id
-    scenario: StrictStr
+    scenario: Text
     label: Literal[0, 1] = 1
-    timestamp: StrictInt = Field(ge=0, description="seconds since the epoch")
+    timestamp: Timestamp
 
 
 class ScoreRequest(_Body):
     user_id: Id
-    scenario: StrictStr = Field(description="the target scene")
+    scenario: Text = Field(description="the target scene")
     candidates: list[Id] = Field(description="item ids to score (at most the server's max_candidates)")
     history: list[HistoryEvent] | None = Field(
-        None, description="the user's past events; omitted: the server's history store ([] means none)")
-    context: dict[StrictStr, ContextValue] | None = None
-    timestamp: StrictInt | None = Field(None, ge=0, description="the request's moment (default: now)")
+        None, description="the user's past events (at most the server's max_history); omitted: the server's "
+        "history store ([] means none)")
+    context: dict[Text, ContextValue] | None = None
+    timestamp: Timestamp | None = Field(None, description="the request's moment, seconds (default: now; 0 is 1970)")
     explain: StrictBool = False
 
 
 class RecommendRequest(_Body):
     user_id: Id
-    scenario: StrictStr
+    scenario: Text
     k: StrictInt = Field(10, ge=1, le=1000)
     exclude_seen: StrictBool = True
-    context: dict[StrictStr, ContextValue] | None = None
-    timestamp: StrictInt | None = Field(None, ge=0)
+    context: dict[Text, ContextValue] | None = None
+    timestamp: Timestamp | None = Field(None, description="the request's moment, seconds (default: now; 0 is 1970)")
 
 
 class ScoredItem(BaseModel):

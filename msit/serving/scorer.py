@@ -4,12 +4,14 @@ A request names raw ids (as in the scene logs); the scorer encodes them with the
 vocabularies (unknown users and items become out-of-vocabulary, and still get a score), builds the
 user's behaviour history (from the request, or else from the history store) exactly as `msit data
 prepare` builds it, and scores every candidate. Several requests are scored in one forward pass.
-A client's mistake raises `RequestError`, naming the field.
+A client's mistake raises `RequestError`, naming the field. In a batch, each request fails alone: a
+client's mistake or a fault of the server (`ScoringError`) is that request's result, never the others'.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +28,10 @@ from msit.model_dir import WEIGHTS_FILE, load_model_dir
 from msit.ranking import scene_catalogues
 from msit.serving.history_store import HistoryStore, UserRecord
 
+logger = logging.getLogger("msit.serving")
 TOP_HISTORY = 5  # past events listed per candidate in an explanation
+INT64_MAX = 2**63 - 1
+MAX_Z_SCORE = 1e6  # numeric context values: at most this many standard deviations from the training mean
 
 
 class RequestError(ValueError):
@@ -38,6 +43,13 @@ class RequestError(ValueError):
 
     def __reduce__(self):  # crosses Ray Serve handles by pickle: keep both fields
         return RequestError, (self.field, self.message)
+
+
+class ScoringError(RuntimeError):
+    """Not the client's mistake: the server could not score this request (a 500 for it alone, logged)."""
+
+    def __reduce__(self):
+        return ScoringError, self.args
 
 
 @dataclass
@@ -103,9 +115,7 @@ class Scorer:
         for name, info in self._context_fields.items():
             value = context.get(name)
             if info.type == "numeric":
-                if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-                    raise RequestError(("context", name), f"context feature {name!r} must be a number, got {value!r}")
-                out[name] = np.float32(0.0 if value is None else (float(value) - info.mean) / (info.std or 1.0))
+                out[name] = self._standardised(name, info, value)
             elif info.type == "multi":
                 tokens = [] if value is None else value if isinstance(value, list) else str(value).split(info.sep)
                 ids = self._encode_ids(name, tokens)[: info.max_len]
@@ -113,6 +123,31 @@ class Scorer:
             else:
                 out[name] = np.int64(PAD if value is None else self._encode_ids(name, [value])[0])
         return out
+
+    @staticmethod
+    def _standardised(name: str, info, value: Any) -> np.float32:
+        """The model's input for a numeric context value: finite, and standardised within MAX_Z_SCORE (no value
+        of a training set of under 10^12 rows lies further out; beyond, float32 arithmetic in the model may
+        overflow into a NaN score)."""
+        if value is None:
+            return np.float32(0.0)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise RequestError(("context", name), f"context feature {name!r} must be a number, got {value!r:.40}")
+        try:
+            z = (float(value) - info.mean) / (info.std or 1.0)
+        except OverflowError:  # an int beyond float's range
+            z = float("inf")
+        if not abs(z) <= MAX_Z_SCORE:  # also NaN
+            raise RequestError(("context", name), f"context feature {name!r} must be a finite number within "
+                               f"{MAX_Z_SCORE:g} standard deviations of its training mean (mean {info.mean:g}, "
+                               f"std {info.std:g}), got {value!r:.40}")
+        return np.float32(z)
+
+    @staticmethod
+    def _timestamp(value: Any, where: tuple) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+            raise RequestError(where, f"timestamp must be an integer from 0 to 2^63-1 (seconds), got {value!r:.40}")
+        return value
 
     def _history(self, request: dict, record: UserRecord | None, now: int) -> tuple[dict[str, np.ndarray], list]:
         """The history tensors of the request's moment: events strictly before `now`, most recent first."""
@@ -123,7 +158,8 @@ class Scorer:
             scenes = np.array([self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)],
                               dtype=np.int64)
             labels = np.array([int(e.get("label", 1)) for e in events], dtype=np.int64)
-            stamps = np.array([int(e["timestamp"]) for e in events], dtype=np.int64)
+            stamps = np.array([self._timestamp(e["timestamp"], ("history", i, "timestamp"))
+                               for i, e in enumerate(events)], dtype=np.int64)
             order = np.argsort(-stamps, kind="stable")  # the request lists them in any order
             items, scenes, labels, stamps = items[order], scenes[order], labels[order], stamps[order]
         elif record is not None:
@@ -153,7 +189,8 @@ class Scorer:
         user_key = normalize_key(request["user_id"])
         record = self.store.user(user_key) if self.store is not None else None
         user_id = self._encode_ids("user_id", [user_key])[0]
-        now = int(request.get("timestamp") or time.time())
+        stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
+        now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
         history, keys = self._history(request, record, now)
         shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene), **history,
                   **self._context(request.get("context") or {})}
@@ -169,7 +206,7 @@ class Scorer:
     # -- scoring -------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score_encoded(self, encoded: list[_Encoded]) -> list[Scored]:
+    def score_encoded(self, encoded: list[_Encoded]) -> list[Scored | ScoringError]:
         """All requests in one forward pass."""
         if not encoded:
             return []
@@ -183,21 +220,36 @@ class Scorer:
         out, start = [], 0
         for e, count in zip(encoded, counts, strict=True):
             rows = slice(start, start + count)
+            start += count
+            if not np.isfinite(scores[rows]).all():  # never a `score: null`; and it fails this request only
+                out.append(ScoringError("the model gave a non-finite score for this request"))
+                continue
             explanations = self._explain(output, rows, e) if e.explain else None
             out.append(Scored(scores[rows].tolist(), explanations, e.oov_ids, e.ids))
-            start += count
         return out
 
-    def score(self, requests: list[dict]) -> list[Scored | RequestError]:
-        """Each request's result, or its RequestError; one bad request does not fail the others."""
-        encoded: list[_Encoded | RequestError] = []
-        for request in requests:
-            try:
-                encoded.append(self.encode(request))
-            except RequestError as error:
-                encoded.append(error)
-        scored = iter(self.score_encoded([e for e in encoded if isinstance(e, _Encoded)]))
-        return [e if isinstance(e, RequestError) else next(scored) for e in encoded]
+    def score(self, requests: list[dict]) -> list[Scored | RequestError | ScoringError]:
+        """Each request's result: its scores, its RequestError, or a ScoringError. One bad request never fails
+        the others: each is encoded alone, and if the merged forward pass fails, each request is scored alone."""
+        encoded = [_guarded(self.encode, request) for request in requests]
+        ready = [e for e in encoded if isinstance(e, _Encoded)]
+        try:
+            scored = self.score_encoded(ready)
+        except Exception:
+            logger.exception(f"a forward pass of {len(ready)} requests failed; scoring them one by one")
+            scored = [_guarded(lambda e: self.score_encoded([e])[0], e) for e in ready]
+        results = iter(scored)
+        return [next(results) if isinstance(e, _Encoded) else e for e in encoded]
+
+    def self_test(self) -> None:
+        """Score one tiny request (an unknown user, one known item, the first scene); raise if that fails or gives a
+        score that is not a probability. Run before a reloaded model is served, and by the health check."""
+        items = self.spec.vocabularies["item_id"]
+        request = {"user_id": "<msit-self-test>", "scenario": self.spec.scenarios[0],
+                   "candidates": [items[2] if len(items) > 2 else "<msit-self-test>"], "timestamp": int(time.time())}
+        result = self.score_encoded([self.encode(request)])[0]
+        if isinstance(result, ScoringError) or not all(0.0 <= s <= 1.0 for s in result.scores):
+            raise ScoringError(f"the model's self-test failed: {result}")
 
     def _explain(self, output, rows: slice, encoded: _Encoded) -> list[dict]:
         """Per candidate: the transfer attention over scenes, and the past events that weighed most."""
@@ -230,7 +282,10 @@ class Scorer:
         probe = {**request, "candidates": [0], "explain": False}  # encodes everything but the items
         encoded = self.encode(probe)
         encoded.item_ids = catalogue
-        scores = np.asarray(self.score_encoded([encoded])[0].scores)
+        scored = self.score_encoded([encoded])[0]
+        if isinstance(scored, ScoringError):
+            raise scored
+        scores = np.asarray(scored.scores)
         top = np.argsort(-scores, kind="stable")[: request["k"]]
         return [{"item_id": str(self._items[catalogue[i]]), "score": float(scores[i])} for i in top], len(catalogue)
 
@@ -245,6 +300,17 @@ class Scorer:
                 "history_length": self.spec.history_length,
                 "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
                 "feature_spec_fingerprint": self.spec.fingerprint()}
+
+
+def _guarded(step, value):
+    """step(value), or the request's error as its result: a RequestError as is, anything else a ScoringError."""
+    try:
+        return step(value)
+    except RequestError as error:
+        return error
+    except Exception as error:
+        logger.exception("a request failed to score")  # the traceback, not the request: no payload in logs
+        return ScoringError(f"this request could not be scored ({type(error).__name__})")
 
 
 def _catalogues(prepared_dir: str | Path) -> dict[int, np.ndarray]:
