@@ -240,3 +240,16 @@ def test_numeric_context_must_stay_finite_once_standardised(numeric_scorer, valu
             f"within 1e+06 standard deviations of its training mean (mean {MEAN:g}, std {STD:g})") in bad.message
     assert len(bad.message) < 300  # a 400-digit int is cut short in the message
     assert isinstance(ok, Scored) and isinstance(far, Scored) and all(0 <= x <= 1 for x in far.scores)
+
+
+def test_request_ids_are_normalised_as_prepare_normalises_them(scorer, small_model):
+    """7, 7.0, "7" and " 7 " are one id in the scene logs; serving finds the same user and items for each."""
+    _, prepared = small_model
+    spec = FeatureSpec.load(prepared)
+    row = next(r for r in _test_rows(prepared).itertuples() if r.history_length >= 3)
+    user, item = int(row.user_key), int(row.item_key)
+    base = {"scenario": spec.scenarios[row.scene_id - 2], "timestamp": int(row.timestamp)}
+    spellings = [(user, item), (str(user), str(item)), (float(user), float(item)), (f" {user}.0 ", f" {item} ")]
+    scored = scorer.score([{**base, "user_id": u, "candidates": [i]} for u, i in spellings])
+    assert all(s.oov_ids == 0 for s in scored)
+    assert len({s.scores[0] for s in scored}) == 1

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from msit.data.parse import normalize_key, normalize_keys
 from msit.data.vocab import OOV, PAD
 from msit.model.features import fields_of
 from msit.model_dir import WEIGHTS_FILE, load_model_dir
@@ -71,13 +72,6 @@ class _Encoded:
     history_keys: list[tuple[str, str]] = field(default_factory=list)  # (item id, scenario) per history slot
 
 
-def normalize_key(value: Any) -> str:
-    """Ids as the vocabularies hold them: 7, 7.0 and "7" are one id."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
 class Scorer:
     def __init__(self, model_dir: str | Path, store: HistoryStore | None = None, max_candidates: int = 1000,
                  device: str | torch.device = "cpu", catalogue_from: str | Path | None = None):
@@ -98,7 +92,7 @@ class Scorer:
     # -- encoding ------------------------------------------------------------------------------------------------
 
     def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
-        found = self._index[vocab].get_indexer([normalize_key(k) for k in keys])
+        found = self._index[vocab].get_indexer(normalize_keys(list(keys)))
         return np.where(found >= 0, found + 2, OOV).astype(np.int64)
 
     def _scene(self, name: Any, where: tuple) -> int:
