@@ -396,7 +396,6 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
             stdout=logs[-1], stderr=subprocess.STDOUT, env=env, start_new_session=True)
         groups.append(node.pid)
         _register_group(work, name, node.pid)
-        os.environ["RAY_AUTH_MODE"] = "token"
         ray.init(address=f"{ip}:{gcs}", log_to_driver=False, logging_level="WARNING")
         nodes = _wait(lambda: len(n := [n for n in ray.nodes() if n["Alive"]]) == 2 and n, 120, "the second node")
         second = next(n["NodeID"] for n in nodes if "drill_node" in n["Resources"])
@@ -555,7 +554,6 @@ def drill_serve_broken_model(work: Path) -> dict:
 
     from msit.ray_env import init_ray
     from msit.serving.deployment import build
-    from msit.serving.scorer import Scorer
 
     model, data, requests = _serving(work)
     broken = work / "broken_model"
@@ -563,7 +561,6 @@ def drill_serve_broken_model(work: Path) -> dict:
     shutil.copytree(model, broken)
     weights = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a truncated copy, as a failed upload
-    version = Scorer(model).version
     init_ray(num_cpus=4, quiet=True)
     port = _port()
     args = _serve_args(model, data, replicas=2, num_cpus=0.75)
@@ -573,6 +570,7 @@ def drill_serve_broken_model(work: Path) -> dict:
         serve.run(build(args), name="msit", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         asyncio.run(closed_loop(url, requests, CONCURRENCY, 3.0))
+        _, version = _probe(url, requests[0], count=0)  # the good model's version
         before = {r["actor_id"] for r in _scorer_replicas()}
 
         def push_broken() -> None:
@@ -734,6 +732,8 @@ def run_child(name: str, work: Path, result_file: Path) -> None:
     """Runs one drill; a watchdog ends it (result: not finished) if it outlives its deadline."""
     os.environ.update({k: v for k, v in _env().items() if k in ("PYTHONPATH", "RAY_TRAIN_ENABLE_PRINT_PATCH")})
     os.environ.pop("RAY_ADDRESS", None)
+    if name.startswith("node_"):  # read when ray is imported: clients of a `ray start` cluster present its token
+        os.environ["RAY_AUTH_MODE"] = "token"
     deadline = TIMEOUTS[name]
 
     def watchdog() -> None:
