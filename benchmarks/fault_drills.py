@@ -256,10 +256,19 @@ def _check_run(cfg, kill: dict | None) -> tuple[bool, int | None, list[str]]:
     return once and same, lost, notes
 
 
+def _state_address() -> str:
+    """This driver's own cluster's dashboard: with several Ray instances on the machine (other users' local ones),
+    the state API cannot guess which one is meant."""
+    import ray
+
+    return "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+
+
 def _train_workers() -> list[dict]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True)
+    actors = list_actors(address=_state_address(), detail=True,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id} for a in actors]
 
 
@@ -268,7 +277,7 @@ def _rank0(workers: list[dict]) -> dict | None:
 
     for worker in workers:
         try:
-            text = "".join(get_log(actor_id=worker["actor_id"], tail=2000))
+            text = "".join(get_log(address=_state_address(), actor_id=worker["actor_id"], tail=2000))
         except Exception:  # noqa: BLE001 - a log not yet there
             continue
         if RANK0_LINE in text:
@@ -496,7 +505,7 @@ def _scorer_replicas() -> list[dict]:
     from ray.util.state import list_actors
 
     return [{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "name": a.name}
-            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+            for a in list_actors(address=_state_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
             if "MsitScorer" in (a.class_name or "")]
 
 
