@@ -316,6 +316,8 @@ def drill_train_rank_kill(work: Path, name: str, rank: int) -> dict:
              f"run took {time.monotonic() - started:.0f} s"]
     if "error" in kill:
         notes.insert(0, kill["error"])
+    if "epoch_in_progress" not in kill:  # a run that was never hit proves nothing
+        notes.insert(0, "the kill did not land before the run ended: the drill did not happen")
         finished = False
     return {"requests": None, "failed": None, "epochs_lost": lost, "finished": finished, "notes": notes}
 
