@@ -295,10 +295,13 @@ def drill_train_rank_kill(work: Path, name: str, rank: int) -> dict:
 
     def killer() -> None:
         try:
+            # The victim is found while the first attempt starts, not at the kill: under load, reading the workers'
+            # logs through the state API can take longer than the rest of the run.
+            workers = _wait(lambda: len(w := _train_workers()) == 2 and w, 120, "two Train workers")
+            zero = _wait(lambda: _rank0(workers), 120, "rank 0 among the Train workers")
+            victim = zero if rank == 0 else next(w for w in workers if w["pid"] != zero["pid"])
+
             def kill_rank() -> dict:
-                workers = _wait(lambda: len(w := _train_workers()) == 2 and w, 60, "two Train workers")
-                zero = _wait(lambda: _rank0(workers), 60, "rank 0 among the Train workers")
-                victim = zero if rank == 0 else next(w for w in workers if w["pid"] != zero["pid"])
                 os.kill(victim["pid"], signal.SIGKILL)
                 return {"killed": f"rank {rank} (pid {victim['pid']})"}
             kill.update(_kill_mid_epoch(cfg, kill_rank, TIMEOUTS[name] - 120))
@@ -557,6 +560,27 @@ def drill_serve_replica_kill(work: Path) -> dict:
                       f"afterwards: 2 replicas again, {ok}/5 probe requests answered 200"]}
 
 
+def _deploy_config(port: int, args: dict, user_config: dict) -> None:
+    """Deploy as `serve deploy serve/config.yaml` (and KubeRay) do: a config whose user_config alone changes is
+    applied in place, by each scorer replica's reconfigure() (serve.run would replace the replicas instead)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    app = {"name": "msit", "route_prefix": "/", "import_path": "serve.app:build", "args": args,
+           "deployments": [{"name": "MsitScorer", "user_config": user_config}]}
+    _get_global_client().deploy_apps(ServeDeploySchema(http_options={"host": "127.0.0.1", "port": port},
+                                                       applications=[app]), _blocking=True)
+
+
+def _reload_error(url: str) -> dict | None:
+    import requests
+
+    try:
+        return requests.get(f"{url}/v1/model", timeout=30).json().get("last_reload_error")
+    except (requests.RequestException, ValueError):
+        return None
+
+
 def drill_serve_broken_model(work: Path) -> dict:
     import asyncio
 
@@ -564,7 +588,6 @@ def drill_serve_broken_model(work: Path) -> dict:
     from serve_bench import closed_loop
 
     from msit.ray_env import init_ray
-    from msit.serving.deployment import build
 
     model, data, requests = _serving(work)
     broken = work / "broken_model"
@@ -578,8 +601,9 @@ def drill_serve_broken_model(work: Path) -> dict:
     push: dict = {}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(args), name="msit", route_prefix="/")
+        _deploy_config(port, args, {})
         url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _probe(url, requests[0], count=1)[0] == 1, 180, "the endpoint to answer")
         asyncio.run(closed_loop(url, requests, CONCURRENCY, 3.0))
         _, version = _probe(url, requests[0], count=0)  # the good model's version
         before = {r["actor_id"] for r in _scorer_replicas()}
@@ -588,10 +612,11 @@ def drill_serve_broken_model(work: Path) -> dict:
             time.sleep(LOAD_SECONDS / 3)
             started = time.monotonic()
             try:
-                serve.run(build({**args, "user_config": {"model": str(broken)}}), name="msit", route_prefix="/")
-                push["result"] = "serve.run returned"
+                _deploy_config(port, args, {"model": str(broken)})
+                _wait(lambda: _reload_error(url), 120, "the failed reload to be reported at /v1/model")
+                push["result"] = "the config was applied in place; /v1/model reports last_reload_error"
             except Exception as error:  # noqa: BLE001 - what the user sees
-                push["result"] = f"serve.run raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                push["result"] = f"the push raised {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             push["seconds"] = time.monotonic() - started
 
         thread = threading.Thread(target=push_broken, daemon=True)
@@ -606,7 +631,8 @@ def drill_serve_broken_model(work: Path) -> dict:
     kept = served == version
     return {"requests": result["requests"], "failed": result["errors"], "epochs_lost": None,
             "finished": ok == 5 and kept,
-            "notes": [f"serve.run with user_config model -> a copy whose model.safetensors is truncated, "
+            "notes": [f"serve deploy's path (the config's user_config model -> a copy whose model.safetensors is "
+                      f"truncated, applied in place: reconfigure in each replica), "
                       f"{LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at concurrency {CONCURRENCY}; "
                       f"{push['result']}" + (f" after {push['seconds']:.0f} s" if "seconds" in push else ""),
                       f"scorer replicas {'kept' if after == before else 'replaced'} ({len(after)} alive after)",
