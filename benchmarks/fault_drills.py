@@ -357,7 +357,8 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
         logs.append((work / name / "head.log").open("w"))
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={head_cpus}", f"--port={gcs}",
-             f"--temp-dir={temp / 'head'}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--temp-dir={temp / 'head'}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}",
              *(f"--{flag}={port}" for flag, port in zip(
                  ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                   "runtime-env-agent-port", "ray-client-server-port"), head_ports, strict=True)),
@@ -371,7 +372,7 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
               120, "ray start --head", poll_s=1)
         if head.poll() is not None:
             raise RuntimeError(f"ray start --head exited: {(work / name / 'head.log').read_text()[-2000:]}")
-        ip = "127.0.0.1"  # both nodes on loopback: nothing of the drill leaves this machine's loopback
+        ip = "127.0.0.1"  # the second node and the driver join the head's GCS through loopback
         node_ports = _free_ports(6)
         logs.append((work / name / "node.log").open("w"))
         node = subprocess.Popen(
@@ -723,7 +724,8 @@ def drill_node_kill_serve(work: Path) -> dict:
                       f"process group SIGKILLed {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
                       f"concurrency {CONCURRENCY}; p99 {result['p99_ms']:.0f} ms",
                       f"afterwards: {'2 replicas again' if back else 'no second replica within 120 s'}, "
-                      f"{ok}/5 probe requests answered 200"]}
+                      f"{ok}/5 probe requests answered 200",
+                      f"failed answers by kind: {result.get('error_kinds') or 'none'}"]}
 
 
 DRILLS: dict[str, Callable[[Path], dict]] = {

@@ -19,6 +19,7 @@ import json
 import os
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -51,7 +52,7 @@ def inprocess_scores_per_s(scorer, requests: list[dict], batch: int, seconds: fl
 
 
 async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds: float) -> dict:
-    latencies, errors = [], 0
+    latencies, errors, error_kinds = [], 0, Counter()
     deadline = time.perf_counter() + seconds
 
     async def client(index: int, session: aiohttp.ClientSession) -> None:
@@ -63,10 +64,13 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
             started = time.perf_counter()
             try:
                 async with session.post(f"{url}/v1/score", json=body) as response:
-                    await response.read()
+                    text = await response.read()
                     ok = response.status == 200
-            except aiohttp.ClientError:
+                    if not ok:
+                        error_kinds[f"{response.status} {text[:120].decode(errors='replace')}"] += 1
+            except aiohttp.ClientError as error:
                 ok = False
+                error_kinds[type(error).__name__] += 1
             latencies.append(time.perf_counter() - started)
             errors += not ok
 
@@ -79,7 +83,7 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
     return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / elapsed,
             "scores_per_s": len(latencies) * len(requests[0]["candidates"]) / elapsed,
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors, "error_kinds": dict(error_kinds)}
 
 
 def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_cpus: float = 1.0,
