@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -121,16 +120,6 @@ def _descendants(pid: int) -> set[int]:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _env() -> dict[str, str]:
@@ -347,13 +336,15 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
     process group id and both node ids. Stopped with SIGTERM to each blocking `ray start` (never `ray stop`)."""
     import ray
 
+    from msit.ray_env import free_ports
+
     env = _env()
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 clients of a `ray start` cluster present its token
     temp = Path(tempfile.mkdtemp(prefix="msit-drill-", dir="/tmp"))  # short: socket paths are length-limited
     groups, logs = [], []
     worker_low = 40_000 + os.getpid() % 500 * 40
     try:
-        gcs, dashboard, *head_ports = _free_ports(7)
+        gcs, dashboard, *head_ports = free_ports(7)
         logs.append((work / name / "head.log").open("w"))
         head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={head_cpus}", f"--port={gcs}",
@@ -373,7 +364,7 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
         if head.poll() is not None:
             raise RuntimeError(f"ray start --head exited: {(work / name / 'head.log').read_text()[-2000:]}")
         ip = "127.0.0.1"  # the second node and the driver join the head's GCS through loopback
-        node_ports = _free_ports(6)
+        node_ports = free_ports(6)
         logs.append((work / name / "node.log").open("w"))
         node = subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats", f"--address={ip}:{gcs}", f"--num-cpus={node_cpus}",
@@ -508,7 +499,9 @@ def _probe(url: str, body: dict, count: int = 5) -> tuple[int, str | None]:
 
 
 def _port() -> int:
-    return _free_ports(1)[0]
+    from msit.ray_env import free_ports
+
+    return free_ports(1)[0]
 
 
 def drill_serve_replica_kill(work: Path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import ray
@@ -28,3 +29,14 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     # keep the one overall line.
     ctx.enable_operator_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1, for a second Ray cluster (`ray start`) beside this one."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

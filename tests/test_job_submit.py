@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,26 +13,17 @@ import pytest
 import yaml
 
 from msit.model_dir import load_model_dir
+from msit.ray_env import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture
 def ray_head(tmp_path):
     """A second, separate Ray cluster (`ray start --head --block`) on its own ports, beside the session's
     instance; SIGTERM to the blocking `ray start` shuts down exactly this cluster (`ray stop` would kill both)."""
-    gcs, dashboard, agent_http, agent_grpc, metrics, env_agent, client = _free_ports(7)
+    gcs, dashboard, agent_http, agent_grpc, metrics, env_agent, client = free_ports(7)
     worker_low = 30_000 + os.getpid() % 1000 * 20
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "head.log").open("w")
