@@ -111,7 +111,9 @@ def test_a_poisoned_request_inside_a_loaded_batch_fails_no_other(endpoint, small
         answers = [call.result(timeout_s=60)[1] for call in calls]
     for (good, bad, good_again), p in zip(answers, [p for p in poisoned for _ in range(3)], strict=True):
         assert isinstance(bad, ScoringError | RequestError), (p, bad)
-        assert good.scores == pytest.approx(expected, abs=1e-6) and good_again.scores == good.scores
+        # Batches of other sizes may round differently in the last float32 bits: equal to 1e-6, not bitwise.
+        assert good.scores == pytest.approx(expected, abs=1e-6)
+        assert good_again.scores == pytest.approx(good.scores, abs=1e-6)
     assert load.statuses and set(load.statuses) == {200}, load.statuses
 
 
