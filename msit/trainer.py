@@ -9,21 +9,18 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from msit.data.feature_spec import FeatureSpec
-from msit.errors import ConfigError, MsitError
+from msit.data.prepared import EventSplit
+from msit.errors import ConfigError
 from msit.metrics import scene_metrics
-from msit.model import batch_columns
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,67 +53,9 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batch:
-    """One split of a prepared directory as in-memory tensors (the columns models read). Shards that do not
-    fit `spec` (another history length, other fields: data prepared otherwise than the model) are one line
-    naming the column, not a torch error deep in the forward pass."""
-    path = Path(prepared_dir) / split
-    if not path.is_dir():
-        raise MsitError(f"no {split!r} split at {path}: is {prepared_dir} a directory made by `msit data prepare`?")
-    columns = batch_columns(spec)
-    try:
-        dataset = pq.ParquetDataset(path)
-        missing = [c for c in columns if c not in dataset.schema.names]
-        if missing:
-            raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs: the data was "
-                            "prepared with other fields; prepare it with `--encoding-from MODEL`")
-        table = dataset.read(columns=columns)
-    except (pa.ArrowException, OSError) as e:
-        raise MsitError(f"{path}: the split's Parquet shards cannot be read ({' '.join(str(e).split())[:200]}); "
-                        "prepare the data again") from None
-    widths = _column_widths(spec)
-    out = {}
-    for name in table.column_names:
-        column = table.column(name).combine_chunks()
-        values = column.to_numpy(zero_copy_only=False)
-        if values.dtype == object:  # list columns (histories, multi-valued features) read without Ray's tensor type
-            lengths = sorted({len(v) for v in values})
-            if len(lengths) > 1:
-                raise MsitError(f"{path}: column {name!r} holds lists of {lengths[:5]} values, not one length; "
-                                "prepare the data again")
-            values = np.stack(values) if len(values) else np.zeros((0, widths.get(name) or 0), dtype=np.int64)
-        width = values.shape[1] if values.ndim == 2 else None
-        if width != widths.get(name):
-            found, expected = (f"lists of {width} values" if width is not None else "single values",
-                               f"lists of {widths[name]}" if widths.get(name) is not None else "single values")
-            raise MsitError(f"{path}: column {name!r} holds {found} where the model's feature spec says {expected}: "
-                            "the data was prepared with another history length or settings; prepare it with "
-                            "`--encoding-from MODEL`")
-        out[name] = torch.from_numpy(values if values.flags.writeable else values.copy())
-    return out
-
-
-def _column_widths(spec: FeatureSpec) -> dict[str, int | None]:
-    """The list length of each list column of the prepared shards (histories, multi-valued features)."""
-    widths: dict[str, int | None] = {c: spec.history_length for c in
-                                     ("history_item_ids", "history_scene_ids", "history_labels", "history_time_gaps")}
-    widths |= {name: f.max_len for name, f in spec.fields.items() if f.type == "multi"}
-    return widths
-
-
-def select_scenes(data: Batch, scene_ids: list[int]) -> Batch:
+def select_scenes(data: EventSplit, scene_ids: list[int]) -> EventSplit:
     """The rows of `data` in these scenes."""
-    keep = torch.isin(data["scene_id"], torch.tensor(scene_ids))
-    return {k: v[keep] for k, v in data.items()}
-
-
-def iterate(data: Batch, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-            ) -> Iterator[Batch]:
-    n = len(data["label"])
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
-        yield {k: v[index] for k, v in data.items()}
+    return data.select(torch.isin(data.events["scene_id"].long(), torch.tensor(scene_ids)))
 
 
 def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -141,19 +80,20 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Batch, batch_size: int = 4096) -> np.ndarray:
+def predict(model: nn.Module, data: EventSplit, batch_size: int = 4096) -> np.ndarray:
     """Probabilities for every row, in order."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = [torch.sigmoid(model({k: v.to(device) for k, v in batch.items()}).logits.float()).cpu()
-              for batch in iterate(data, batch_size)]
+    chunks = [torch.sigmoid(model(batch).logits.float()).cpu()
+              for batch in data.batches(batch_size, model.history_length, device=device)]
     return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
 
 
-def evaluate(model: nn.Module, data: Batch, spec: FeatureSpec, batch_size: int = 4096) -> dict:
+def evaluate(model: nn.Module, data: EventSplit, spec: FeatureSpec, batch_size: int = 4096) -> dict:
     probs = predict(model, data, batch_size)
-    names = spec.scene_names()
-    return scene_metrics(data["label"].numpy(), probs, data["scene_id"].numpy(), data["user_id"].numpy(), names)
+    events = data.events
+    return scene_metrics(events["label"].numpy(), probs, events["scene_id"].numpy(), events["user_id"].numpy(),
+                         spec.scene_names())
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -176,21 +116,21 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(model: nn.Module, train: Batch, val: Batch, spec: FeatureSpec, cfg: TrainConfig,
+def fit(model: nn.Module, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg: TrainConfig,
         log: Callable[[str], None] = print, progress: bool = False) -> FitResult:
     """Train with early stopping on val AUC; the model ends with its best epoch's weights."""
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
-    device = next(model.parameters()).device  # the data stays in memory on the CPU; batches go to the model
+    device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
     best_auc, best_state, best_epoch, best_val, history = -1.0, None, 0, {}, []
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         losses = []
-        batches = iterate(train, cfg.batch_size, shuffle=True, generator=generator)
-        total = (len(train["label"]) + cfg.batch_size - 1) // cfg.batch_size
+        batches = train.batches(cfg.batch_size, model.history_length, shuffle=True, generator=generator, device=device)
+        total = (len(train) + cfg.batch_size - 1) // cfg.batch_size
         for batch in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            losses.append(train_step(model, {k: v.to(device) for k, v in batch.items()}, optimizer, cfg.grad_clip))
+            losses.append(train_step(model, batch, optimizer, cfg.grad_clip))
         metrics = evaluate(model, val, spec, cfg.eval_batch_size)
         val_auc = metrics["overall"]["auc"]
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auc": val_auc,

@@ -17,6 +17,7 @@ from msit.errors import MsitError
 
 FEATURE_SPEC_FILE = "feature_spec.json"
 FORMAT_VERSION = 1
+LAYOUT_VERSION = 2  # of the prepared directory (msit.data.prepared); 1 copied a history onto every row
 
 
 @dataclass
@@ -35,10 +36,10 @@ class FeatureSpec:
     scenarios: list[str]  # scene names; scene_id = position + 2 (0 padding, 1 unknown scene)
     fields: dict[str, FieldInfo]  # processed column -> what it holds
     vocabularies: dict[str, list[str]]  # vocab name -> values in index order (incl. <pad>, <oov>)
-    history_length: int
     row_counts: dict[str, Any]  # input, bad rows dropped per reason, train / val / test
     source: dict[str, Any] = field(default_factory=dict)  # inputs, the completed scene-log spec, options
     format_version: int = FORMAT_VERSION
+    layout: int = LAYOUT_VERSION
 
     def vocabulary(self, name: str) -> Vocabulary:
         return Vocabulary(self.vocabularies[name])
@@ -56,8 +57,7 @@ class FeatureSpec:
 
     def fingerprint(self) -> str:
         """Identifies the encoding: two specs with one fingerprint map every raw value to the same index."""
-        encoding = {"vocabularies": self.vocabularies, "fields": {k: asdict(v) for k, v in self.fields.items()},
-                    "history_length": self.history_length}
+        encoding = {"vocabularies": self.vocabularies, "fields": {k: asdict(v) for k, v in self.fields.items()}}
         return hashlib.sha256(json.dumps(encoding, sort_keys=True).encode()).hexdigest()[:16]
 
     def save(self, directory: str | Path) -> Path:
@@ -75,6 +75,10 @@ class FeatureSpec:
         if data.get("format_version") != FORMAT_VERSION:
             raise MsitError(f"{path}: feature spec format {data.get('format_version')} is not supported "
                             f"(expected {FORMAT_VERSION}); re-run `msit data prepare`")
+        if data.get("layout", 1) != LAYOUT_VERSION:
+            raise MsitError(f"{path}: written by an older msit (data layout {data.get('layout', 1)}, which copied a "
+                            f"history onto every row; this msit reads layout {LAYOUT_VERSION}): run `msit data "
+                            "prepare` on the logs again (and train again for a model directory)")
         data["fields"] = {k: FieldInfo(**v) for k, v in data["fields"].items()}
         return cls(**data)
 

@@ -1,5 +1,6 @@
 """Models: MSIT and the baselines, all plain PyTorch modules with one interface:
-`model(batch) -> ModelOutput`, where `batch` holds the prepared shard columns as tensors."""
+`model(batch) -> ModelOutput`, where `batch` holds event columns and history windows as tensors
+(`msit.data.prepared.model_batch`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from msit.data.feature_spec import FeatureSpec
 from msit.model.baselines import STAR, MMoE, SharedBottom
 from msit.model.config import FAMILIES, FUSIONS, ModelConfig
-from msit.model.features import batch_columns, load_item_table
+from msit.model.features import load_item_table
 from msit.model.msit import MSIT
 from msit.model.output import ModelOutput
 
@@ -36,5 +37,5 @@ def build_for_data(cfg: ModelConfig, prepared_dir: str | Path, spec: FeatureSpec
     return build_model(cfg, spec, load_item_table(prepared_dir, spec), item_text, scene_text)
 
 
-__all__ = ["FAMILIES", "FUSIONS", "ModelConfig", "ModelOutput", "batch_columns", "build_for_data", "build_model",
+__all__ = ["FAMILIES", "FUSIONS", "ModelConfig", "ModelOutput", "build_for_data", "build_model",
            "load_item_table"]

@@ -13,7 +13,7 @@ from torch import nn
 from msit.data.feature_spec import FeatureSpec
 from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
-from msit.model.msit import target_slots, truncate_history
+from msit.model.msit import target_slots
 from msit.model.output import ModelOutput
 from msit.model.predictor import mlp
 
@@ -26,10 +26,9 @@ class _Inputs(nn.Module):
         self.embed = FeatureEmbedder(cfg, spec, item_table, item_text)
         self.label = nn.Embedding(2, cfg.embed_dim)
         self.n_scenes = len(spec.scenarios)
-        self.history_length = min(cfg.history_length or spec.history_length, spec.history_length)
+        self.history_length = cfg.history_length
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = truncate_history(batch, self.history_length)
         items = batch["history_item_ids"]
         real = (items != 0).unsqueeze(-1).float()
         past = self.embed.item_repr(items) + self.label(batch["history_labels"].clamp(0, 1))

@@ -20,7 +20,7 @@ class ModelConfig:
     transfer_layers: int = 2  # L: layers of attention from the target scene over all scenes
     fusion: str = "attention"  # how h^s and g^s become f^s: one of FUSIONS
     dropout: float = 0.1
-    history_length: int | None = None  # events of history used, <= the prepared length; None = all
+    history_length: int = 50  # N: past events in each history window (cut per batch, any length)
     mlp_dims: tuple[int, ...] = (128, 64)  # hidden sizes of the predictor (and the baselines' networks)
     scene_bias: bool = True  # a learned per-scene bias on the logit
     use_text: bool = False  # add frozen text embeddings of items (see `msit data embed-text`)
@@ -47,7 +47,7 @@ class ModelConfig:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.transfer_kl_weight < 0:
             problems.append(f"transfer_kl_weight must be >= 0, got {self.transfer_kl_weight}")
-        if self.history_length is not None and self.history_length < 1:
+        if self.history_length < 1:
             problems.append(f"history_length must be at least 1, got {self.history_length}")
         if not self.mlp_dims or min(self.mlp_dims) < 1:
             problems.append(f"mlp_dims must be positive sizes, got {self.mlp_dims}")

@@ -122,10 +122,3 @@ class FeatureEmbedder(nn.Module):
     def context_repr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, d); zeros without context
         return self._side("context", batch, batch["scene_id"])
 
-
-def batch_columns(spec: FeatureSpec) -> list[str]:
-    """The columns of the prepared shards that models read (item features come from the item table)."""
-    side = [c for role in ("user", "context") for kind in ("categorical", "multi", "numeric")
-            for c in fields_of(spec, role, kind)]
-    return ["user_id", "item_id", "scene_id", "label", *side, "history_item_ids", "history_scene_ids",
-            "history_labels", "history_time_gaps", "history_length"]

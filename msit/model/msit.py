@@ -30,7 +30,7 @@ class MSIT(nn.Module):
                  item_text: np.ndarray | None = None, scene_text: np.ndarray | None = None):
         super().__init__()
         self.cfg, self.n_scenes = cfg, len(spec.scenarios)
-        self.history_length = min(cfg.history_length or spec.history_length, spec.history_length)
+        self.history_length = cfg.history_length
         self.transfer_on = cfg.family == "msit"
         self.embed = FeatureEmbedder(cfg, spec, item_table, item_text)
         self.interest = InterestNetwork(cfg, self.n_scenes, self.history_length)
@@ -40,7 +40,6 @@ class MSIT(nn.Module):
         self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab_size)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        batch = truncate_history(batch, self.history_length)
         item = self.embed.item_repr(batch["item_id"])  # (B, d) target item
         user = self.embed.user_repr(batch)  # (B, d)
         slots = target_slots(batch["scene_id"], self.n_scenes)  # (B,)
@@ -68,13 +67,3 @@ class MSIT(nn.Module):
         kl = (p * (p.log() + math.log(self.n_scenes))).sum(-1).mean()
         return self.cfg.transfer_kl_weight * kl
 
-
-def truncate_history(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """Keep the `length` most recent history events (histories are stored most recent first)."""
-    if batch["history_item_ids"].shape[1] == length:
-        return batch
-    out = dict(batch)
-    for key in ("history_item_ids", "history_scene_ids", "history_labels", "history_time_gaps"):
-        out[key] = batch[key][:, :length]
-    out["history_length"] = batch["history_length"].clamp(max=length)
-    return out
