@@ -38,7 +38,7 @@ from msit.config import from_dict
 from msit.data import notes as note_on
 from msit.data import sources as src
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
-from msit.data.history import ROW_HASH, items_are_numbers, run_starts, sorted_event_order, split_codes
+from msit.data.history import ROW_HASH, items_are_numbers, sorted_event_order, split_codes, user_runs
 from msit.data.prepared import SEQUENCES_DIR
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
@@ -312,14 +312,11 @@ def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, it
     table = table.take(pa.array(sorted_event_order(table["user_id"], table["timestamp"], table["item_id"],
                                                    items_numeric)))
     n = table.num_rows
-    users = table["user_id"].combine_chunks()
-    user_start = run_starts(users)
-    index_in_user = np.arange(n) - user_start
-    position = run_starts(users, table["timestamp"].combine_chunks()) - user_start  # events strictly earlier
-    user_index = np.cumsum(index_in_user == 0) - 1
+    user_index, index_in_user, position = user_runs(table["user_id"].combine_chunks(),
+                                                    table["timestamp"].combine_chunks())
     without_train = None
     if ratios is not None:
-        sizes = np.bincount(user_start, minlength=n)[user_start]
+        sizes = np.bincount(user_index)[user_index]
         codes, no_train = split_codes(index_in_user, sizes, ratios)
         without_train = np.where(no_train, np.where(index_in_user == 0, 2, 1), 0)
     else:
