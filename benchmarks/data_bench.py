@@ -1,68 +1,263 @@
-"""Benchmark `msit data prepare` on the MovieLens-100K genre protocol with 2 CPUs.
+"""Benchmark `msit data prepare` against a plain single-process pandas/numpy implementation of the same steps.
 
-Writes benchmarks/results/data.json: rows, prepare_s, prepare_rows_per_s, the step timings, and
-pandas_read_rows_per_s (a plain pandas read of the same CSV, in the same run) for scale.
+Runs, in one process and one run: prepare (Ray, 2 CPUs) and the reference (validate, split, vocabularies,
+encode, order per user; one process, no Ray, nothing written) on
+  - a 1,000,000-event synthetic log (`msit data synth --users 25000 --items 20000 --events-per-user 40`),
+  - a 10,000,000-event one (`--users 250000 --items 100000 --events-per-user 40`),
+  - MovieLens-100K genre (../shared/data/ml100k_genre.csv),
+and records rows/s of both, bytes on disk per event (prepared vs input), bytes per training row in the Ray
+Data stream (the split's `event_columns` as Ray Data reads them) and in memory (`load_split`), and the
+steps' times. Synthetic logs are generated once into --cache and reused.
 
-    python benchmarks/data_bench.py [--data ../shared/data/ml100k_genre.csv]
+    python benchmarks/data_bench.py [--cache DIR] [--sizes 1000k,10000k] [--skip-ml100k]
+
+Writes benchmarks/results/data.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from msit.data.prepare import PrepareConfig, prepare
-from msit.ray_env import init_ray
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msit.data import synth  # noqa: E402
+from msit.data.feature_spec import FeatureSpec  # noqa: E402
+from msit.data.prepare import PrepareConfig, prepare  # noqa: E402
+from msit.data.prepared import event_columns, load_sequences, load_split  # noqa: E402
+from msit.data.spec import SceneLogSpec, infer_spec  # noqa: E402
+from msit.ray_env import init_ray  # noqa: E402
+
+SYNTH = {"1000k": dict(users=25_000, items=20_000, events_per_user=40),
+         "10000k": dict(users=250_000, items=100_000, events_per_user=40)}
+def cpu_name() -> str:
+    """As benchmarks/quality.py device_name("cpu") (not imported: that module needs the training stack)."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+MIN_S, MAX_S = -2_208_988_800, 10_413_792_000  # 1900..2300, as msit.data.parse
+
+
+# -- the single-process reference --------------------------------------------------------------------------------
+
+def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> dict[str, float]:
+    """Validate, split, fit vocabularies, encode and order per user, with pandas/numpy in this process.
+    Returns the time of each step (the read included in validate)."""
+    seconds, t0 = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        seconds[name] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+
+    df = pd.concat([pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_csv(f, dtype=str, keep_default_na=False)
+                    for f in files], ignore_index=True)
+    cols = spec.columns
+    # validate: ids and scenes as trimmed text, labels 0/1, timestamps in range, numeric features finite
+    keys = {}
+    bad = np.zeros(len(df), dtype=bool)
+    for role in ("user_id", "item_id", "scenario"):
+        text = df[cols[role]].astype(str).str.strip()
+        bad |= (text == "").to_numpy() | df[cols[role]].isna().to_numpy()
+        keys[role] = text
+    label = pd.to_numeric(df[cols["label"]], errors="coerce").to_numpy(np.float64)
+    ts = pd.to_numeric(df[cols["timestamp"]], errors="coerce").to_numpy(np.float64)
+    bad |= ~np.isin(label, (0.0, 1.0)) | ~((ts >= MIN_S) & (ts < MAX_S))
+    numeric = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+               for g in spec.groups().values() for c in g.numeric}
+    for x in numeric.values():
+        bad |= np.isinf(x)
+    keep = ~bad
+    users, items, scenes = (keys[r][keep].to_numpy() for r in ("user_id", "item_id", "scenario"))
+    ts, label = ts[keep].astype(np.int64), label[keep].astype(np.int8)
+    lap("read_validate")
+
+    # split (and the per-user order): by (user, timestamp, item), chronological ratios per user
+    user_codes, user_values = pd.factorize(users)
+    item_codes, item_values = pd.factorize(items)
+    as_numbers = pd.to_numeric(pd.Series(item_values), errors="coerce")  # ties by item: as numbers if all are
+    item_rank = np.argsort(np.argsort(as_numbers.to_numpy() if not as_numbers.isna().any() else
+                                      np.asarray(item_values, dtype=str)))
+    order = np.lexsort((item_rank[item_codes], ts, user_codes))
+    sorted_users = user_codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    index_in_user = np.arange(len(order)) - np.repeat(starts, sizes)
+    size = np.repeat(sizes, sizes)
+    n_test = np.maximum(np.round(size * ratios[2]), 1)
+    n_val = np.maximum(np.round(size * ratios[1]), 1)
+    split = np.zeros(len(order), dtype=np.int8)
+    split[index_in_user >= size - n_test - n_val] = 1
+    split[index_in_user >= size - n_test] = 2
+    split_of_row = np.empty_like(split)
+    split_of_row[order] = split
+    lap("split")
+
+    # vocabularies on the training rows
+    train = split_of_row == 0
+    vocab = {"user_id": pd.Series(users[train]).value_counts(), "item_id": pd.Series(items[train]).value_counts(),
+             "scenario": pd.Series(scenes[train]).value_counts()}
+    cat = {c: df[c][keep].astype(str) for g in spec.groups().values() for c in g.categorical}
+    for c, values in cat.items():
+        vocab[c] = values[train].value_counts()
+    multi = {c: df[c][keep].fillna("").astype(str).str.split(sep) for g in spec.groups().values()
+             for c, sep in g.multi.items()}
+    for c, lists in multi.items():
+        vocab[c] = lists[train].explode().value_counts()
+    stats = {c: (np.nanmean(x[keep][train]), np.nanstd(x[keep][train])) for c, x in numeric.items()}
+    lap("vocabularies")
+
+    # encode
+    def encode(values, counts) -> np.ndarray:
+        found = pd.Index(counts.index).get_indexer(values)
+        return np.where(found >= 0, found + 2, 1).astype(np.int32)
+
+    encoded = {"user_id": encode(users, vocab["user_id"]), "item_id": encode(items, vocab["item_id"]),
+               "scene_id": encode(scenes, vocab["scenario"]).astype(np.int16)}
+    for c, values in cat.items():
+        encoded[c] = encode(values.to_numpy(), vocab[c])
+    for c, (mean, std) in stats.items():
+        encoded[c] = np.nan_to_num((numeric[c][keep] - mean) / (std or 1.0)).astype(np.float32)
+    for c, lists in multi.items():
+        flat = lists.explode()
+        encoded[c] = encode(flat.to_numpy(), vocab[c])
+    lap("encode")
+
+    # order per user: each user's sequence in event order, and each event's position (strictly earlier events)
+    sorted_ts = ts[order]
+    new_time = np.r_[True, (sorted_users[1:] != sorted_users[:-1]) | (sorted_ts[1:] != sorted_ts[:-1])]
+    first_at_time = np.maximum.accumulate(np.where(new_time, np.arange(len(order)), 0))
+    position = np.empty(len(order), dtype=np.int32)
+    position[order] = first_at_time - np.repeat(starts, sizes)
+    sequences = {"item_ids": encoded["item_id"][order], "scene_ids": encoded["scene_id"][order],
+                 "labels": label[order], "timestamps": sorted_ts, "offsets": np.r_[0, np.cumsum(sizes)]}
+    assert len(sequences["item_ids"]) == len(position)
+    lap("order_per_user")
+    return seconds
+
+
+# -- measurements of a prepared directory ------------------------------------------------------------------------
+
+def _bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def stream_bytes_per_row(prepared: Path, spec: FeatureSpec) -> float:
+    """Bytes per row of the train split's event columns as Ray Data reads them (the training stream)."""
+    import ray
+
+    ds = ray.data.read_parquet(str(prepared / "train")).select_columns(event_columns(spec)).materialize()
+    return ds.size_bytes() / ds.count()
+
+
+def memory_bytes(prepared: Path, spec: FeatureSpec) -> dict[str, float]:
+    """Bytes in memory of the loaded train split: per event row, and the sequences per event they hold."""
+    sequences = load_sequences(prepared)
+    train = load_split(prepared, "train", spec, sequences)
+    rows = sum(v.nbytes for v in train.events.values()) / len(train)
+    return {"event_row_bytes": round(rows, 1), "sequence_bytes_per_event": round(
+        sequences.nbytes() / len(sequences.timestamps), 1), "train_rows": len(train)}
+
+
+def run(name: str, files: list[Path], spec: SceneLogSpec | None, log) -> dict:
+    from msit.data import sources as src
+
+    sample = src.read_sample(src.resolve([str(f) for f in files]))
+    full_spec, _ = infer_spec(sample, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"{name}: prepare")
+        t0 = time.perf_counter()
+        result = prepare(PrepareConfig(inputs=[str(f) for f in files], out=f"{tmp}/prepared", spec=spec),
+                         log=lambda _: None)
+        prepare_s = time.perf_counter() - t0
+        rows = result.feature_spec.row_counts["input"]
+        prepared = Path(tmp) / "prepared"
+        disk = {p.name: _bytes(p) for p in prepared.iterdir()}
+        fspec = FeatureSpec.load(prepared)
+        stream = stream_bytes_per_row(prepared, fspec)
+        memory = memory_bytes(prepared, fspec)
+        input_bytes = sum(f.stat().st_size for f in files)
+        parquet_bytes = input_bytes
+        if files[0].suffix == ".csv":  # the disk goal is against Parquet: the same rows as one Parquet file
+            pd.concat([pd.read_csv(f) for f in files]).to_parquet(f"{tmp}/input.parquet", index=False)
+            parquet_bytes = Path(f"{tmp}/input.parquet").stat().st_size
+    log(f"{name}: reference")
+    t0 = time.perf_counter()
+    reference_steps = reference(files, full_spec)
+    reference_s = time.perf_counter() - t0
+    out = {"data": name, "rows": rows, "prepare_s": round(prepare_s, 2),
+           "prepare_rows_per_s": round(rows / prepare_s), "reference_s": round(reference_s, 2),
+           "reference_rows_per_s": round(rows / reference_s),
+           "prepare_vs_reference": round(reference_s / prepare_s, 3),
+           "disk_bytes_per_event": round(sum(disk.values()) / rows, 2),
+           "input_bytes_per_event": round(input_bytes / rows, 2),
+           "input_parquet_bytes_per_event": round(parquet_bytes / rows, 2),
+           "disk_vs_input_parquet": round(sum(disk.values()) / parquet_bytes, 3),
+           "disk_bytes_by_part": disk, "stream_bytes_per_row": round(stream, 1), "memory": memory,
+           "steps_s": result.seconds, "reference_steps_s": reference_steps}
+    log(json.dumps(out))
+    return out
+
+
+def _synth(cache: Path, size: str) -> list[Path]:
+    path = cache / f"synth_{size}"
+    if not (path / "synth.json").is_file():
+        synth.write(synth.SynthConfig(**SYNTH[size], seed=0), path, progress=False)
+    return sorted(path.glob("*.parquet"))
+
+
+def _git() -> tuple[str, bool]:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return commit, not dirty
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "ml100k_genre.csv"))
-    parser.add_argument("--history-length", type=int, default=50)
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "msit-bench"),
+                        help="where the synthetic logs are generated once and reused")
+    parser.add_argument("--sizes", default="1000k,10000k", help=f"synthetic logs to run, of {list(SYNTH)}")
+    shared = Path(os.environ.get("MSIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+    parser.add_argument("--ml100k", default=str(shared / "ml100k_genre.csv"))
+    parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data.json"))
     args = parser.parse_args()
-
-    t0 = time.perf_counter()
-    rows = len(pd.read_csv(args.data))
-    pandas_s = time.perf_counter() - t0
-
+    commit, clean = _git()
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     init_ray(num_cpus=2, quiet=True)
     ray_start_s = time.perf_counter() - t0
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        result = prepare(PrepareConfig(inputs=[args.data], out=tmp, history_length=args.history_length),
-                         log=lambda _: None)
-        prepare_s = time.perf_counter() - t0
-    assert result.feature_spec.row_counts["input"] == rows
+    runs = []
+    if not args.skip_ml100k:
+        runs.append(run(Path(args.ml100k).name, [Path(args.ml100k)], None, print))
+    for size in [s for s in args.sizes.split(",") if s]:
+        files = _synth(Path(args.cache), size)
+        runs.append(run(f"synth_{size}", files, SceneLogSpec.load(str(files[0].parent / "spec.yaml")), print))
 
-    report = {
-        "data": Path(args.data).name,
-        "rows": rows,
-        "history_len": args.history_length,
-        "prepare_s": round(prepare_s, 2),
-        "prepare_rows_per_s": round(rows / prepare_s, 1),
-        "pandas_read_s": round(pandas_s, 3),
-        "pandas_read_rows_per_s": round(rows / pandas_s, 1),
-        "ray_start_s": round(ray_start_s, 2),
-        "steps_s": result.seconds,
-        "num_cpus": 2,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-        "note": "prepare_s excludes Ray start-up (ray_start_s). Ray Data runs ~10 operators with fixed per-operator "
-                "scheduling costs of a few seconds each on 2 cores, which dominate at 100K rows.",
-    }
+    report = {"runs": runs, "commit": commit, "tree_clean": clean, "device": f"CPU: {cpu_name()}",
+              "num_cpus": 2, "command": " ".join(["python", *sys.argv]), "ray_start_s": round(ray_start_s, 2),
+              "load_average": {"start": [round(x, 2) for x in load_start],
+                               "end": [round(x, 2) for x in os.getloadavg()]},
+              "note": "prepare_s: the whole `prepare` call (Ray already started; ray_start_s apart) including writing; "
+                      "the reference writes nothing. The machine is shared: see load_average."}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
 
 
 if __name__ == "__main__":
