@@ -54,7 +54,9 @@ MIN_S, MAX_S = -2_208_988_800, 10_413_792_000  # 1900..2300, as msit.data.parse
 # -- the single-process reference --------------------------------------------------------------------------------
 
 def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> dict[str, float]:
-    """Validate, split, fit vocabularies, encode and order per user, with pandas/numpy in this process.
+    """Validate, split, fit vocabularies, encode and order per user, with pandas/numpy in this process, written
+    as one would by hand: each column factorised once, its distinct values checked and mapped, rows handled as
+    integer codes. Text features are left out (prepare only validates and copies them); nothing is written.
     Returns the time of each step (the read included in validate)."""
     seconds, t0 = {}, time.perf_counter()
 
@@ -63,35 +65,53 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
         seconds[name] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
 
-    df = pd.concat([pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_csv(f, dtype=str, keep_default_na=False)
-                    for f in files], ignore_index=True)
     cols = spec.columns
+    groups = spec.groups().values()
+    categorical = [c for g in groups for c in g.categorical]
+    numeric_cols = [c for g in groups for c in g.numeric]
+    multi_cols = {c: sep for g in groups for c, sep in g.multi.items()}
+    needed = [cols[r] for r in ("user_id", "item_id", "scenario", "label", "timestamp")] + categorical + \
+        numeric_cols + list(multi_cols)
+    df = pd.concat([pd.read_parquet(f, columns=needed) if f.suffix == ".parquet" else
+                    pd.read_csv(f, usecols=needed, dtype=str, keep_default_na=False) for f in files],
+                   ignore_index=True)
+
+    def keys(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, -1 where null or empty; the distinct trimmed values)."""
+        codes, uniques = pd.factorize(column)
+        text = pd.Index(uniques).astype(str).str.strip()
+        merged, values = pd.factorize(text)  # " 7" and "7" are one key
+        merged = np.where(text == "", -1, merged)
+        return np.where(codes >= 0, merged[np.maximum(codes, 0)], -1), np.asarray(values, dtype=object)
+
     # validate: ids and scenes as trimmed text, labels 0/1, timestamps in range, numeric features finite
-    keys = {}
+    ids = {role: keys(df[cols[role]]) for role in ("user_id", "item_id", "scenario")}
     bad = np.zeros(len(df), dtype=bool)
-    for role in ("user_id", "item_id", "scenario"):
-        text = df[cols[role]].astype(str).str.strip()
-        bad |= (text == "").to_numpy() | df[cols[role]].isna().to_numpy()
-        keys[role] = text
+    for codes, _ in ids.values():
+        bad |= codes < 0
     label = pd.to_numeric(df[cols["label"]], errors="coerce").to_numpy(np.float64)
     ts = pd.to_numeric(df[cols["timestamp"]], errors="coerce").to_numpy(np.float64)
     bad |= ~np.isin(label, (0.0, 1.0)) | ~((ts >= MIN_S) & (ts < MAX_S))
-    numeric = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
-               for g in spec.groups().values() for c in g.numeric}
+    numeric = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in numeric_cols}
     for x in numeric.values():
         bad |= np.isinf(x)
     keep = ~bad
-    users, items, scenes = (keys[r][keep].to_numpy() for r in ("user_id", "item_id", "scenario"))
+    ids = {role: (codes[keep], values) for role, (codes, values) in ids.items()}
+    cats = {c: keys(df[c]) for c in categorical}
+    cats = {c: (codes[keep], values) for c, (codes, values) in cats.items()}
+    multi = {c: pd.factorize(df[c].fillna("")) for c in multi_cols}
+    multi = {c: (codes[keep], values) for c, (codes, values) in multi.items()}
     ts, label = ts[keep].astype(np.int64), label[keep].astype(np.int8)
+    numeric = {c: x[keep] for c, x in numeric.items()}
+    del df
     lap("read_validate")
 
     # split (and the per-user order): by (user, timestamp, item), chronological ratios per user
-    user_codes, user_values = pd.factorize(users)
-    item_codes, item_values = pd.factorize(items)
-    as_numbers = pd.to_numeric(pd.Series(item_values), errors="coerce")  # ties by item: as numbers if all are
+    user_codes, items = ids["user_id"][0], ids["item_id"]
+    as_numbers = pd.to_numeric(pd.Series(items[1]), errors="coerce")  # ties by item: as numbers if all are
     item_rank = np.argsort(np.argsort(as_numbers.to_numpy() if not as_numbers.isna().any() else
-                                      np.asarray(item_values, dtype=str)))
-    order = np.lexsort((item_rank[item_codes], ts, user_codes))
+                                      np.asarray(items[1], dtype=str)))
+    order = np.lexsort((item_rank[items[0]], ts, user_codes))
     sorted_users = user_codes[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
     sizes = np.diff(np.r_[starts, len(order)])
@@ -106,34 +126,48 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     split_of_row[order] = split
     lap("split")
 
-    # vocabularies on the training rows
+    # vocabularies on the training rows: value -> index (0 padding, 1 out-of-vocabulary), most frequent first
     train = split_of_row == 0
-    vocab = {"user_id": pd.Series(users[train]).value_counts(), "item_id": pd.Series(items[train]).value_counts(),
-             "scenario": pd.Series(scenes[train]).value_counts()}
-    cat = {c: df[c][keep].astype(str) for g in spec.groups().values() for c in g.categorical}
-    for c, values in cat.items():
-        vocab[c] = values[train].value_counts()
-    multi = {c: df[c][keep].fillna("").astype(str).str.split(sep) for g in spec.groups().values()
-             for c, sep in g.multi.items()}
-    for c, lists in multi.items():
-        vocab[c] = lists[train].explode().value_counts()
-    stats = {c: (np.nanmean(x[keep][train]), np.nanstd(x[keep][train])) for c, x in numeric.items()}
+
+    def vocabulary(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """For each distinct value, its index."""
+        counts = np.bincount(codes[train & (codes >= 0)], minlength=len(values))
+        ranked = np.lexsort((values.astype(str), -counts))
+        ranked = ranked[counts[ranked] > 0]
+        index = np.ones(len(values), dtype=np.int32)
+        index[ranked] = np.arange(2, len(ranked) + 2)
+        return index
+
+    index = {name: vocabulary(*pair) for name, pair in {**ids, **cats}.items()}
+    tokens = {}
+    for c, (codes, values) in multi.items():
+        lists = pd.Series(values).str.split(multi_cols[c])  # once per distinct value
+        flat = lists.explode()
+        token_codes, token_values = pd.factorize(flat[flat != ""])
+        weights = np.bincount(codes[train], minlength=len(values))[flat[flat != ""].index.to_numpy()]
+        counts = np.bincount(token_codes, weights=weights, minlength=len(token_values))
+        ranked = np.lexsort((np.asarray(token_values, dtype=str), -counts))
+        ranked = ranked[counts[ranked] > 0]
+        token_index = np.ones(len(token_values), dtype=np.int32)
+        token_index[ranked] = np.arange(2, len(ranked) + 2)
+        tokens[c] = (lists, token_values, token_index)
+    stats = {c: (np.nanmean(x[train]), np.nanstd(x[train])) for c, x in numeric.items()}
     lap("vocabularies")
 
     # encode
-    def encode(values, counts) -> np.ndarray:
-        found = pd.Index(counts.index).get_indexer(values)
-        return np.where(found >= 0, found + 2, 1).astype(np.int32)
-
-    encoded = {"user_id": encode(users, vocab["user_id"]), "item_id": encode(items, vocab["item_id"]),
-               "scene_id": encode(scenes, vocab["scenario"]).astype(np.int16)}
-    for c, values in cat.items():
-        encoded[c] = encode(values.to_numpy(), vocab[c])
+    encoded = {name: np.where(codes >= 0, index[name][np.maximum(codes, 0)], 0).astype(np.int32)
+               for name, (codes, _) in {**ids, **cats}.items()}
     for c, (mean, std) in stats.items():
-        encoded[c] = np.nan_to_num((numeric[c][keep] - mean) / (std or 1.0)).astype(np.float32)
-    for c, lists in multi.items():
-        flat = lists.explode()
-        encoded[c] = encode(flat.to_numpy(), vocab[c])
+        encoded[c] = np.nan_to_num((numeric[c] - mean) / (std or 1.0)).astype(np.float32)
+    for c, (lists, token_values, token_index) in tokens.items():
+        width = max(1, min(16, int(lists.map(len).max())))
+        lookup = pd.Index(token_values)
+        per_value = np.zeros((len(lists), width), dtype=np.int32)
+        for k in range(width):  # k-th token of every distinct value
+            kth = lists.str[k]
+            found = lookup.get_indexer(kth)
+            per_value[:, k] = np.where(kth.isna() | (kth == ""), 0, np.where(found >= 0, token_index[found], 1))
+        encoded[c] = per_value[multi[c][0]]
     lap("encode")
 
     # order per user: each user's sequence in event order, and each event's position (strictly earlier events)
@@ -142,7 +176,7 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     first_at_time = np.maximum.accumulate(np.where(new_time, np.arange(len(order)), 0))
     position = np.empty(len(order), dtype=np.int32)
     position[order] = first_at_time - np.repeat(starts, sizes)
-    sequences = {"item_ids": encoded["item_id"][order], "scene_ids": encoded["scene_id"][order],
+    sequences = {"item_ids": encoded["item_id"][order], "scene_ids": encoded["scenario"][order].astype(np.int16),
                  "labels": label[order], "timestamps": sorted_ts, "offsets": np.r_[0, np.cumsum(sizes)]}
     assert len(sequences["item_ids"]) == len(position)
     lap("order_per_user")

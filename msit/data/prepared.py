@@ -98,7 +98,9 @@ def load_sequences(prepared_dir: str | Path) -> Sequences:
     rows = table["sequence_row"].to_numpy()
     if not np.array_equal(np.sort(rows), np.arange(len(rows))):
         raise MsitError(f"{path}: sequence_row is not 0..{len(rows) - 1} once each; prepare the data again")
-    table = table.take(pa.array(np.argsort(rows, kind="stable")))
+    order = np.argsort(rows, kind="stable")
+    if (order != np.arange(len(order))).any():  # prepare writes them in order; a take over many chunks is slow
+        table = table.combine_chunks().take(pa.array(order))
     lists = {name: pc.list_flatten(table[name]).to_numpy() for name in SEQUENCE_FIELDS}
     lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
     return Sequences.from_arrays(lengths, **lists)
