@@ -168,7 +168,7 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
 
     steps.start(f"reading and validating {sources.describe()}")
     init_ray(num_cpus=cfg.num_cpus)  # only now: input mistakes are reported without waiting for Ray
-    pieces = _read_pieces(sources)
+    pieces = _read_pieces(sources, max(1, int(ray.cluster_resources().get("CPU", 1))))
     groups = _partitions(cfg, sum(rows for *_, rows in pieces))
     blocks = [_read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups)
               for piece in pieces]
@@ -232,7 +232,8 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
 
     steps.start(f"encoding and writing events and sequences to {cfg.out}")
     offsets = np.concatenate([[0], np.cumsum([g["users"] for g in group_stats])])
-    written = ray.get([_write_group.remote(refs[0], g, int(offsets[g]), encoders, spec, str(staging), cfg.seed)
+    encoders_ref = ray.put(encoders)  # once, not once per group: the vocabularies are O(users + items)
+    written = ray.get([_write_group.remote(refs[0], g, int(offsets[g]), encoders_ref, spec, str(staging), cfg.seed)
                        for g, refs in enumerate(ordered)])
     del ordered
     for text in note_on.duplicates(sum(g["duplicates"] for g in group_stats)):
@@ -247,23 +248,28 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     return PrepareResult(Path(cfg.out), feature_spec, report, notes, steps.seconds)
 
 
-def _read_pieces(sources: src.Sources) -> list[tuple[str, list[int] | None, int, int, int]]:
-    """The input cut into read tasks of about FILE_ROWS rows: (file, Parquet row groups or None for a whole
-    CSV file, slice k of n of those rows, rows or an estimate). A row group larger than that is read by
-    several tasks, each validating a slice, so that one big file still uses every CPU."""
-    pieces = []
+def _read_pieces(sources: src.Sources, cpus: int) -> list[tuple[str, list[int] | None, int, int, int]]:
+    """The input cut into read tasks: (file, Parquet row groups (about FILE_ROWS rows or one row group) or
+    None for a whole CSV file, slice k of n of those rows, rows or an estimate). Only when there are fewer
+    such chunks than CPUs is a chunk read by several tasks, each validating a slice of it (each decodes the
+    whole chunk), so that one big row group still uses every CPU."""
+    chunks = []
     for path in sources.files:
         if sources.format == "csv":
-            pieces.append((path, None, 0, 1, sources.filesystem.get_file_info(path).size // 50))
+            chunks.append((path, None, sources.filesystem.get_file_info(path).size // 50))
             continue
         meta = pq.ParquetFile(path, filesystem=sources.filesystem).metadata
         chunk, rows = [], 0
         for g in range(meta.num_row_groups):
             chunk, rows = [*chunk, g], rows + meta.row_group(g).num_rows
             if rows >= FILE_ROWS or g == meta.num_row_groups - 1:
-                n = max(1, -(-rows // (2 * FILE_ROWS)))
-                pieces += [(path, chunk, k, n, rows // n) for k in range(n)]
+                chunks.append((path, chunk, rows))
                 chunk, rows = [], 0
+    slices = max(1, -(-cpus // len(chunks)))
+    pieces = []
+    for path, row_groups, rows in chunks:
+        n = 1 if row_groups is None else int(min(slices, max(1, rows // FILE_ROWS)))
+        pieces += [(path, row_groups, k, n, rows // n) for k in range(n)]
     return pieces
 
 
