@@ -141,3 +141,19 @@ def test_explanations_list_the_window_slots_most_recent_first(scorer):
     cold, = scorer.score([{"user_id": "u1", "scenario": SCENES[0], "candidates": ["i3"], "timestamp": 100,
                            "explain": True}])
     assert "top_history" not in cold.explanations[0]  # no past event, nothing to list
+
+
+@pytest.mark.parametrize("numeric", [False, True])
+def test_ties_in_a_request_history_break_by_item_key_as_prepare_breaks_them(tmp_path, numeric):
+    """Prepare orders a timestamp's events by item key, as numbers when every item key of the log is one (the
+    spec records which): "9" before "10" then, "10" before "9" as text. The scenes tell the two events apart."""
+    spec, config = tiny_spec(), ModelConfig(embed_dim=8, mlp_dims=(8,), history_length=N)
+    spec.source["items_numeric"] = numeric
+    scorer = Scorer(save_model_dir(tmp_path / "m", build_model(config, spec, item_table()), config, spec))
+    history = [{"item_id": "10", "scenario": SCENES[0], "timestamp": 300},
+               {"item_id": 9, "scenario": SCENES[2], "timestamp": 300}]
+    for given in (history, history[::-1]):
+        window = scorer.windows([scorer.encode({"user_id": "u1", "scenario": SCENES[0], "candidates": ["i1"],
+                                                "timestamp": 400, "history": given})])
+        # Most recent first: the later of the tie first.
+        assert window["history_scene_ids"][0, :2].tolist() == ([2, 4] if numeric else [4, 2])

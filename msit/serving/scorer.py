@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from msit.data.history import event_order
+from msit.data.history import items_are_numbers, sorted_event_order
 from msit.data.parse import normalize_key, normalize_keys
 from msit.data.sequences import Sequences, history_windows
 from msit.data.vocab import OOV, PAD
@@ -92,6 +93,11 @@ class Scorer:
         self._user_fields = [c for kind in ("categorical", "multi", "numeric")
                              for c in fields_of(self.spec, "user", kind)]
         self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
+        # How prepare broke ties between a user's events at one timestamp: by item key as numbers when every item
+        # key of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary).
+        numeric = self.spec.source.get("items_numeric")
+        self._items_numeric = bool(numeric) if numeric is not None else \
+            items_are_numbers(pa.array(self.spec.vocabularies["item_id"][2:], pa.string()))
         self.catalogues = _catalogues(catalogue_from) if catalogue_from else {}
 
     # -- encoding ------------------------------------------------------------------------------------------------
@@ -168,7 +174,9 @@ class Scorer:
                            for i, e in enumerate(events)], dtype=np.int64)
         # The request lists them in any order: prepare's order (timestamp, ties by item key), so that ties
         # cut into the window as they do in training.
-        order = event_order(np.zeros(len(events), dtype=np.int64), stamps, np.asarray(keys, dtype=object))
+        items_keys = pa.array(keys, pa.string())
+        numeric = self._items_numeric and items_are_numbers(items_keys)
+        order = sorted_event_order(pa.array(np.zeros(len(events), np.int8)), pa.array(stamps), items_keys, numeric)
         return items[order], scenes[order], labels[order], stamps[order]
 
     def windows(self, encoded: list[_Encoded]) -> dict[str, torch.Tensor]:
