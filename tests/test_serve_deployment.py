@@ -39,7 +39,7 @@ def endpoint(small_model):
 def _request(prepared, count=3):
     spec = FeatureSpec.load(prepared)
     store = InMemoryHistoryStore.from_prepared(prepared, spec)
-    user = next(iter(store._records))
+    user = next(iter(store))
     return {"user_id": user, "scenario": spec.scenarios[1], "candidates": spec.vocabularies["item_id"][2:2 + count],
             "timestamp": 2_000_000_000}
 
