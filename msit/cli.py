@@ -254,7 +254,8 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
     # request_timeout_s: a stuck request gets a 408 from Serve's proxy instead of hanging.
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
-                     "max_history": args.max_history, "require_token": args.require_token,
+                     "max_history": args.max_history, "history_events_per_user": args.history_events_per_user,
+                     "require_token": args.require_token,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                      "target_ongoing_requests": TARGET_ONGOING_BATCHES}}), name="msit",
@@ -282,6 +283,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted")
     p.add_argument("--max-history", type=int, default=1000, help="most events accepted in a request's history")
+    p.add_argument("--history-events-per-user", type=int, default=None, metavar="K",
+                   help="the history store keeps each user's latest K events (>= the model's history_length; "
+                   "default: all of them)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request still unanswered after this many seconds gets a 408 (default %(default)s)")
     p.add_argument("--require-token", action="store_true",
