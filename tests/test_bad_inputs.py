@@ -41,14 +41,18 @@ def _write(df: pd.DataFrame, path, fmt: str) -> str:
 
 
 def _prepare(inputs, out, **kw):
-    kw = {"spec": SPEC, "history_length": 4, **kw}
+    kw = {"spec": SPEC, **kw}
     return prepare(PrepareConfig(inputs=[inputs] if isinstance(inputs, str) else inputs, out=str(out), **kw),
                    log=lambda _: None)
 
 
 def _events(out) -> pd.DataFrame:
-    rows = pd.concat([pd.read_parquet(out / s) for s in ("train", "val", "test") if (out / s).exists()])
-    rows = rows.sort_values(["user_key", "timestamp", "item_key", "scene_id"]).reset_index(drop=True)
+    """Every event row with its split and raw user key (from sequences/), in a fixed order."""
+    keys = pd.read_parquet(out / "sequences").set_index("sequence_row").user_key
+    rows = pd.concat([pd.read_parquet(out / s).assign(split=s) for s in ("train", "val", "test")
+                      if (out / s).exists()])
+    rows = rows.assign(user_key=keys.reindex(rows.sequence_row).to_numpy()).drop(columns=["sequence_row"])
+    rows = rows.sort_values(["user_key", "timestamp", "item_id", "scene_id"]).reset_index(drop=True)
     return rows.map(lambda v: v.tolist() if hasattr(v, "tolist") else v)
 
 

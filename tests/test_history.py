@@ -1,10 +1,27 @@
-"""Behaviour histories and chronological splits, on hand-built logs (no Ray)."""
+"""Event order, positions and chronological splits as prepare computes them, on hand-built logs (no Ray):
+the history windows they give (msit.data.sequences) hold strictly earlier events, most recent first."""
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
+import torch
 
-from msit.data.history import NO_TRAIN, add_histories, assign_split
+from msit.data.history import NO_TRAIN, assign_split, items_are_numbers, sorted_event_order, user_runs
+from msit.data.sequences import HISTORY_FIELDS, Sequences, history_windows
+
+
+def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[str, np.ndarray]:
+    """Events in prepare's event order with the windows of their positions (as the prepared layout gives them)."""
+    keys = pa.array(events["user_key"].astype(str)), pa.array(events["item_key"].astype(str))
+    order = sorted_event_order(keys[0], pa.array(events["timestamp"]), keys[1], items_are_numbers(keys[1]))
+    events = {k: v[order] for k, v in events.items()}
+    user_index, _, position = user_runs(pa.array(events["user_key"].astype(str)), pa.array(events["timestamp"]))
+    sequences = Sequences.from_arrays(np.bincount(user_index), events["item_id"], events["scene_id"],
+                                      events["label"], events["timestamp"])
+    windows = history_windows(sequences, torch.from_numpy(user_index), torch.from_numpy(events["timestamp"]),
+                              history_length, positions=torch.from_numpy(position))
+    return events | {k: windows[k].numpy() for k in (*HISTORY_FIELDS, "history_length")}
 
 
 def _events(rows):

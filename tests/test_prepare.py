@@ -2,14 +2,15 @@
 
 import json
 
-import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 
 from msit.data import synth
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
+from msit.data.prepared import event_columns, load_split
 from msit.data.spec import SceneLogSpec
 from msit.errors import ConfigError, DataValidationError
 
@@ -22,13 +23,21 @@ def synth_run(ray_session, tmp_path_factory):
     cfg = synth.SynthConfig(users=120, items=200, events_per_user=15, seed=5, users_per_shard=50)
     synth.write(cfg, root / "log", progress=False)
     result = prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"),
-                                   spec=SceneLogSpec.load(root / "log" / "spec.yaml"), history_length=HISTORY),
+                                   spec=SceneLogSpec.load(root / "log" / "spec.yaml")),
                      log=lambda _: None)
     return synth.generate(cfg), result
 
 
 def _read(path):
     return pd.read_parquet(path)
+
+
+def _events(out) -> pd.DataFrame:
+    """Every split's event rows with their split and raw user key (from sequences/)."""
+    keys = _read(out / "sequences")[["sequence_row", "user_key"]].set_index("sequence_row").user_key
+    rows = pd.concat([_read(out / s).assign(split=s) for s in ("train", "val", "test") if (out / s).exists()],
+                     ignore_index=True)
+    return rows.assign(user_key=keys.reindex(rows.sequence_row).to_numpy())
 
 
 def test_round_trip_keeps_every_row_and_writes_the_feature_spec(synth_run):
@@ -38,7 +47,7 @@ def test_round_trip_keeps_every_row_and_writes_the_feature_spec(synth_run):
     assert counts["input"] == len(log) == counts["train"] + counts["val"] + counts["test"]
     assert counts["bad_rows_dropped"] == {}
     assert spec.scenarios == sorted(log.scenario.unique())
-    assert spec.history_length == HISTORY
+    assert spec.layout == 2
     assert {k: v.type for k, v in spec.fields.items()} == {
         "user_id": "id", "item_id": "id", "scene_id": "id", "age_band": "categorical", "region": "categorical",
         "category": "categorical", "price": "numeric", "tags": "multi", "title": "text", "hour": "categorical",
@@ -48,28 +57,32 @@ def test_round_trip_keeps_every_row_and_writes_the_feature_spec(synth_run):
     json.loads((result.out / "feature_spec.json").read_text())  # plain JSON
 
 
-def test_histories_in_the_shards_match_the_raw_log(synth_run):
+def test_windows_of_the_event_rows_match_the_raw_log(synth_run):
     log, result = synth_run
     spec = FeatureSpec.load(result.out)
     items = spec.vocabularies["item_id"]
-    rows = pd.concat([_read(result.out / s) for s in ("train", "val", "test")], ignore_index=True)
     log = log.assign(user_key=log.user_id.astype(str), item_key=log.item_id.astype(str))
-    for _, row in rows.sample(60, random_state=0).iterrows():
-        user = log[log.user_key == row.user_key]
-        earlier = user[user.timestamp < row.timestamp].sort_values(["timestamp", "item_id"], ascending=False)
-        expected = earlier.item_key.head(HISTORY).tolist()
-        n = row.history_length
-        assert n == len(expected)
-        got = [items[i] if i > 1 else None for i in row.history_item_ids[:n]]
-        # Items first seen outside training are out-of-vocabulary (index 1) in histories too.
-        assert got == [k if k in items[2:] else None for k in expected]
-        assert (np.asarray(row.history_item_ids[n:]) == 0).all()
-        assert (np.asarray(row.history_time_gaps[:n]) > 0).all()
+    users = _read(result.out / "sequences").set_index("sequence_row").user_key
+    for split in ("train", "val", "test"):
+        events = load_split(result.out, split, spec)
+        batch = next(events.select(torch.arange(0, len(events), 7)).batches(10_000, HISTORY))
+        rows = events.events["sequence_row"][::7].numpy()
+        for r in range(0, len(rows), 3):
+            user = log[log.user_key == users[rows[r]]]
+            earlier = user[user.timestamp < int(events.events["timestamp"][::7][r])]
+            expected = earlier.sort_values(["timestamp", "item_id"], ascending=False).item_key.head(HISTORY).tolist()
+            n = int(batch["history_length"][r])
+            assert n == len(expected)
+            got = [items[i] if i > 1 else None for i in batch["history_item_ids"][r, :n].tolist()]
+            # Items first seen outside training are out-of-vocabulary (index 1) in histories too.
+            assert got == [k if k in items[2:] else None for k in expected]
+            assert (batch["history_item_ids"][r, n:] == 0).all()
+            assert (batch["history_time_gaps"][r, :n] > 0).all()
 
 
 def test_chronological_split_per_user(synth_run):
     _, result = synth_run
-    rows = pd.concat([_read(result.out / s) for s in ("train", "val", "test")], ignore_index=True)
+    rows = _events(result.out)
     order = {"train": 0, "val": 1, "test": 2}
     for _, user in rows.groupby("user_key"):
         user = user.sort_values("timestamp")
@@ -77,13 +90,15 @@ def test_chronological_split_per_user(synth_run):
         assert (user.split == "test").sum() >= 1
 
 
-def test_shards_feed_torch_batches_with_fixed_shapes(synth_run):
+def test_event_rows_feed_torch_batches_with_fixed_shapes(synth_run):
     _, result = synth_run
-    shards = ray.data.read_parquet(str(result.out / "train")).drop_columns(["split", "user_key", "item_key"])
+    spec = FeatureSpec.load(result.out)
+    shards = ray.data.read_parquet(str(result.out / "train"), columns=event_columns(spec))
     batch = next(iter(shards.iter_torch_batches(batch_size=16)))
-    assert tuple(batch["history_item_ids"].shape) == (16, HISTORY)
-    assert tuple(batch["tags"].shape)[0] == 16
-    assert batch["item_id"].dtype.is_floating_point is False
+    assert set(batch) == set(event_columns(spec)) and "tags" not in batch  # item features: the item table
+    assert tuple(batch["region"].shape) == (16,) and batch["item_id"].dtype == torch.int32
+    assert spec.fields["tags"].role == "item" and len(_read(result.out / "items.parquet").tags[0]) == \
+        spec.fields["tags"].max_len
 
 
 def test_item_and_user_tables_have_one_row_per_key(synth_run):
@@ -117,12 +132,13 @@ def test_renamed_columns_split_column_glob_input_and_oov(ray_session, tmp_path):
     _write_csv(tmp_path / "part-0.csv", rows[:30])
     _write_csv(tmp_path / "part-1.csv", rows[30:])
     spec = SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category", "label": "clicked"})
-    result = prepare(PrepareConfig(inputs=[str(tmp_path / "part-*.csv")], out=str(tmp_path / "out"), spec=spec,
-                                   history_length=4), log=lambda _: None)
+    result = prepare(PrepareConfig(inputs=[str(tmp_path / "part-*.csv")], out=str(tmp_path / "out"), spec=spec),
+                     log=lambda _: None)
     counts = result.feature_spec.row_counts
     assert (counts["train"], counts["val"], counts["test"]) == (48, 6, 6)  # the split column, as given
-    test = _read(tmp_path / "out" / "test")
-    assert test.set_index("item_key").loc["never_in_train", "item_id"] == 1  # OOV
+    items = _read(tmp_path / "out" / "items.parquet")
+    assert items.set_index("item_key").loc["never_in_train", "item_id"] == 1  # OOV
+    assert (_read(tmp_path / "out" / "test").item_id == 1).sum() == 1
     assert result.feature_spec.source["split"] == "column"
 
 
@@ -134,7 +150,7 @@ def test_bad_rows_stop_the_run_with_counts_file_and_example(ray_session, tmp_pat
     rows[6]["User_ID"] = None
     _write_csv(tmp_path / "log.csv", rows)
     spec = SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category", "label": "clicked"})
-    cfg = dict(inputs=[str(tmp_path / "log.csv")], spec=spec, history_length=4)
+    cfg = dict(inputs=[str(tmp_path / "log.csv")], spec=spec)
     with pytest.raises(DataValidationError) as e:
         prepare(PrepareConfig(out=str(tmp_path / "out"), **cfg), log=lambda _: None)
     msg = str(e.value)
@@ -189,7 +205,7 @@ def test_filesystem_uris_take_the_pyarrow_filesystem_path(ray_session, tmp_path)
     _write_csv(tmp_path / "part-0.csv", _log_rows())
     result = prepare(PrepareConfig(inputs=[f"file://{tmp_path}/part-*.csv"], out=str(tmp_path / "out"),
                                    spec=SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category",
-                                                              "label": "clicked"}), history_length=4),
+                                                              "label": "clicked"})),
                      log=lambda _: None)
     assert result.feature_spec.row_counts["input"] == 60
     assert result.feature_spec.source["files"] == 1

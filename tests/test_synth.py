@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 from msit.data import synth
-from msit.data.history import add_histories
 from msit.errors import ConfigError
+from tests.reference_histories import add_histories
 
 
 @pytest.fixture(scope="module")

@@ -59,6 +59,15 @@ def run_starts(*keys: np.ndarray | pa.Array) -> np.ndarray:
 
 
 
+def user_runs(user_keys: pa.Array, timestamps: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For events in event order: (each event's user index 0..U-1 in this order, its index within its user's
+    events, its position: how many of its user's events have a strictly earlier timestamp)."""
+    user_start = run_starts(user_keys)
+    index_in_user = np.arange(len(user_start)) - user_start
+    position = run_starts(user_keys, timestamps) - user_start
+    return np.cumsum(index_in_user == 0) - 1, index_in_user, position
+
+
 def split_codes(position: np.ndarray, sizes: np.ndarray, ratios: tuple[float, float, float],
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-user chronological split of sorted events, from each event's index in its user's run and the run's

@@ -100,8 +100,15 @@ def keys(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
         as_int = pc.if_else(integral, x, pa.scalar(None, pa.float64())).cast(pa.int64()).cast(pa.string())
         out = pc.if_else(integral, as_int, x.cast(pa.string()))
     elif is_text(t) or pa.types.is_null(t):
-        out, bad = text(arr)
+        # Each distinct value is parsed once: ids and scenes repeat over many rows.
+        encoded = pc.dictionary_encode(arr) if not pa.types.is_null(t) else None
+        out, bad = text(encoded.dictionary if encoded is not None else arr)
         out = pc.replace_substring_regex(out, pattern=_INT_AS_DECIMAL, replacement=r"\1")
+        if encoded is not None:
+            bad = np.zeros(len(arr), dtype=bool) if not bad.any() else \
+                np.asarray(pc.fill_null(pc.take(pa.array(bad), encoded.indices), False).to_numpy(
+                    zero_copy_only=False), dtype=bool)
+            out = pc.take(out, encoded.indices)
     elif pa.types.is_temporal(t):
         out = arr.cast(pa.string())
     else:

@@ -1,12 +1,16 @@
 """`msit data prepare`: scene logs in, the prepared layout (msit.data.prepared) and a feature spec out, on Ray.
 
-    read + validate -> shuffle by user -> order, split and count per user group -> fit vocabularies
-    -> encode and write
+    read + validate + cut by user (per input piece) -> order, split and count (per group of users)
+    -> fit vocabularies (driver) -> encode and write (per group of users)
 
-The log never passes through the driver: Ray Data reads and validates it into blocks, and Ray tasks work
-on those blocks (`_per_block`) and then on groups of whole users (`_per_group`). Only small things come back
-to the driver: bad-row summaries, value counts (the vocabularies), row counts and the item and user tables.
-Everything is written into a staging folder and renamed into place (msit.output_dir).
+The log never passes through the driver: Ray tasks read and validate pieces of the input (`_read_block`),
+each cutting its good rows into groups of whole users by a hash of the user key; a task per group then
+orders and splits its users' events (`_per_group`) and, once the vocabularies are fitted, encodes and writes
+them (`_write_group`). Plain Ray tasks rather than Ray Data operators: each step is one task per block or
+group with no per-operator scheduling cost, and a group's events stay in the object store between steps.
+Only small things come back to the driver: bad-row summaries, value counts (the vocabularies), row counts
+and the item and user tables. Everything is written into a staging folder and renamed into place
+(msit.output_dir).
 
 Output directory (msit.data.prepared, layout 2):
     train/ val/ test/      Parquet: one row per event (encoded ids, features, sequence_row, position), in a
@@ -19,10 +23,7 @@ Output directory (msit.data.prepared, layout 2):
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,8 +39,7 @@ from msit.config import from_dict
 from msit.data import notes as note_on
 from msit.data import sources as src
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
-from msit.data.history import ROW_HASH, items_are_numbers, run_starts, sorted_event_order, split_codes
-from msit.data.prepared import SEQUENCES_DIR
+from msit.data.history import ROW_HASH, items_are_numbers, sorted_event_order, split_codes, user_runs
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
     SPLITS,
@@ -55,6 +55,7 @@ from msit.errors import ConfigError, DataValidationError
 from msit.output_dir import writing
 from msit.ray_env import init_ray
 
+SEQUENCES_DIR = "sequences"  # = msit.data.prepared.SEQUENCES_DIR, not imported: that imports torch in every task
 FILE_ROWS = 250_000  # event rows per output file at most
 ROW_GROUP_ROWS = 65_536
 COMPRESSION = "zstd"
@@ -167,17 +168,17 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
 
     steps.start(f"reading and validating {sources.describe()}")
     init_ray(num_cpus=cfg.num_cpus)  # only now: input mistakes are reported without waiting for Ray
-    with _reading(sources):
-        checked = _read(sources, schema).map_batches(check_batch, batch_format="pyarrow", batch_size=None,
-                                                     fn_kwargs={"spec": spec}).materialize()
-    total_rows = checked.count()
+    pieces = _read_pieces(sources)
+    groups = _partitions(cfg, sum(rows for *_, rows in pieces))
+    blocks = [_read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups)
+              for piece in pieces]
+    results = ray.get([refs[0] for refs in blocks])
+    for result in results:
+        if result["error"]:
+            raise DataValidationError(result["error"])
+    total_rows = sum(r["rows"] for r in results)
     check_not_empty(total_rows, ", ".join(cfg.inputs))
-    groups = _partitions(cfg, total_rows)
-    blocks = [_per_block.options(num_returns=2 + groups).remote(block, groups)
-              for block in checked.to_arrow_refs()]
-    del checked
-    summaries = ray.get([refs[0] for refs in blocks])
-    report = BadRowReport.from_summaries(pa.concat_tables(summaries).to_pylist(), total_rows)
+    report = BadRowReport.from_summaries(pa.concat_tables([r["summary"] for r in results]).to_pylist(), total_rows)
     if cfg.on_bad_rows == "error":
         report.raise_if_any()
     for line in report.lines():
@@ -186,13 +187,13 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
         raise DataValidationError(f"all {total_rows:,} rows of the input are invalid: {'; '.join(report.lines())}")
     for text in note_on.time_units(column_label(spec, "timestamp"), report.time_units):
         note(text)
-    items_numeric = all(ray.get([refs[1] for refs in blocks]))
+    items_numeric = all(r["items_numeric"] for r in results)
 
     chronological = "split" not in spec.columns
     steps.start(f"ordering each user's events{' and splitting them chronologically' if chronological else ''} "
                 f"({groups} groups of users)")
     ordered = [_per_group.options(num_returns=2).remote(
-        spec, cfg.split_ratios if chronological else None, items_numeric, *[refs[2 + g] for refs in blocks])
+        spec, cfg.split_ratios if chronological else None, items_numeric, *[refs[1 + g] for refs in blocks])
         for g in range(groups)]
     del blocks
     group_stats = ray.get([refs[1] for refs in ordered])
@@ -246,60 +247,70 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     return PrepareResult(Path(cfg.out), feature_spec, report, notes, steps.seconds)
 
 
-@contextmanager
-def _reading(sources: src.Sources) -> Iterator[None]:
-    """A read that fails inside Ray on a file pyarrow cannot parse (a CSV line with too many fields past the
-    sampled rows, a corrupt Parquet page) is one line naming the input and pyarrow's reason, not a Ray
-    traceback."""
+def _read_pieces(sources: src.Sources) -> list[tuple[str, list[int] | None, int, int, int]]:
+    """The input cut into read tasks of about FILE_ROWS rows: (file, Parquet row groups or None for a whole
+    CSV file, slice k of n of those rows, rows or an estimate). A row group larger than that is read by
+    several tasks, each validating a slice, so that one big file still uses every CPU."""
+    pieces = []
+    for path in sources.files:
+        if sources.format == "csv":
+            pieces.append((path, None, 0, 1, sources.filesystem.get_file_info(path).size // 50))
+            continue
+        meta = pq.ParquetFile(path, filesystem=sources.filesystem).metadata
+        chunk, rows = [], 0
+        for g in range(meta.num_row_groups):
+            chunk, rows = [*chunk, g], rows + meta.row_group(g).num_rows
+            if rows >= FILE_ROWS or g == meta.num_row_groups - 1:
+                n = max(1, -(-rows // (2 * FILE_ROWS)))
+                pieces += [(path, chunk, k, n, rows // n) for k in range(n)]
+                chunk, rows = [], 0
+    return pieces
+
+
+@ray.remote
+def _read_block(sources: src.Sources, piece: tuple, schema: pa.Schema, spec: SceneLogSpec, groups: int) -> tuple:
+    """Reads and validates one piece of the input (`_read_pieces`): ({"error": a one-line message or None,
+    "rows", "summary": its bad rows, "items_numeric": whether its item keys are all numbers}, then its good rows
+    cut into `groups` parts by a hash of the raw user key, so that each user lies in one group)."""
+    path, row_groups, part, parts, _ = piece
     try:
-        yield
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if not isinstance(cause, pa.ArrowException | OSError | UnicodeDecodeError | ValueError):
-            raise
-        # Ray re-raises pyarrow's CSV errors as a ValueError that names the file but drops pyarrow's reason:
-        # read that file again here (an error path) to find it.
-        failed = re.search(r"Failed to read CSV file: (.+?)\. Please check", str(cause))
-        reason = src.csv_error(sources, failed.group(1)) if failed else None
-        if failed and reason:
-            raise DataValidationError(f"{failed.group(1)}: cannot read it as CSV: {reason}") from None
-        message = " ".join(str(cause).split("\n")[0].split())
-        raise DataValidationError(f"{sources.describe()}: cannot read the input: {message}") from None
+        table = _read_piece(sources, path, row_groups, schema)
+    except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as e:
+        kind = "CSV" if sources.format == "csv" else "Parquet"
+        return {"error": f"{path}: cannot read it as {kind}: {' '.join(str(e).split())}"}, *([None] * groups)
+    start, stop = table.num_rows * part // parts, table.num_rows * (part + 1) // parts
+    table = table.slice(start, stop - start)
+    checked = check_batch(table.append_column("path", pa.array([path] * table.num_rows, pa.string())), spec)
+    summary = summarize_bad_rows(checked)
+    good = drop_bad_rows(checked)
+    users = pc.dictionary_encode(good["user_id"]).combine_chunks()
+    bucket_of_user = pd.util.hash_array(np.asarray(users.dictionary.to_numpy(zero_copy_only=False), dtype=object))
+    bucket = (bucket_of_user % np.uint64(groups)).astype(np.int64)[users.indices.to_numpy(zero_copy_only=False)] \
+        if len(good) else np.zeros(0, np.int64)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(groups + 1))
+    good = good.take(pa.array(order))
+    parts_by_group = [good.slice(bounds[g], bounds[g + 1] - bounds[g]) for g in range(groups)]
+    return {"error": None, "rows": table.num_rows, "summary": summary,
+            "items_numeric": items_are_numbers(good["item_id"])}, *parts_by_group
 
 
-def _read(sources: src.Sources, schema: pa.Schema) -> ray.data.Dataset:
-    columns = [*schema.names, "path"]
+def _read_piece(sources: src.Sources, path: str, row_groups: list[int] | None, schema: pa.Schema) -> pa.Table:
     if sources.format == "parquet":
         # One schema for every shard (src.read_schema): shards whose types drift are read alike.
-        return ray.data.read_parquet(sources.files, filesystem=sources.filesystem, schema=schema,
-                                     include_paths=True).select_columns(columns)
+        table = pq.ParquetFile(path, filesystem=sources.filesystem).read_row_groups(row_groups, columns=schema.names)
+        return table.cast(schema)
     # Every CSV column is read as bytes and parsed by our own validation, so that a bad value (a word in a
     # number, a byte that is not UTF-8) is reported with its row count instead of failing the read.
     # Only an empty cell is null: "NA" or "null" are text, as they are in Parquet.
     convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in schema.names}, include_columns=schema.names,
                                    strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
-    return ray.data.read_csv(sources.files, filesystem=sources.filesystem, include_paths=True,
-                             convert_options=convert)
+    with sources.filesystem.open_input_stream(path, compression="detect") as stream:
+        return pacsv.read_csv(stream, convert_options=convert)
 
 
 def _partitions(cfg: PrepareConfig, rows: int) -> int:
     return cfg.num_partitions or int(np.clip(rows // FILE_ROWS + 1, 2, 256))
-
-
-@ray.remote
-def _per_block(block: pa.Table, groups: int) -> tuple:
-    """One validated block: (its bad-row summary, whether its item keys are all numbers, then its good rows cut
-    into `groups` parts by a hash of the raw user key, so that each user lies in one group)."""
-    summary = summarize_bad_rows(block)
-    good = drop_bad_rows(block)
-    users = pc.dictionary_encode(good["user_id"]).combine_chunks()
-    bucket_of_user = pd.util.hash_array(users.dictionary.to_numpy(zero_copy_only=False)) % groups
-    bucket = bucket_of_user[users.indices.to_numpy(zero_copy_only=False)] if len(good) else np.zeros(0, np.int64)
-    order = np.argsort(bucket, kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(groups + 1))
-    good = good.take(pa.array(order))
-    parts = [good.slice(bounds[g], bounds[g + 1] - bounds[g]) for g in range(groups)]
-    return summary, items_are_numbers(good["item_id"]), *parts
 
 
 @ray.remote
@@ -312,14 +323,11 @@ def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, it
     table = table.take(pa.array(sorted_event_order(table["user_id"], table["timestamp"], table["item_id"],
                                                    items_numeric)))
     n = table.num_rows
-    users = table["user_id"].combine_chunks()
-    user_start = run_starts(users)
-    index_in_user = np.arange(n) - user_start
-    position = run_starts(users, table["timestamp"].combine_chunks()) - user_start  # events strictly earlier
-    user_index = np.cumsum(index_in_user == 0) - 1
+    user_index, index_in_user, position = user_runs(table["user_id"].combine_chunks(),
+                                                    table["timestamp"].combine_chunks())
     without_train = None
     if ratios is not None:
-        sizes = np.bincount(user_start, minlength=n)[user_start]
+        sizes = np.bincount(user_index)[user_index]
         codes, no_train = split_codes(index_in_user, sizes, ratios)
         without_train = np.where(no_train, np.where(index_in_user == 0, 2, 1), 0)
     else:

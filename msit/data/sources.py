@@ -257,18 +257,6 @@ def _sample_file(sources: Sources, path: str, max_rows: int) -> list[pa.RecordBa
                                           convert_options=convert), max_rows)
 
 
-def csv_error(sources: Sources, path: str) -> str | None:
-    """pyarrow's reason for failing to parse the CSV file `path` (its values read as bytes), or None."""
-    convert = pacsv.ConvertOptions(column_types={}, strings_can_be_null=True, null_values=[""], check_utf8=False)
-    try:
-        with sources.filesystem.open_input_stream(path, compression="detect") as stream:
-            for _ in pacsv.open_csv(stream, convert_options=convert):
-                pass
-    except (pa.ArrowInvalid, OSError) as e:
-        return _one_line(e)
-    return None
-
-
 def _first_rows(batches, max_rows: int) -> list[pa.RecordBatch]:
     out, total = [], 0
     for batch in batches:

@@ -107,9 +107,27 @@ def _valid(values: pa.Array) -> np.ndarray:
 
 
 def _row_hash(columns: dict[str, pa.Array]) -> np.ndarray:
-    """A 64-bit hash of each row's canonical values: equal for exact duplicates."""
-    frame = pd.DataFrame({name: col.to_numpy(zero_copy_only=False) for name, col in columns.items()})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    """A 64-bit hash of each row's canonical values: equal for exact duplicates (in any block: the hash
+    depends on the values only). Text columns hash each distinct value once."""
+    combined = np.zeros(next(iter(columns.values())).__len__(), dtype=np.uint64)
+    for column in columns.values():
+        combined = (combined * np.uint64(0x100000001B3)) ^ _column_hash(column)
+    return combined
+
+
+_NULL_HASH = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _column_hash(column: pa.Array) -> np.ndarray:
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        values = column.to_numpy(zero_copy_only=False)  # null -> NaN for floats; ints here have no nulls
+        return pd.util.hash_array(values, categorize=False)
+    encoded = pc.dictionary_encode(column)
+    per_value = pd.util.hash_array(np.asarray(encoded.dictionary.to_numpy(zero_copy_only=False), dtype=object))
+    indices = encoded.indices
+    hashes = per_value[np.asarray(pc.fill_null(indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64)] \
+        if len(per_value) else np.zeros(len(column), dtype=np.uint64)
+    return np.where(np.asarray(indices.is_valid().to_numpy(zero_copy_only=False), dtype=bool), hashes, _NULL_HASH)
 
 
 def _examples(batch: pa.Table, spec: SceneLogSpec, code: np.ndarray, files: pa.Array) -> list[str | None]:
