@@ -51,6 +51,8 @@ WORK = ROOT / "benchmarks" / ".cache" / "fault_drills"
 PYTHON = sys.executable
 RAY = str(Path(sys.executable).with_name("ray"))
 SYNTH = {"users": 400, "items": 300, "events_per_user": 25, "seed": 11}
+HISTORY_LENGTH = 10  # the models' window; the prepared layout is in the setup marker (an older layout: set up again)
+SETUP = {**SYNTH, "layout": 2}
 EPOCHS = 4
 KILL_AFTER_EPOCH = 2  # the kill lands while epoch 3 trains: checkpoint 2 exists, 3 does not
 TIMEOUTS = {"train_rank0_kill": 480, "train_rank1_kill": 480, "driver_kill": 600, "node_kill_train": 600,
@@ -145,14 +147,14 @@ def _wait(condition: Callable[[], object], timeout_s: float, what: str, poll_s: 
 def setup(work: Path) -> None:
     """Synthetic log + prepared directory (the CLI, as a user runs it) and a tiny model (single process)."""
     marker = work / "setup.json"
-    if marker.is_file() and json.loads(marker.read_text()) == SYNTH:
+    if marker.is_file() and json.loads(marker.read_text()) == SETUP:
         return
     shutil.rmtree(work / "synth", ignore_errors=True)
     log("setup: msit data synth + msit data prepare")
     synth = [PYTHON, "-m", "msit.cli", "data", "synth", "--out", str(work / "synth"),
              *(a for k, v in SYNTH.items() for a in (f"--{k.replace('_', '-')}", str(v)))]
     prepare = [PYTHON, "-m", "msit.cli", "data", "prepare", str(work / "synth"), "--out", str(work / "prepared"),
-               "--spec", str(work / "synth" / "spec.yaml"), "--history-length", "10", "--num-cpus", "4",
+               "--spec", str(work / "synth" / "spec.yaml"), "--num-cpus", "4",
                "--overwrite"]
     for command in (synth, prepare):
         done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -160,19 +162,21 @@ def setup(work: Path) -> None:
             raise RuntimeError(f"{shlex.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     log("setup: a tiny model for the serving drills")
     from msit.data.feature_spec import FeatureSpec
+    from msit.data.prepared import load_sequences, load_split
     from msit.model import ModelConfig, build_for_data
     from msit.model_dir import save_model_dir
-    from msit.trainer import TrainConfig, fit, load_split
+    from msit.trainer import TrainConfig, fit
 
     prepared = work / "prepared"
     spec = FeatureSpec.load(prepared)
-    config = ModelConfig(embed_dim=16, mlp_dims=(32,))
+    config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=HISTORY_LENGTH)
     model = build_for_data(config, prepared, spec)
-    fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
+    sequences = load_sequences(prepared)  # once for both splits
+    fit(model, load_split(prepared, "train", spec, sequences), load_split(prepared, "val", spec, sequences), spec,
         TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
     shutil.rmtree(work / "model", ignore_errors=True)
     save_model_dir(work / "model", model, config, spec)
-    marker.write_text(json.dumps(SYNTH))
+    marker.write_text(json.dumps(SETUP))
 
 
 # --- training drills -----------------------------------------------------------------------------------------
@@ -186,7 +190,8 @@ def _train_config(work: Path, name: str):
     shutil.rmtree(directory, ignore_errors=True)  # a fresh run name each time: the same one would resume
     directory.mkdir(parents=True)
     return TrainRunConfig(
-        data=str(work / "prepared"), output=str(directory / "model"), model=ModelConfig(embed_dim=16, mlp_dims=(32,)),
+        data=str(work / "prepared"), output=str(directory / "model"),
+        model=ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=HISTORY_LENGTH),
         train=TrainConfig(epochs=EPOCHS, batch_size=256, lr=5e-3, patience=EPOCHS),
         scaling=ScalingSpec(num_workers=2, use_gpu=False, cpus_per_worker=1.0),
         run=RunSpec(name=name, storage_path=str(directory / "ray_results"), max_failures=2))
@@ -218,9 +223,10 @@ def _kill_mid_epoch(cfg, kill: Callable[[], dict], timeout_s: float) -> dict:
 
 def _check_run(cfg, kill: dict | None) -> tuple[bool, int | None, list[str]]:
     """finished, epochs lost, notes: from the run's metrics.json and the exported model."""
+    from msit.data.prepared import load_split
     from msit.model_dir import load_model_dir
     from msit.ray_train import run_outputs_dir
-    from msit.trainer import evaluate, load_split
+    from msit.trainer import evaluate
 
     notes = []
     metrics_file = run_outputs_dir(cfg) / "metrics.json"

@@ -34,7 +34,9 @@ def make_requests(data: Path, spec, count: int = 200, candidates: int = 100, see
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
-    test = pq.read_table(data / "test", columns=["user_key", "scene_id"]).to_pandas()
+    test = pq.read_table(data / "test", columns=["sequence_row", "scene_id"]).to_pandas()
+    keys = pq.read_table(data / "sequences", columns=["sequence_row", "user_key"]).to_pandas()
+    test = test.merge(keys, on="sequence_row", how="left", validate="many_to_one")  # the raw user id of each row
     items = spec.vocabularies["item_id"][2:]
     rows = test.sample(count, random_state=seed)
     return [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2],

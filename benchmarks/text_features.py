@@ -21,8 +21,9 @@ import torch
 from quality import ARCHITECTURE, MODEL, PROTOCOLS, ROOT, TRAIN, device_name, prepared_dir
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.prepared import load_sequences, load_split
 from msit.model import ModelConfig, build_for_data
-from msit.trainer import TrainConfig, fit, load_split, seed_everything
+from msit.trainer import TrainConfig, fit, seed_everything
 
 CACHE = ROOT / "benchmarks" / ".cache"
 
@@ -46,7 +47,8 @@ def run(protocol: str, family: str, point: dict, use_text: bool, data: str) -> d
     config = ModelConfig(family=family, **MODEL, **ARCHITECTURE.get(family, {}), dropout=point["dropout"],
                          use_text=use_text)
     model = build_for_data(config, data, spec)
-    result = fit(model, load_split(data, "train", spec), load_split(data, "val", spec), spec,
+    sequences = load_sequences(data)  # once for both splits
+    result = fit(model, load_split(data, "train", spec, sequences), load_split(data, "val", spec, sequences), spec,
                  TrainConfig(seed=0, lr=point["lr"], **TRAIN), log=lambda m: None)
     val = result.best_val["overall"]
     print(f"[{protocol} {family} text={use_text}] val AUC {val['auc']:.4f}", flush=True)

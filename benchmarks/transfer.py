@@ -30,14 +30,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from msit.data.feature_spec import FeatureSpec
+from msit.data.feature_spec import LAYOUT_VERSION, FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
+from msit.data.prepared import load_sequences, load_split
 from msit.finetune import FinetuneSpec
 from msit.model import ModelConfig, build_model, load_item_table
 from msit.model_dir import load_model_dir, save_model_dir
 from msit.ray_env import init_ray
 from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
-from msit.trainer import TrainConfig, evaluate, fit, load_split, seed_everything
+from msit.trainer import TrainConfig, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT.parent / "shared" / "data" / "ml100k_genre.csv"
@@ -66,12 +67,13 @@ def sparse_log(events: pd.DataFrame, scene: str, fraction: float, seed: int = 0)
 def prepared(name: str, frame: pd.DataFrame, cache: Path, encoding_from: Path | None = None) -> Path:
     """`frame` written as a scene log and prepared (cached by name)."""
     out = cache / name
-    if (out / "feature_spec.json").is_file():
+    spec = out / "feature_spec.json"
+    if spec.is_file() and json.loads(spec.read_text()).get("layout") == LAYOUT_VERSION:  # else: an older msit
         return out
     log = cache / "logs" / f"{name}.csv"
     log.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(log, index=False)
-    prepare(PrepareConfig(inputs=[str(log)], out=str(out), history_length=HISTORY, overwrite=True,
+    prepare(PrepareConfig(inputs=[str(log)], out=str(out), overwrite=True,
                           encoding_from=str(encoding_from) if encoding_from else None,
                           extend_vocab=encoding_from is not None), log=lambda m: print(f"  [{name}] {m}", flush=True))
     return out
@@ -81,7 +83,8 @@ def train_single(data: Path, family: str, seed: int, tag: str) -> tuple[torch.nn
     spec = FeatureSpec.load(data)
     seed_everything(seed)
     model = build_model(ModelConfig(family=family, **MODEL), spec, load_item_table(data, spec))
-    result = fit(model, load_split(data, "train", spec), load_split(data, "val", spec), spec,
+    sequences = load_sequences(data)  # once for both splits
+    result = fit(model, load_split(data, "train", spec, sequences), load_split(data, "val", spec, sequences), spec,
                  TrainConfig(seed=seed, **TRAIN), log=lambda m: print(f"[{tag}] {m}", flush=True))
     return model, spec, {"train_s": result.seconds, "best_epoch": result.best_epoch}
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from quality import prepared_dir
 
+from msit.data.prepared import load_split
 from msit.model_dir import load_model_dir
 from msit.ray_env import init_ray
 from msit.ray_tune import TuneRunConfig, run_search, search_outputs_dir
-from msit.trainer import evaluate, load_split
+from msit.trainer import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

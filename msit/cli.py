@@ -52,7 +52,6 @@ def _synth_config(args: argparse.Namespace):
 
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="YAML mapping your columns to roles (see README); inferred when omitted")
-    p.add_argument("--history-length", type=int, default=50, help="past events kept per event (default 50)")
     p.add_argument("--min-count", type=int, default=1,
                    help="values seen fewer times in training map to out-of-vocabulary (default 1)")
     p.add_argument("--split-ratios", type=_ratios, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
@@ -73,10 +72,9 @@ def _prepare(args: argparse.Namespace, inputs: list[str], out: str):
     from msit.data.spec import SceneLogSpec
 
     spec = SceneLogSpec.load(args.spec) if args.spec else None
-    cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, history_length=args.history_length,
-                        min_count=args.min_count, split_ratios=args.split_ratios, on_bad_rows=args.on_bad_rows,
-                        multi_max_len=args.multi_max_len, overwrite=args.overwrite, num_cpus=args.num_cpus,
-                        encoding_from=args.encoding_from, extend_vocab=args.extend_vocab)
+    cfg = PrepareConfig(inputs=inputs, out=out, spec=spec, min_count=args.min_count, split_ratios=args.split_ratios,
+                        on_bad_rows=args.on_bad_rows, multi_max_len=args.multi_max_len, overwrite=args.overwrite,
+                        num_cpus=args.num_cpus, encoding_from=args.encoding_from, extend_vocab=args.extend_vocab)
     return prepare(cfg, log=_log)
 
 
@@ -129,20 +127,22 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from msit.data.prepared import load_sequences, load_split
     from msit.metrics import format_table
     from msit.model_dir import check_data_encoding, load_model_dir
-    from msit.trainer import evaluate, load_split
+    from msit.trainer import evaluate
 
     loaded = load_model_dir(args.model)
     check_data_encoding(args.model, loaded.spec, args.data)
-    data = load_split(args.data, args.split, loaded.spec)
+    sequences = load_sequences(args.data)  # once, shared by the splits read
+    data = load_split(args.data, args.split, loaded.spec, sequences)
     metrics = evaluate(loaded.model, data, loaded.spec)
     print(f"{loaded.config.family} on {args.data} ({args.split}):")
     print(format_table(metrics))
     if args.ranking_k:
         from msit.ranking import catalogue_ranking, scene_catalogues
 
-        catalogues = scene_catalogues(load_split(args.data, "train", loaded.spec))
+        catalogues = scene_catalogues(load_split(args.data, "train", loaded.spec, sequences))
         metrics["ranking"] = catalogue_ranking(loaded.model, data, catalogues, loaded.spec, args.ranking_k,
                                                args.ranking_queries)
         k = args.ranking_k
@@ -254,7 +254,8 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
     # request_timeout_s: a stuck request gets a 408 from Serve's proxy instead of hanging.
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
-                     "max_history": args.max_history, "require_token": args.require_token,
+                     "max_history": args.max_history, "history_events_per_user": args.history_events_per_user,
+                     "require_token": args.require_token,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                                      "target_ongoing_requests": TARGET_ONGOING_BATCHES}}), name="msit",
@@ -282,6 +283,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-candidates", type=int, default=1000, help="largest candidate list accepted")
     p.add_argument("--max-history", type=int, default=1000, help="most events accepted in a request's history")
+    p.add_argument("--history-events-per-user", type=int, default=None, metavar="K",
+                   help="the history store keeps each user's latest K events (>= the model's history_length; "
+                   "default: all of them)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request still unanswered after this many seconds gets a 408 (default %(default)s)")
     p.add_argument("--require-token", action="store_true",
@@ -300,10 +304,13 @@ def _demo_request(url: str, prepared: Path) -> None:
 
     import pyarrow.parquet as pq
 
-    row = pq.read_table(prepared / "test", columns=["user_key", "item_key"]).slice(0, 3).to_pylist()
+    from msit.data.prepared import SEQUENCES_DIR
+
+    # A user with a stored sequence, and the first three known items.
+    user = pq.read_table(prepared / SEQUENCES_DIR, columns=["user_key"]).column(0)[0].as_py()
     spec = json.loads((prepared / "feature_spec.json").read_text())
-    body = json.dumps({"user_id": row[0]["user_key"], "scenario": spec["scenarios"][0],
-                       "candidates": [r["item_key"] for r in row], "explain": True})
+    body = json.dumps({"user_id": user, "scenario": spec["scenarios"][0],
+                       "candidates": spec["vocabularies"]["item_id"][2:5], "explain": True})
     command = ["curl", "-sS", "-X", "POST", f"{url}/v1/score", "-H", "content-type: application/json", "-d", body]
     print(f"\n$ curl -sS -X POST {url}/v1/score -H 'content-type: application/json' -d '{body}'", flush=True)
     if shutil.which("curl"):
@@ -331,11 +338,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"prepared: {spec.row_counts['train']:,} train / {spec.row_counts['val']:,} val / "
           f"{spec.row_counts['test']:,} test rows in scenes {', '.join(spec.scenarios)}", flush=True)
 
+    from msit.data.prepared import load_split
     from msit.metrics import format_table
     from msit.model import ModelConfig
     from msit.model_dir import load_model_dir
     from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_outputs_dir, run_training
-    from msit.trainer import TrainConfig, evaluate, load_split
+    from msit.trainer import TrainConfig, evaluate
 
     _log(f"== 3. msit train: Ray Train, {args.num_workers} workers -> {out / 'model'}")
     cfg = TrainRunConfig(data=str(out / "prepared"), output=str(out / "model"), model=ModelConfig(),
@@ -460,10 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_args(p)
     p.set_defaults(func=cmd_data_synth)
 
-    p = data_sub.add_parser("prepare", help="validate, encode and add behaviour histories (Ray Data)",
+    p = data_sub.add_parser("prepare", help="validate, encode and store each user's sequence once (Ray Data)",
                             description="Read scene logs (Parquet/CSV file, directory or glob; local, s3://, gs://), "
-                            "validate, fit vocabularies, encode, build behaviour histories, split, and write "
-                            "Parquet shards plus feature_spec.json.")
+                            "validate, split, fit vocabularies, encode, order each user's events, and write the "
+                            "event rows, one sequence per user and feature_spec.json. History windows are cut when "
+                            "batches are built: their length is the model's history_length, not set here.")
     p.add_argument("inputs", nargs="+", help="files, directories or globs of scene logs")
     p.add_argument("--out", default=DEFAULT_PREPARED_DIR, help="output directory (default %(default)s)")
     _add_prepare_args(p)

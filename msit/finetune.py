@@ -81,16 +81,14 @@ class StartSummary:
 
 def check_encoding_extends(model_dir: str | Path, data_spec: FeatureSpec, data_dir: str | Path) -> None:
     """The data must encode every value the model knows at the model's index: its vocabularies must
-    start with the model's."""
+    start with the model's. (The history length is the model's own, windows are cut per batch: any
+    prepared data serves it.)"""
     model_spec = load_model_spec(model_dir)
     for name, values in model_spec.vocabularies.items():
         if data_spec.vocabularies.get(name, [])[:len(values)] != values:
             raise MsitError(f"{data_dir} does not extend the encoding of {model_dir} (vocabulary {name!r} differs); "
                             f"prepare the logs with `msit data prepare LOGS --encoding-from {model_dir} "
                             "--extend-vocab`")
-    if data_spec.history_length != model_spec.history_length:
-        raise MsitError(f"{data_dir} has histories of {data_spec.history_length} events, the model "
-                        f"{model_dir} {model_spec.history_length}; prepare with --encoding-from {model_dir}")
 
 
 def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,

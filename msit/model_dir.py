@@ -198,9 +198,7 @@ def check_data_encoding(model_dir: str | Path, model_spec: FeatureSpec, data_dir
     data_spec = FeatureSpec.load(data_dir)
     if data_spec.fingerprint() == model_spec.fingerprint():
         return
-    differs = []
-    if data_spec.history_length != model_spec.history_length:
-        differs.append(f"history length {data_spec.history_length} (the model: {model_spec.history_length})")
+    differs = []  # the history length is not among them: it is the model's, windows are cut per batch
     fields_differ = sorted(set(data_spec.fields) ^ set(model_spec.fields))
     fields_differ += sorted(k for k in set(data_spec.fields) & set(model_spec.fields)
                             if data_spec.fields[k] != model_spec.fields[k])

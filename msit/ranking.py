@@ -13,22 +13,25 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.prepared import Batch, EventSplit
 from msit.metrics import ranking_metrics
-from msit.trainer import Batch, predict
+from msit.trainer import predict
 
 
-def scene_catalogues(train: Batch) -> dict[int, np.ndarray]:
-    """Scene id -> the known items (id >= 2) seen in that scene in the training split."""
-    scenes, items = train["scene_id"].numpy(), train["item_id"].numpy()
+def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
+    """Scene id -> the known items (id >= 2) seen in that scene in the training split (its event rows)."""
+    events = train.events if isinstance(train, EventSplit) else train
+    scenes, items = events["scene_id"].numpy(), events["item_id"].numpy()
     return {int(s): np.unique(items[(scenes == s) & (items >= 2)]) for s in np.unique(scenes)}
 
 
-def catalogue_ranking(model: nn.Module, data: Batch, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
+def catalogue_ranking(model: nn.Module, data: EventSplit, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
                       k: int = 10, max_queries: int = 200, seed: int = 0) -> dict[str, dict]:
     """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`)."""
     rng = np.random.default_rng(seed)
-    users, scenes = data["user_id"].numpy(), data["scene_id"].numpy()
-    labels, items = data["label"].numpy(), data["item_id"].numpy()
+    events = data.events
+    users, scenes = events["user_id"].numpy(), events["scene_id"].numpy()
+    labels, items = events["label"].numpy(), events["item_id"].numpy()
     out = {}
     for index, name in enumerate(spec.scenarios):
         scene, catalogue = index + 2, catalogues.get(index + 2, np.zeros(0, dtype=np.int64))
@@ -40,10 +43,10 @@ def catalogue_ranking(model: nn.Module, data: Batch, catalogues: dict[int, np.nd
         scores, relevant = [], []
         for user in query_users:
             in_scene = np.flatnonzero((users == user) & (scenes == scene))
-            template = {key: value[in_scene[:1]] for key, value in data.items()}
+            template = {key: value[in_scene[:1]] for key, value in events.items()}  # its window: cut from the row
             candidates = {key: value.expand(len(catalogue), *value.shape[1:]) for key, value in template.items()}
-            candidates["item_id"] = torch.as_tensor(catalogue)
-            scores.append(predict(model, candidates))
+            candidates["item_id"] = torch.as_tensor(catalogue, dtype=events["item_id"].dtype)
+            scores.append(predict(model, EventSplit(candidates, data.sequences)))
             relevant.append(np.isin(catalogue, items[in_scene][labels[in_scene] == 1]))
         metrics = ranking_metrics(np.stack(scores), np.stack(relevant), k)
         out[name] = {**metrics, "queries": len(query_users), "catalogue": len(catalogue)}

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from msit.data.prepared import EventSplit, load_split
 from msit.metrics import auc, scene_metrics
 from msit.model.msit import target_slots
 from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
-from msit.trainer import Batch, iterate, load_split
 
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
-# 11-20, 21+. Buckets that start beyond the stored history length are dropped.
+# 11-20, 21+. Buckets that start beyond the model's history length are dropped.
 HISTORY_BUCKET_EDGES: tuple[int, ...] = (0, 1, 3, 6, 11, 21)
 MIN_BUCKET_ROWS = 30  # fewer rows than this: no AUC for the bucket (shown as a gap, the row count still given)
 BATCH_SIZE = 4096  # the same as trainer.evaluate's default, so metrics match `msit evaluate` exactly
@@ -59,7 +59,7 @@ class ModelResult:
 
 
 @torch.no_grad()
-def run_model(model: torch.nn.Module, data: Batch, n_scenes: int,
+def run_model(model: torch.nn.Module, data: EventSplit, n_scenes: int,
               desc: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """One pass over the split: probabilities per row, and the mean transfer attention per target scene.
 
@@ -71,15 +71,15 @@ def run_model(model: torch.nn.Module, data: Batch, n_scenes: int,
     sums = torch.zeros(n_scenes, n_scenes, dtype=torch.float64)
     counts = torch.zeros(n_scenes, dtype=torch.float64)
     has_attention, chunks = True, []
-    total = math.ceil(len(data["label"]) / BATCH_SIZE)
-    for batch in tqdm(iterate(data, BATCH_SIZE), total=total, desc=desc, leave=False,
-                      disable=not sys.stderr.isatty()):
-        output = model({k: v.to(device) for k, v in batch.items()})
+    total = math.ceil(len(data) / BATCH_SIZE)
+    for batch in tqdm(data.batches(BATCH_SIZE, model.history_length, device=device), total=total, desc=desc,
+                      leave=False, disable=not sys.stderr.isatty()):
+        output = model(batch)
         chunks.append(torch.sigmoid(output.logits.float()).cpu())
         if output.transfer_attention is None:
             has_attention = False
             continue
-        slots = target_slots(batch["scene_id"].long(), n_scenes)  # row of the matrix; -1: padding / unknown scene
+        slots = target_slots(batch["scene_id"].cpu(), n_scenes)  # row of the matrix; -1: padding / unknown scene
         known = slots >= 0
         sums.index_add_(0, slots[known], output.transfer_attention.detach().cpu().double()[known])
         counts += torch.bincount(slots[known], minlength=n_scenes).double()
@@ -90,13 +90,13 @@ def run_model(model: torch.nn.Module, data: Batch, n_scenes: int,
         return probs, (sums / counts[:, None]).numpy()
 
 
-def evaluate_model(name: str, model_dir: Path, loaded: LoadedModel, data: Batch, buckets: np.ndarray,
+def evaluate_model(name: str, model_dir: Path, loaded: LoadedModel, data: EventSplit, buckets: np.ndarray,
                    n_buckets: int) -> ModelResult:
     spec = loaded.spec
     probs, attention = run_model(loaded.model, data, len(spec.scenarios), desc=name)
     scene_names = spec.scene_names()  # as trainer.evaluate names them
-    labels, scene_ids = data["label"].numpy(), data["scene_id"].numpy()
-    metrics = scene_metrics(labels, probs, scene_ids, data["user_id"].numpy(), scene_names)
+    labels, scene_ids = data.events["label"].numpy(), data.events["scene_id"].numpy()
+    metrics = scene_metrics(labels, probs, scene_ids, data.events["user_id"].numpy(), scene_names)
     history_auc = auc_by_bucket(labels, probs, scene_ids, buckets, n_buckets, scene_names)
     return ModelResult(name, model_dir, loaded.config.family, metrics, attention, history_auc)
 
@@ -110,6 +110,13 @@ def target_scene_history(scene_ids: torch.Tensor, history_scene_ids: torch.Tenso
     positions = torch.arange(history_scene_ids.shape[1], device=history_scene_ids.device)
     valid = positions[None, :] < history_length[:, None]
     return ((history_scene_ids == scene_ids[:, None]) & valid).sum(dim=1)
+
+
+def target_scene_counts(data: EventSplit, history_length: int) -> np.ndarray:
+    """(R,) per row of the split: how many events of its window of `history_length` were in its own scene."""
+    counts = [target_scene_history(b["scene_id"], b["history_scene_ids"], b["history_length"])
+              for b in data.batches(BATCH_SIZE, history_length)]
+    return torch.cat(counts).numpy() if counts else np.zeros(0, dtype=np.int64)
 
 
 def bucket_edges(max_length: int, edges: Sequence[int] = HISTORY_BUCKET_EDGES) -> list[int]:
@@ -352,11 +359,12 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         check_data_encoding(directory, loaded[name].spec, data_dir)
     spec = loaded["model"].spec
     data = load_split(data_dir, split, spec)
-    max_length = data["history_scene_ids"].shape[1]
-    counts = target_scene_history(data["scene_id"], data["history_scene_ids"], data["history_length"])
+    # Buckets by the model's own window (an ablation with another history_length is bucketed alike).
+    max_length = loaded["model"].config.history_length
+    counts = target_scene_counts(data, max_length)
     buckets, labels = history_buckets(counts, max_length), bucket_labels(max_length)
     scene_names = spec.scene_names()
-    rows = bucket_rows(data["scene_id"].numpy(), buckets, len(labels), scene_names)
+    rows = bucket_rows(data.events["scene_id"].numpy(), buckets, len(labels), scene_names)
 
     results = []
     for step, name in enumerate(("model", "ablation"), start=2):
@@ -364,7 +372,7 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
             log(f"[{step}/4] no {name} given: skipped")
             continue
         log(f"[{step}/4] evaluating the {name} {dirs[name]} ({loaded[name].config.family}) on "
-            f"{len(data['label'])} rows")
+            f"{len(data)} rows")
         results.append(evaluate_model(name, dirs[name], loaded[name], data, buckets, len(labels)))
 
     log(f"[4/4] writing the report into {out_dir}")

@@ -5,7 +5,7 @@ import torch
 
 from msit.data.feature_spec import FeatureSpec, FieldInfo
 
-N_USERS, N_ITEMS, HISTORY = 30, 40, 6
+N_USERS, N_ITEMS, HISTORY = 30, 40, 6  # HISTORY: the window width of random_batch
 SCENES = ["feed", "search", "shop"]
 
 
@@ -20,8 +20,7 @@ def tiny_spec() -> FeatureSpec:
     vocabularies = {"user_id": vocab("u", N_USERS), "item_id": vocab("i", N_ITEMS),
                     "scenario": ["<pad>", "<oov>", *SCENES], "gender": vocab("g", 4), "category": vocab("c", 6),
                     "tags": vocab("t", 7), "hour": vocab("h", 26)}
-    return FeatureSpec(scenarios=SCENES, fields=fields, vocabularies=vocabularies, history_length=HISTORY,
-                       row_counts={})
+    return FeatureSpec(scenarios=SCENES, fields=fields, vocabularies=vocabularies, row_counts={})
 
 
 def item_table(seed: int = 0) -> dict[str, np.ndarray]:

@@ -48,6 +48,14 @@ def test_bad_option_values_are_usage_errors(capsys):
     assert "expected three numbers" in capsys.readouterr().err
 
 
+def test_prepare_has_no_history_length_any_more(capsys):
+    """The window length is the model's (model.history_length in the train/tune YAML), cut per batch."""
+    with pytest.raises(SystemExit) as e:
+        main(["data", "prepare", "x.csv", "--history-length", "20"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --history-length" in capsys.readouterr().err
+
+
 def test_synth_then_infer_spec(tmp_path, capsys):
     assert main(["data", "synth", "--users", "40", "--items", "60", "--out", str(tmp_path / "s"),
                  "--format", "csv"]) == 0

@@ -11,13 +11,14 @@ import torch
 from msit.data import synth
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
+from msit.data.prepared import load_split
 from msit.data.spec import SceneLogSpec
 from msit.errors import ConfigError, MsitError
 from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
 from msit.metrics import auc
 from msit.model import ModelConfig, build_for_data
 from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, fit, load_split, predict, select_scenes
+from msit.trainer import TrainConfig, fit, predict, select_scenes
 
 QUIET = dict(log=lambda _: None)
 
@@ -35,8 +36,7 @@ def logs(ray_session, tmp_path_factory):
     old = events[(events["scenario"] != new_scene) & ~events["item_id"].isin(held_out_items)]
     (root / "old").mkdir()
     old.to_parquet(root / "old" / "part.parquet")
-    prepare(PrepareConfig(inputs=[str(root / "old")], out=str(root / "old_prepared"), history_length=10, spec=spec),
-            **QUIET)
+    prepare(PrepareConfig(inputs=[str(root / "old")], out=str(root / "old_prepared"), spec=spec), **QUIET)
     return root, spec, new_scene, {str(i) for i in held_out_items}
 
 
@@ -45,7 +45,7 @@ def old_model(logs):
     root, _, _, _ = logs
     prepared = root / "old_prepared"
     spec = FeatureSpec.load(prepared)
-    config = ModelConfig(embed_dim=16, mlp_dims=(32,))
+    config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=10)
     model = build_for_data(config, prepared, spec)
     fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
         TrainConfig(epochs=1, batch_size=256, lr=5e-3), **QUIET)
@@ -69,8 +69,7 @@ def test_extended_vocabularies_keep_every_old_index_and_append_the_new(logs, old
     assert new.scenarios == [*old.scenarios, new_scene]
     added = new.vocabularies["item_id"][len(old.vocabularies["item_id"]):]
     assert held_out_items <= set(added) and not set(added) & set(old.vocabularies["item_id"])
-    assert new.history_length == old.history_length
-    check_encoding_extends(old_model, new, extended)  # no error
+    check_encoding_extends(old_model, new, extended)  # no error (the history length is the model's, not the data's)
     with pytest.raises(MsitError, match="--extend-vocab"):
         check_encoding_extends(extended, old, old_model)  # the other way round is not an extension
 
@@ -109,7 +108,7 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
 
     new_scene_id = spec.scene_ids([new_scene])
     test_new = select_scenes(load_split(extended, "test", spec), new_scene_id)
-    auc_at_start = auc(test_new["label"].numpy(), predict(model, test_new))
+    auc_at_start = auc(test_new.events["label"].numpy(), predict(model, test_new))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     train = select_scenes(load_split(extended, "train", spec), new_scene_id)
     val = load_split(extended, "val", spec)
@@ -126,17 +125,17 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
         assert len(fresh) and not torch.equal(fresh, start[name][len(learned[name]):]), name
 
     # The new scene is scored better than before its rows were trained on; old scenes barely move.
-    assert auc(test_new["label"].numpy(), predict(model, test_new)) > auc_at_start + 0.02
+    assert auc(test_new.events["label"].numpy(), predict(model, test_new)) > auc_at_start + 0.02
     old_test = load_split(root / "old_prepared", "test", old.spec)  # old encoding: a prefix of the new one
     before, after = predict(old.model, old_test), predict(model, old_test)
-    old_labels = old_test["label"].numpy()
+    old_labels = old_test.events["label"].numpy()
     assert np.abs(after - before).mean() < 0.05
     assert abs(auc(old_labels, after) - auc(old_labels, before)) < 0.02
 
 
 def test_start_from_refuses_another_architecture(logs, old_model, extended):
     spec = FeatureSpec.load(extended)
-    other = build_for_data(ModelConfig(embed_dim=8, mlp_dims=(32,)), extended, spec)
+    other = build_for_data(ModelConfig(embed_dim=8, mlp_dims=(32,), history_length=10), extended, spec)
     with pytest.raises(MsitError, match="cannot start"):
         start_from(other, FinetuneSpec(str(old_model)), spec)
 

@@ -15,7 +15,7 @@ SPEC = tiny_spec()
 
 def _model(seed=0, **kwargs):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(embed_dim=16, **kwargs), SPEC, item_table())
+    return build_model(ModelConfig(**{"embed_dim": 16, "history_length": HISTORY, **kwargs}), SPEC, item_table())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -94,12 +94,34 @@ def test_same_seed_same_model_and_scores():
     assert not torch.equal(a(batch).logits, _model(seed=4).eval()(batch).logits)
 
 
-def test_history_truncation_uses_the_most_recent_events():
+def test_a_model_reads_windows_of_its_history_length_cut_from_the_sequences():
+    """Windows are cut per batch (model_batch) at the model's history_length: events older than the last two
+    never change a score of a history_length=2 model; the last two do."""
+    from msit.data.prepared import model_batch
+    from msit.data.sequences import Sequences
+
     model = _model(history_length=2).eval()
-    batch = random_batch(8, history_lengths=[6] * 8)
-    changed = {k: v.clone() for k, v in batch.items()}
-    changed["history_item_ids"][:, 2:] = 5  # older than the two kept events
-    assert torch.equal(model(batch).logits, model(changed).logits)
+    assert model.history_length == 2
+    users, events = 8, 6
+    g = torch.Generator().manual_seed(1)
+
+    scenes = torch.randint(2, 5, (users * events,), generator=g)
+
+    def sequences(items: torch.Tensor) -> Sequences:  # each user: 6 events at t = 10, 20, ..., 60
+        return Sequences.from_arrays(torch.full((users,), events).numpy(), items.flatten().numpy(), scenes.numpy(),
+                                     torch.ones(users * events).numpy(), torch.arange(10, 70, 10).repeat(users).numpy())
+
+    items = torch.randint(2, 40, (users, events), generator=g)
+    older, recent = items.clone(), items.clone()
+    older[:, :4] = 5  # the four oldest events
+    recent[:, 4:] = 5  # the two most recent
+    rows = {k: v for k, v in random_batch(users).items() if not k.startswith("history_")}
+    rows |= {"sequence_row": torch.arange(users), "timestamp": torch.full((users,), 100),
+             "position": torch.full((users,), events)}
+    scores = [model(model_batch(rows, sequences(s), model.history_length)).logits for s in (items, older, recent)]
+    assert model_batch(rows, sequences(items), 2)["history_item_ids"].tolist() == items[:, [5, 4]].tolist()
+    assert torch.equal(scores[0], scores[1])
+    assert not torch.equal(scores[0], scores[2])
 
 
 def test_transfer_kl_regulariser_only_when_weighted():
@@ -129,10 +151,11 @@ def test_invalid_configs_are_refused_with_a_message(kwargs, message):
 def test_save_then_load_gives_identical_scores(tmp_path, family):
     model = _model(family=family).eval()
     batch = random_batch(16)
-    cfg = ModelConfig(embed_dim=16, family=family)
+    cfg = ModelConfig(embed_dim=16, family=family, history_length=HISTORY)
     save_model_dir(tmp_path / "m", model, cfg, SPEC, {"note": "test"})
     loaded = load_model_dir(tmp_path / "m")
     assert dataclasses.asdict(loaded.config) == dataclasses.asdict(cfg)
+    assert loaded.config.history_length == loaded.model.history_length == HISTORY  # the window width travels
     assert loaded.info == {"note": "test"}
     assert torch.equal(loaded.model(batch).logits, model(batch).logits)
     save_model_dir(tmp_path / "m", model, cfg, SPEC)  # replacing an existing directory works

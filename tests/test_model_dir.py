@@ -5,13 +5,12 @@ import json
 import re
 import shutil
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from msit.cli import main
 from msit.errors import ConfigError, MsitError
-from msit.model import ModelConfig, build_model
+from msit.model import ModelConfig, build_for_data, build_model
 from msit.model_dir import load_model_config, load_model_dir, save_model_dir
 from tests.model_helpers import item_table, tiny_spec
 
@@ -67,6 +66,7 @@ def test_model_json_that_does_not_parse_is_one_line(model_dir, capsys):
     (lambda m: m["model"].update(embed_dim="16"), r"model\.json: model\.embed_dim: expected int, got '16'"),
     (lambda m: m["model"].update(mlp_dims="wide"), r"model\.json: model\.mlp_dims: expected tuple\[int, \.\.\.\]"),
     (lambda m: m["model"].update(dropout=None), r"model\.json: model\.dropout: expected float, got None"),
+    (lambda m: m["model"].update(history_length=None), r"model\.json: model\.history_length: expected int, got None"),
     (lambda m: m["model"].update(width=3), r"model\.json: model: unknown key\(s\) \['width'\]"),
 ])
 def test_a_bad_model_json_names_the_file_and_the_key(model_dir, capsys, edit, message):
@@ -76,9 +76,11 @@ def test_a_bad_model_json_names_the_file_and_the_key(model_dir, capsys, edit, me
 
 @pytest.mark.parametrize(("text", "message"), [
     ("{not json", r"feature_spec\.json is not a valid feature spec \(Expecting property name"),
-    ('{"format_version": 1, "fields": {}}', r"feature_spec\.json is not a valid feature spec .*missing"),
-    ('{"format_version": 1, "fields": {"user_id": {"rol": "user"}}}',
+    ('{"format_version": 1, "layout": 2, "fields": {}}', r"feature_spec\.json is not a valid feature spec .*missing"),
+    ('{"format_version": 1, "layout": 2, "fields": {"user_id": {"rol": "user"}}}',
      r"feature_spec\.json is not a valid feature spec .*unexpected keyword argument 'rol'"),
+    ('{"format_version": 1, "fields": {}, "history_length": 50}',  # a model trained before issue 14
+     r"feature_spec\.json: written by an older msit \(data layout 1.*train again for a model directory"),
 ])
 def test_a_feature_spec_that_does_not_parse_is_one_line(model_dir, capsys, text, message):
     (model_dir / "feature_spec.json").write_text(text)
@@ -135,30 +137,33 @@ def test_evaluate_on_data_of_other_shapes_names_the_mismatch(small_model, prepar
     model, _ = small_model
     evaluate = ["evaluate", "--model", str(model), "--data", str(prepared_copy), "--split", "val"]
 
-    # Histories of 5 events where the model's spec says 10 (the feature spec copied over, so the encodings match).
-    def shorter(table):
-        return table.set_column(table.schema.get_field_index("history_labels"), "history_labels",
-                                pa.array([v[:5] for v in table["history_labels"].to_pylist()]))
-    _rewrite_split(prepared_copy, "val", shorter)
+    _rewrite_split(prepared_copy, "val", lambda t: t.drop_columns(["position"]))  # the feature spec copied over
     assert main(evaluate) == 1
     err = capsys.readouterr().err
-    assert "column 'history_labels' holds lists of 5 values where the model's feature spec says lists of 10" in err
-    assert err.count("\n") == 1
-
-    _rewrite_split(prepared_copy, "val", lambda t: t.drop_columns(["history_labels"]))
-    assert main(evaluate) == 1
-    assert "lacks column(s) ['history_labels'] that the model's feature spec needs" in capsys.readouterr().err
+    assert "lacks column(s) ['position'] that the model's feature spec needs" in err and err.count("\n") == 1
 
     (prepared_copy / "val" / "part-0.parquet").write_bytes(b"PAR1 not parquet")
     assert main(evaluate) == 1
     assert "the split's Parquet shards cannot be read" in capsys.readouterr().err
 
 
-def test_evaluate_on_data_prepared_with_another_history_length_says_so(small_model, prepared_copy, capsys):
+def test_evaluate_without_the_sequences_says_so(small_model, prepared_copy, capsys):
     model, _ = small_model
-    spec = json.loads((prepared_copy / "feature_spec.json").read_text())
-    spec["history_length"] = 5
-    (prepared_copy / "feature_spec.json").write_text(json.dumps(spec))
+    shutil.rmtree(prepared_copy / "sequences")
     assert main(["evaluate", "--model", str(model), "--data", str(prepared_copy)]) == 1
     err = capsys.readouterr().err
-    assert "was encoded otherwise than the model" in err and "history length 5 (the model: 10)" in err
+    assert "no sequences/ at" in err and err.count("\n") == 1
+
+
+def test_a_model_of_another_history_length_evaluates_the_same_prepared_data(small_model, tmp_path, capsys):
+    """The history length is the model's: no prepare again, and no encoding mismatch (the fingerprint has none)."""
+    model_dir, prepared = small_model
+    spec = load_model_dir(model_dir).spec
+    config = ModelConfig(embed_dim=8, mlp_dims=(8,), history_length=25)
+    longer = save_model_dir(tmp_path / "longer", build_for_data(config, prepared, spec), config, spec)
+    assert load_model_config(longer).history_length == 25 != load_model_config(model_dir).history_length
+    for directory in (model_dir, longer):
+        out = tmp_path / f"{directory.name}.json"
+        assert main(["evaluate", "--model", str(directory), "--data", str(prepared), "--json", str(out)]) == 0, \
+            capsys.readouterr().err
+        assert json.loads(out.read_text())["overall"]["rows"] == spec.row_counts["test"]

@@ -10,17 +10,19 @@ import pytest
 import torch
 
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec
+from msit.data.prepared import load_sequences, load_split
 from msit.errors import MsitError
-from msit.model_dir import load_model_dir
+from msit.model_dir import load_model_config, load_model_dir
 from msit.report import (
     HISTORY_BUCKET_EDGES,
     bucket_labels,
     bucket_rows,
     build_report,
     history_buckets,
+    target_scene_counts,
     target_scene_history,
 )
-from msit.trainer import evaluate, load_split
+from msit.trainer import evaluate
 
 
 def _train_and_save(prepared, family, directory, train=True):
@@ -29,7 +31,7 @@ def _train_and_save(prepared, family, directory, train=True):
     from msit.trainer import TrainConfig, fit
 
     spec = FeatureSpec.load(prepared)
-    config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,))
+    config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=10)  # as `small_model`
     model = build_for_data(config, prepared, spec)
     if train:  # trained as the `small_model` fixture is
         fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
@@ -104,10 +106,10 @@ def test_history_rows_add_up_to_the_split(report, small_model):
     spec = FeatureSpec.load(model_dir)
     data = load_split(prepared, "test", spec)
     history = metrics["model"]["auc_by_history"]
-    assert history["buckets"] == bucket_labels(spec.history_length)
+    assert history["buckets"] == bucket_labels(load_model_config(model_dir).history_length)
     for i, scene in enumerate(spec.scenarios):
         rows = sum(b["rows"] for b in history["scenes"].get(scene, []))
-        assert rows == int((data["scene_id"] == i + 2).sum()), scene
+        assert rows == int((data.events["scene_id"] == i + 2).sum()), scene
         for bucket in history["scenes"].get(scene, []):  # AUC undefined (null) or a real AUC
             assert bucket["auc"] is None or 0.0 <= bucket["auc"] <= 1.0
 
@@ -146,6 +148,27 @@ def test_other_encoding_is_refused(small_model, tmp_path):
         build_report(model_dir, other, tmp_path / "out", log=lambda _: None)
     assert str(model_dir) in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_target_scene_counts_are_of_the_models_window(small_prepared):
+    """Per row: of the user's last N events strictly before the row, those in the row's scene; counted here
+    one row at a time from the sequences, against the report's counts from windows cut per batch."""
+    _, prepared = small_prepared
+    spec = FeatureSpec.load(prepared)
+    data = load_split(prepared, "test", spec)
+    sequences = load_sequences(prepared)
+    offsets, scenes, stamps = (sequences.offsets.numpy(), sequences.scene_ids.numpy(),
+                               sequences.timestamps.numpy())
+    rows = [(int(r), int(t), int(s)) for r, t, s in zip(data.events["sequence_row"], data.events["timestamp"],
+                                                         data.events["scene_id"], strict=True)][:300]
+    for n in (3, 10):
+        expected = []
+        for row, t, scene in rows:
+            user = slice(offsets[row], offsets[row + 1])
+            before = scenes[user][stamps[user] < t][-n:]
+            expected.append(int((before == scene).sum()))
+        assert target_scene_counts(data.select(torch.arange(len(rows))), n).tolist() == expected
+        assert max(expected) > 0
 
 
 def test_history_bucketing_counts_exactly():

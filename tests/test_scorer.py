@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from msit.data.feature_spec import FeatureSpec
-from msit.model_dir import load_model_dir
+from msit.data.prepared import SEQUENCES_DIR, load_split
+from msit.model_dir import load_model_config, load_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
-from msit.trainer import load_split, predict
+from msit.trainer import predict
 from tests.serving_helpers import MEAN, NUMERIC_CONTEXT, STD, nan_weights, numeric_context_model
 
 
@@ -19,16 +20,25 @@ def scorer(small_model):
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
     # Every event kept, so that a past row's history can be rebuilt from the store at that row's moment.
-    store = InMemoryHistoryStore.from_prepared(prepared, spec, events_per_user=10_000)
+    store = InMemoryHistoryStore.from_prepared(prepared, spec)
     return Scorer(model_dir, store, max_candidates=50, catalogue_from=prepared)
 
 
-def _test_rows(prepared, count=40):
-    table = pq.read_table(prepared / "test")
-    rows = {name: list(np.stack(table.column(name).to_numpy(zero_copy_only=False)))
-            if name.startswith("history_") and name != "history_length" else table.column(name).to_numpy()
-            for name in table.column_names}
-    return pd.DataFrame(rows).sample(count, random_state=0)
+def _test_rows(small_model, count=40):
+    """A sample of the test split's rows, each with its raw user and item keys and the window training cuts for
+    it (the model's history length); indexed by row number in the split."""
+    model_dir, prepared = small_model
+    spec = FeatureSpec.load(prepared)
+    test = load_split(prepared, "test", spec)
+    rows = next(test.batches(len(test), load_model_config(model_dir).history_length))
+    keys = pq.read_table(prepared / SEQUENCES_DIR, columns=["sequence_row", "user_key"]).to_pandas()
+    user_keys = keys.set_index("sequence_row").user_key.sort_index().to_numpy()
+    items = spec.vocabularies["item_id"]
+    frame = pd.DataFrame({name: list(v.numpy()) if v.ndim == 2 else v.numpy() for name, v in rows.items()})
+    frame["user_key"] = user_keys[test.events["sequence_row"].numpy()]
+    frame["item_key"] = [items[i] if i >= 2 else "never-seen-item" for i in frame["item_id"]]  # any unknown key
+    frame["timestamp"] = test.events["timestamp"].numpy()
+    return frame.sample(count, random_state=0)
 
 
 def _context(spec, row):
@@ -39,13 +49,12 @@ def _context(spec, row):
 def test_scores_equal_the_offline_model_on_the_same_rows(scorer, small_model):
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    rows = _test_rows(prepared)
+    rows = _test_rows(small_model)
     requests = [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2], "candidates": [r.item_key],
                  "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
     served = [s.scores[0] for s in scorer.score(requests)]
 
-    test = load_split(prepared, "test", spec)
-    offline = predict(load_model_dir(model_dir).model, {k: v[rows.index.to_numpy()] for k, v in test.items()})
+    offline = _offline(model_dir, prepared, rows)
     np.testing.assert_allclose(served, offline, rtol=0, atol=1e-6)
     assert (rows["history_length"] > 0).mean() > 0.8  # the histories really came from the store
 
@@ -53,7 +62,7 @@ def test_scores_equal_the_offline_model_on_the_same_rows(scorer, small_model):
 def test_a_history_in_the_request_is_used_as_given(scorer, small_model):
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    row = next(r for r in _test_rows(prepared).itertuples() if r.history_length >= 3)
+    row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 3)
     items, scenes = spec.vocabularies["item_id"], spec.scenarios
     history = [{"item_id": items[i], "scenario": scenes[s - 2], "label": int(lab),
                 "timestamp": int(row.timestamp - gap)}
@@ -70,7 +79,7 @@ def test_a_history_in_the_request_is_used_as_given(scorer, small_model):
 def test_explanations_are_distributions_over_scenes_and_past_events(scorer, small_model):
     _, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    row = next(r for r in _test_rows(prepared).itertuples() if r.history_length >= 6)
+    row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 6)
     result, = scorer.score([{"user_id": row.user_key, "scenario": spec.scenarios[row.scene_id - 2],
                              "candidates": [row.item_key, "never-seen-item"], "timestamp": int(row.timestamp),
                              "explain": True}])
@@ -109,7 +118,7 @@ def test_client_mistakes_name_their_field_and_do_not_fail_other_requests(scorer,
 
 def test_recommend_ranks_the_scene_catalogue_without_seen_items(scorer, small_model):
     _, prepared = small_model
-    user = next(iter(pq.read_table(prepared / "train", columns=["user_key"]).column(0).to_pylist()))
+    user = next(iter(pq.read_table(prepared / SEQUENCES_DIR, columns=["user_key"]).column(0).to_pylist()))
     scene = scorer.spec.scenarios[0]
     top, size = scorer.recommend({"user_id": user, "scenario": scene, "k": 5, "exclude_seen": True})
     assert len(top) == 5 and [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
@@ -131,7 +140,8 @@ def test_the_store_keeps_each_user_feature_in_its_own_dtype(small_model, tmp_pat
     users["score"] = np.linspace(0, 1, len(users)).astype(np.float32)
     users.to_parquet(copy / "users.parquet")
     spec.fields["score"] = type(spec.fields["user_id"])(role="user", type="numeric", mean=0.5, std=0.3)
-    record = next(iter(InMemoryHistoryStore.from_prepared(copy, spec)._records.values()))
+    store = InMemoryHistoryStore.from_prepared(copy, spec)
+    record = store.user(next(iter(store)))
     categorical = [c for c, f in spec.fields.items() if f.role == "user" and f.type == "categorical"]
     assert categorical and all(record.features[c].dtype == np.int64 for c in categorical)
     assert record.features["score"].dtype == np.float32
@@ -140,14 +150,14 @@ def test_the_store_keeps_each_user_feature_in_its_own_dtype(small_model, tmp_pat
 def _offline(model_dir, prepared, rows):
     spec = FeatureSpec.load(prepared)
     test = load_split(prepared, "test", spec)
-    return predict(load_model_dir(model_dir).model, {k: v[rows.index.to_numpy()] for k, v in test.items()})
+    return predict(load_model_dir(model_dir).model, test.select(torch.as_tensor(rows.index.to_numpy())))
 
 
 def test_a_poisoned_request_fails_alone_and_the_others_get_the_offline_scores(scorer, small_model):
     """Requests past the HTTP schema (a library caller, or a schema gap) are still isolated within a batch."""
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    rows = _test_rows(prepared, count=6)
+    rows = _test_rows(small_model, count=6)
     good = [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2], "candidates": [r.item_key],
              "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
     base, scene = good[0], spec.scenarios[0]
@@ -204,7 +214,7 @@ def test_a_request_that_breaks_the_forward_pass_fails_alone(scorer, monkeypatch,
 
 
 def test_timestamp_zero_is_1970_not_now(scorer):
-    user = next(u for u, r in scorer.store._records.items() if len(r.item_ids) >= 3)
+    user = next(u for u in scorer.store if len(scorer.store.user(u).item_ids) >= 3)
     base = {"user_id": user, "scenario": scorer.spec.scenarios[0], "candidates": ["1", "2"]}
     at_zero, cold_at_zero, now = scorer.score([{**base, "timestamp": 0}, {**base, "timestamp": 0, "history": []},
                                                base])
@@ -246,7 +256,7 @@ def test_request_ids_are_normalised_as_prepare_normalises_them(scorer, small_mod
     """7, 7.0, "7" and " 7 " are one id in the scene logs; serving finds the same user and items for each."""
     _, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    row = next(r for r in _test_rows(prepared).itertuples() if r.history_length >= 3)
+    row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 3 and r.item_id >= 2)
     user, item = int(row.user_key), int(row.item_key)
     base = {"scenario": spec.scenarios[row.scene_id - 2], "timestamp": int(row.timestamp)}
     spellings = [(user, item), (str(user), str(item)), (float(user), float(item)), (f" {user}.0 ", f" {item} ")]

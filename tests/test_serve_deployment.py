@@ -39,7 +39,7 @@ def endpoint(small_model):
 def _request(prepared, count=3):
     spec = FeatureSpec.load(prepared)
     store = InMemoryHistoryStore.from_prepared(prepared, spec)
-    user = next(iter(store._records))
+    user = next(iter(store))
     return {"user_id": user, "scenario": spec.scenarios[1], "candidates": spec.vocabularies["item_id"][2:2 + count],
             "timestamp": 2_000_000_000}
 
@@ -209,6 +209,22 @@ def test_a_reload_self_tests_the_new_model_and_keeps_the_old_one_if_it_fails(sma
     assert replica.describe()["last_reload_error"] is None and replica.current_version() == version
 
 
+def test_the_history_store_keeps_the_latest_events_asked_for_but_never_fewer_than_a_window(small_model, tmp_path):
+    from msit.errors import ConfigError
+
+    model_dir, prepared = small_model
+    settings = {"model": str(model_dir), "data": str(prepared), "max_candidates": 10, "max_batch_size": 8,
+                "base_dir": str(tmp_path)}
+    window = Scorer(model_dir).config.history_length
+    every = MsitScorer.func_or_class(settings).scorer.store
+    capped = MsitScorer.func_or_class({**settings, "history_events_per_user": window}).scorer.store
+    assert capped.events() == sum(min(len(every.user(u).item_ids), window) for u in every) < every.events()
+    user = next(u for u in every if len(every.user(u).item_ids) > window)
+    assert capped.user(user).timestamps.tolist() == every.user(user).timestamps[-window:].tolist()
+    with pytest.raises(ConfigError, match=f"history_events_per_user {window - 1} is below the model's history_length"):
+        MsitScorer.func_or_class({**settings, "history_events_per_user": window - 1})
+
+
 def test_the_scorer_health_check_scores_a_request(small_model, tmp_path):
     import asyncio
 
@@ -239,11 +255,13 @@ def test_msit_serve_sets_a_request_timeout_and_the_request_bounds(monkeypatch, s
     base = ["serve", "--model", str(model_dir), "--data", str(prepared), "--num-gpus", "0"]
     start_serving(parser.parse_args(base), str(model_dir), str(prepared))
     assert started == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 30.0}
-    args = parser.parse_args([*base, "--request-timeout-s", "5", "--max-history", "7"])
+    assert ran["app"]._bound_deployment.init_args[1]["history_events_per_user"] is None  # default: every event
+    args = parser.parse_args([*base, "--request-timeout-s", "5", "--max-history", "7", "--history-events-per-user",
+                              "20"])
     start_serving(args, str(model_dir), str(prepared))
     assert started["request_timeout_s"] == 5.0
     settings = ran["app"]._bound_deployment.init_args[1]  # MsitApi(scorer, settings)
-    assert settings["max_history"] == 7
+    assert settings["max_history"] == 7 and settings["history_events_per_user"] == 20
     from msit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="refusing to serve without auth"):

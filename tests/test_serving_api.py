@@ -32,7 +32,7 @@ def client(scorer):
 @pytest.fixture(scope="module")
 def known(scorer):
     items = scorer.spec.vocabularies["item_id"]
-    user = next(iter(scorer.store._records))
+    user = next(iter(scorer.store))
     return {"user_id": user, "scenario": scorer.spec.scenarios[0], "candidates": [items[2], items[3], items[4]]}
 
 

@@ -44,7 +44,7 @@ def app_and_words(small_model, tmp_path_factory):
                         raise_server_exceptions=False)
     context = [c for c, f in scorer.spec.fields.items() if f.role == "context"]
     assert NUMERIC_CONTEXT in context
-    words = {"text": [*spec.scenarios, *spec.vocabularies["item_id"][2:6], *list(store._records)[:3],
+    words = {"text": [*spec.scenarios, *spec.vocabularies["item_id"][2:6], *list(store)[:3],
                       *spec.vocabularies["hour"][2:4]], "keys": context}
     return client, words
 

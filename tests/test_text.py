@@ -63,7 +63,7 @@ def prepared(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     synth.write(synth.SynthConfig(users=60, items=80, events_per_user=8, seed=1), root / "log", progress=False)
     prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prep"),
-                          spec=SceneLogSpec.load(root / "log" / "spec.yaml"), history_length=4), log=lambda _: None)
+                          spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
     return root / "prep"
 
 
@@ -235,16 +235,18 @@ def test_scene_descriptions_give_zero_rows_for_scenes_without_text(prepared, tin
 def test_a_model_with_text_features_reads_the_cache_and_trains(embedded, tiny_encoder, tmp_path):
     import torch
 
+    from msit.data.prepared import load_split
     from msit.model import ModelConfig, build_for_data
     from msit.model_dir import load_model_dir, save_model_dir
-    from msit.trainer import load_split, train_step
+    from msit.trainer import train_step
 
     spec = FeatureSpec.load(embedded)
-    cfg = ModelConfig(embed_dim=16, use_text=True, text_dim=tiny_encoder.dim)
+    cfg = ModelConfig(embed_dim=16, use_text=True, text_dim=tiny_encoder.dim, history_length=4)
     model = build_for_data(cfg, embedded, spec)
     cached = load_item_text_embeddings(embedded, spec.fields["item_id"].vocab_size)
     assert torch.equal(model.embed.item_text, torch.as_tensor(cached))
-    batch = load_split(embedded, "train", spec)
+    train = load_split(embedded, "train", spec)
+    batch = next(train.batches(len(train), cfg.history_length))  # the whole split, windows of 4 events
     loss = train_step(model, batch, torch.optim.AdamW(model.parameters(), lr=1e-3))
     assert np.isfinite(loss)
     model.eval()

@@ -26,7 +26,6 @@ class _Inputs(nn.Module):
         self.embed = FeatureEmbedder(cfg, spec, item_table, item_text)
         self.label = nn.Embedding(2, cfg.embed_dim)
         self.n_scenes = len(spec.scenarios)
-        self.history_length = cfg.history_length
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         items = batch["history_item_ids"]
@@ -54,6 +53,7 @@ class _Towers(nn.Module):
 class SharedBottom(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
+        self.history_length = cfg.history_length  # N: the window width its batches are cut at
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.bottom = nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
         self.towers = _Towers(len(spec.scenarios) + 1, cfg.mlp_dims[-1], cfg.dropout)
@@ -67,6 +67,7 @@ class MMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
         n_slots, width = len(spec.scenarios) + 1, cfg.mlp_dims[-1]
+        self.history_length = cfg.history_length  # N: the window width its batches are cut at
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.experts = nn.ModuleList(nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
                                      for _ in range(cfg.num_experts))
@@ -114,6 +115,7 @@ class STAR(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
         n_slots, d = len(spec.scenarios) + 1, cfg.embed_dim
+        self.history_length = cfg.history_length  # N: the window width its batches are cut at
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.norm = _PartitionedNorm(n_slots, 4 * d)
         sizes = [4 * d, *cfg.mlp_dims, 1]

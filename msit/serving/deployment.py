@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from msit.config import absolute_path, from_dict
+from msit.errors import ConfigError
 from msit.serving.app import ApiSettings, create_app, token_from_env
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
@@ -61,6 +62,9 @@ class ServeArgs:
     batch_wait_timeout_s: float = 0.005
     max_body_bytes: int = 1_000_000
     max_history: int = 1000  # events in a request's `history` (a 422 beyond)
+    # Events per user the history store keeps (the latest; None: all). At least the model's history_length, so that
+    # a request "now" sees its whole window; fewer events only cut windows of requests timestamped in the past.
+    history_events_per_user: int | None = None
     # Refuse to start without a bearer token (MSIT_SERVE_TOKEN / MSIT_SERVE_TOKEN_FILE): where auth is meant to
     # be on (deploy/rayservice.yaml), a missing Secret must not mean an open API.
     require_token: bool = False
@@ -107,7 +111,12 @@ class MsitScorer:
         try:
             scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device,
                             catalogue_from=data)
-            scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec)
+            keep = self.settings.get("history_events_per_user")
+            if keep is not None and keep < scorer.config.history_length:
+                raise ConfigError(f"history_events_per_user {keep} is below the model's history_length "
+                                  f"{scorer.config.history_length}: requests would be served shorter windows than "
+                                  "training cut")
+            scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec, events_per_user=keep)
             scorer.self_test()
         except Exception as error:
             if self.scorer is None:  # nothing to keep serving: the replica fails to start, and says why
@@ -252,7 +261,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     settings = {"model": absolute_path(cfg.model), "data": absolute_path(cfg.data),
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
-                "max_history": cfg.max_history, "auth_token": token_from_env(required=cfg.require_token),
+                "max_history": cfg.max_history, "history_events_per_user": cfg.history_events_per_user,
+                "auth_token": token_from_env(required=cfg.require_token),
                 "base_dir": os.getcwd()}
     runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}
     scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config, ray_actor_options={

@@ -1,13 +1,21 @@
-"""Where serving finds a user's features and recent behaviour when a request brings no history.
+"""Where serving finds a user's features and behaviour sequence when a request brings no history.
 
-`HistoryStore` is the interface (one method); `InMemoryHistoryStore` builds it at start-up from the
-processed logs beside a model (every split of a prepared directory) and keeps each user's latest
-events in memory. A Redis-backed store only has to implement `user`.
+`HistoryStore` is the interface (one method, `user`); a `UserRecord` is what it returns: the user's
+encoded side features and chronological sequence, the same sequence `msit data prepare` stores in
+`sequences/` (`msit.data.prepared`). The scorer cuts the history window of the request's moment from
+it with `msit.data.sequences.history_windows`, the function training cuts its windows with, so a
+served request at an event's timestamp sees the window that event had in training.
+
+`InMemoryHistoryStore` loads the prepared `sequences/` and `users.parquet` at start-up and keeps every
+user's sequence (or the last `events_per_user` events: at least the model's history length, so that
+requests "now" lose nothing) as flat arrays; a record is a view into them, nothing is copied per user.
+A Redis-backed store only has to implement `user`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -16,60 +24,124 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from msit.data.feature_spec import FeatureSpec
-from msit.data.history import event_order
+from msit.data.prepared import SEQUENCES_DIR, load_sequences
+from msit.data.sequences import Sequences
+from msit.errors import MsitError
 from msit.model.features import fields_of
+
+USER_FEATURE_DTYPES = {"categorical": np.int64, "multi": np.int64, "numeric": np.float32}
 
 
 @dataclass
 class UserRecord:
-    user_id: int  # encoded
-    features: dict[str, np.ndarray]  # encoded user side features, as the prepared shards hold them
-    item_ids: np.ndarray  # (E,) the user's latest events, most recent first (encoded)
-    scene_ids: np.ndarray  # (E,)
-    labels: np.ndarray  # (E,)
-    timestamps: np.ndarray  # (E,) seconds
+    """One user, as the store holds them. The four sequence arrays are in event order (oldest first:
+    by timestamp, ties by item key, as prepare orders them) and of one length E."""
+
+    user_id: int  # encoded (1 = out of the model's vocabulary)
+    item_ids: np.ndarray  # (E,) encoded items
+    scene_ids: np.ndarray  # (E,) encoded scenes
+    labels: np.ndarray  # (E,) 0/1
+    timestamps: np.ndarray  # (E,) seconds, non-decreasing
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # encoded user side features (absent: padding)
 
 
 class HistoryStore(Protocol):
     def user(self, user_key: str) -> UserRecord | None:
-        """The user's record, or None for a user the store has never seen."""
+        """The user's record (`user_key`: the raw id, normalised as in the scene logs), or None for a user
+        the store has never seen."""
 
 
 class InMemoryHistoryStore:
-    def __init__(self, records: dict[str, UserRecord]):
-        self._records = records
+    """Every user's sequence in memory, as flat arrays with offsets (the layout of `Sequences`)."""
+
+    def __init__(self, user_keys: list[str], sequences: Sequences, user_ids: np.ndarray | None = None,
+                 features: dict[str, np.ndarray] | None = None):
+        """`user_keys[u]` owns row u of `sequences`; `user_ids` (U,) encoded ids (default: unknown, 1);
+        `features`: name -> (U,) or (U, L) encoded user features, row u for user u."""
+        if len(user_keys) != len(sequences):
+            raise ValueError(f"history store: {len(user_keys)} user keys for {len(sequences)} sequences")
+        self._rows = {str(key): row for row, key in enumerate(user_keys)}
+        if len(self._rows) != len(user_keys):
+            raise ValueError("history store: a user key occurs twice")
+        sequences = sequences.to("cpu")
+        self._offsets = sequences.offsets.numpy()
+        self._events = {name: getattr(sequences, name).numpy()
+                        for name in ("item_ids", "scene_ids", "labels", "timestamps")}
+        self._user_ids = np.ones(len(user_keys), np.int64) if user_ids is None else np.asarray(user_ids, np.int64)
+        self._features = features or {}
 
     def user(self, user_key: str) -> UserRecord | None:
-        return self._records.get(user_key)
+        row = self._rows.get(user_key)
+        if row is None:
+            return None
+        events = slice(self._offsets[row], self._offsets[row + 1])
+        return UserRecord(int(self._user_ids[row]), *(self._events[name][events] for name in
+                                                      ("item_ids", "scene_ids", "labels", "timestamps")),
+                          features={name: values[row] for name, values in self._features.items()})
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._rows)
+
+    def __iter__(self) -> Iterator[str]:
+        """The user keys, in sequence-row order."""
+        return iter(self._rows)
+
+    def events(self) -> int:
+        """Events held, over all users."""
+        return int(self._offsets[-1])
 
     @classmethod
     def from_prepared(cls, prepared_dir: str | Path, spec: FeatureSpec, events_per_user: int | None = None,
                       ) -> InMemoryHistoryStore:
-        """Each user's latest `events_per_user` events (default: the model's history length) over all splits."""
-        keep = events_per_user or spec.history_length
-        columns = ["user_key", "item_key", "user_id", "item_id", "scene_id", "label", "timestamp"]
-        frames = [pq.read_table(Path(prepared_dir) / split, columns=columns).to_pandas()
-                  for split in ("train", "val", "test") if (Path(prepared_dir) / split).is_dir()]
-        events = pd.concat(frames, ignore_index=True)
-        # Most recent first, ties in the reverse of prepare's event order: histories come out as prepare's do.
-        order = event_order(events["user_key"].to_numpy(), events["timestamp"].to_numpy(),
-                            events["item_key"].to_numpy())[::-1]
-        events = events.iloc[order].groupby("user_key", sort=False).head(keep)
-        users = pd.read_parquet(Path(prepared_dir) / "users.parquet")
-        # Column by column, in each field's own dtype (a row of a mixed frame would turn ids into floats).
-        dtypes = {"categorical": np.int64, "multi": np.int64, "numeric": np.float32}
-        features = {c: [np.asarray(v, dtype=dtypes[kind]) for v in users[c]]
-                    for kind in dtypes for c in fields_of(spec, "user", kind)}
-        position = {key: i for i, key in enumerate(users["user_key"])}
-        records = {}
-        for user_key, group in events.groupby("user_key", sort=False):
-            row = position.get(user_key)
-            records[str(user_key)] = UserRecord(
-                user_id=int(group["user_id"].iloc[0]),
-                features={c: values[row] for c, values in features.items()} if row is not None else {},
-                item_ids=group["item_id"].to_numpy(np.int64), scene_ids=group["scene_id"].to_numpy(np.int64),
-                labels=group["label"].to_numpy(np.int64), timestamps=group["timestamp"].to_numpy(np.int64))
-        return cls(records)
+        """The sequences of a prepared directory (all of each user's events, or the last `events_per_user`),
+        with the user features of its users.parquet encoded as `spec` says."""
+        if events_per_user is not None and events_per_user < 1:
+            raise MsitError(f"history store: events_per_user must be at least 1, got {events_per_user}")
+        sequences = load_sequences(prepared_dir)
+        keys = pq.read_table(Path(prepared_dir) / SEQUENCES_DIR, columns=["sequence_row", "user_key"])
+        user_keys = keys["user_key"].to_numpy(zero_copy_only=False)[np.argsort(keys["sequence_row"].to_numpy())]
+        if events_per_user is not None:
+            sequences = latest_events(sequences, events_per_user)
+        user_ids, features = _user_features(Path(prepared_dir), spec, user_keys)
+        return cls([str(k) for k in user_keys], sequences, user_ids, features)
+
+
+def latest_events(sequences: Sequences, keep: int) -> Sequences:
+    """Each user's last `keep` events (all of a shorter sequence)."""
+    lengths = sequences.lengths().numpy()
+    position = np.arange(int(sequences.offsets[-1])) - np.repeat(sequences.offsets[:-1].numpy(), lengths)
+    kept = position >= np.repeat(lengths - keep, lengths)  # (E,) the event is among its user's last `keep`
+    return Sequences.from_arrays(np.minimum(lengths, keep),
+                                 *(getattr(sequences, name).numpy()[kept]
+                                   for name in ("item_ids", "scene_ids", "labels", "timestamps")))
+
+
+def _user_features(prepared_dir: Path, spec: FeatureSpec, user_keys: np.ndarray,
+                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Encoded user ids (U,) and user side features in sequence-row order, each feature in its own dtype
+    (a row of a mixed frame would turn ids into floats). A user users.parquet lacks gets padding."""
+    path = prepared_dir / "users.parquet"
+    try:
+        users = pd.read_parquet(path)
+    except (OSError, ValueError) as e:
+        raise MsitError(f"{path}: the user table cannot be read ({' '.join(str(e).split())[:200]}); "
+                        "prepare the data again") from None
+    names = {kind: fields_of(spec, "user", kind) for kind in USER_FEATURE_DTYPES}
+    missing = [c for c in ["user_key", "user_id", *(c for cs in names.values() for c in cs)] if c not in users]
+    if missing:
+        raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs; prepare the data "
+                        "again")
+    row = pd.Index(users["user_key"].astype(str)).get_indexer(pd.Index(user_keys).astype(str))  # -1: absent
+    found = row >= 0
+    user_ids = np.ones(len(user_keys), np.int64)  # absent: out of vocabulary
+    user_ids[found] = users["user_id"].to_numpy(np.int64)[row[found]]
+    features = {}
+    for kind, dtype in USER_FEATURE_DTYPES.items():
+        for name in names[kind]:
+            column = users[name]
+            values = np.stack([np.asarray(v, dtype) for v in column]) if kind == "multi" and len(column) else \
+                column.to_numpy(dtype)
+            out = np.zeros((len(user_keys), *values.shape[1:]), dtype)  # padding: the "no value" of every feature
+            out[found] = values[row[found]]
+            features[name] = out
+    return user_ids, features

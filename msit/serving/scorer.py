@@ -1,9 +1,11 @@
 """Scoring requests with a model directory: encoding, batching, explanations. No Ray, no HTTP.
 
 A request names raw ids (as in the scene logs); the scorer encodes them with the model's own
-vocabularies (unknown users and items become out-of-vocabulary, and still get a score), builds the
-user's behaviour history (from the request, or else from the history store) exactly as `msit data
-prepare` builds it, and scores every candidate. Several requests are scored in one forward pass.
+vocabularies (unknown users and items become out-of-vocabulary, and still get a score), takes the
+user's behaviour sequence (the request's `history`, put in prepare's event order, or else the history
+store's copy of the prepared sequence), cuts the history window of the request's moment from it with
+`history_windows`, the function training cuts its windows with, and scores every candidate. Several
+requests are scored in one forward pass, their windows cut in one call.
 A client's mistake raises `RequestError`, naming the field. In a batch, each request fails alone: a
 client's mistake or a fault of the server (`ScoringError`) is that request's result, never the others'.
 """
@@ -13,16 +15,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from msit.data.history import items_are_numbers, sorted_event_order
 from msit.data.parse import normalize_key, normalize_keys
+from msit.data.sequences import Sequences, history_windows
 from msit.data.vocab import OOV, PAD
 from msit.model.features import fields_of
 from msit.model_dir import WEIGHTS_FILE, load_model_dir
@@ -63,13 +68,14 @@ class Scored:
 
 @dataclass
 class _Encoded:
-    """One request, encoded: what every candidate row shares, and the candidates."""
-    shared: dict[str, np.ndarray]  # user, scene, context and history tensors of one row
+    """One request, encoded: what every candidate row shares, the user's sequence, and the candidates."""
+    shared: dict[str, np.ndarray]  # user, scene and context features of one row
+    sequence: tuple[np.ndarray, ...]  # (E,) each: item, scene, label, timestamp of the user's events, event order
+    now: int  # the request's moment: its window holds the events strictly before it
     item_ids: np.ndarray  # (C,)
     oov_ids: int
     ids: int
     explain: bool
-    history_keys: list[tuple[str, str]] = field(default_factory=list)  # (item id, scenario) per history slot
 
 
 class Scorer:
@@ -87,12 +93,20 @@ class Scorer:
         self._user_fields = [c for kind in ("categorical", "multi", "numeric")
                              for c in fields_of(self.spec, "user", kind)]
         self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
+        # How prepare broke ties between a user's events at one timestamp: by item key as numbers when every item
+        # key of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary).
+        numeric = self.spec.source.get("items_numeric")
+        self._items_numeric = bool(numeric) if numeric is not None else \
+            items_are_numbers(pa.array(self.spec.vocabularies["item_id"][2:], pa.string()))
         self.catalogues = _catalogues(catalogue_from) if catalogue_from else {}
 
     # -- encoding ------------------------------------------------------------------------------------------------
 
     def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
-        found = self._index[vocab].get_indexer(normalize_keys(list(keys)))
+        return self._encode_normalized(vocab, normalize_keys(list(keys)))
+
+    def _encode_normalized(self, vocab: str, keys: list[str | None]) -> np.ndarray:
+        found = self._index[vocab].get_indexer(keys)
         return np.where(found >= 0, found + 2, OOV).astype(np.int64)
 
     def _scene(self, name: Any, where: tuple) -> int:
@@ -143,33 +157,36 @@ class Scorer:
             raise RequestError(where, f"timestamp must be an integer from 0 to 2^63-1 (seconds), got {value!r:.40}")
         return value
 
-    def _history(self, request: dict, record: UserRecord | None, now: int) -> tuple[dict[str, np.ndarray], list]:
-        """The history tensors of the request's moment: events strictly before `now`, most recent first."""
-        n = self.spec.history_length
-        if request.get("history") is not None:
-            events = request["history"]
-            items = self._encode_ids("item_id", [e["item_id"] for e in events])
-            scenes = np.array([self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)],
-                              dtype=np.int64)
-            labels = np.array([int(e.get("label", 1)) for e in events], dtype=np.int64)
-            stamps = np.array([self._timestamp(e["timestamp"], ("history", i, "timestamp"))
-                               for i, e in enumerate(events)], dtype=np.int64)
-            order = np.argsort(-stamps, kind="stable")  # the request lists them in any order
-            items, scenes, labels, stamps = items[order], scenes[order], labels[order], stamps[order]
-        elif record is not None:
-            items, scenes, labels, stamps = record.item_ids, record.scene_ids, record.labels, record.timestamps
-        else:
-            items = scenes = labels = stamps = np.zeros(0, dtype=np.int64)
-        earlier = np.flatnonzero(stamps < now)[:n]
-        items, scenes, labels, stamps = items[earlier], scenes[earlier], labels[earlier], stamps[earlier]
-        k = len(items)
+    def _sequence(self, request: dict, record: UserRecord | None) -> tuple[np.ndarray, ...]:
+        """The user's events in event order (item, scene, label, timestamp arrays): the request's `history`
+        if it has one ([] is a real, empty history), else the store's record, else none."""
+        if request.get("history") is None:
+            if record is not None:
+                return record.item_ids, record.scene_ids, record.labels, record.timestamps
+            return tuple(np.zeros(0, dtype=np.int64) for _ in range(4))
+        events = request["history"]
+        keys = normalize_keys([e["item_id"] for e in events])
+        items = self._encode_normalized("item_id", keys)
+        scenes = np.array([self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)],
+                          dtype=np.int64)
+        labels = np.array([int(e.get("label", 1)) for e in events], dtype=np.int64)
+        stamps = np.array([self._timestamp(e["timestamp"], ("history", i, "timestamp"))
+                           for i, e in enumerate(events)], dtype=np.int64)
+        # The request lists them in any order: prepare's order (timestamp, ties by item key), so that ties
+        # cut into the window as they do in training.
+        items_keys = pa.array(keys, pa.string())
+        numeric = self._items_numeric and items_are_numbers(items_keys)
+        order = sorted_event_order(pa.array(np.zeros(len(events), np.int8)), pa.array(stamps), items_keys, numeric)
+        return items[order], scenes[order], labels[order], stamps[order]
 
-        def pad(values: np.ndarray) -> np.ndarray:
-            return np.pad(values.astype(np.int64), (0, n - k))
-
-        keys = [(str(self._items[i]), self.spec.scenarios[s - 2]) for i, s in zip(items, scenes, strict=True)]
-        return {"history_item_ids": pad(items), "history_scene_ids": pad(scenes), "history_labels": pad(labels),
-                "history_time_gaps": pad(now - stamps), "history_length": np.int64(k)}, keys
+    def windows(self, encoded: list[_Encoded]) -> dict[str, torch.Tensor]:
+        """The (R, N) history tensors of R encoded requests (N = the model's history_length), cut in one
+        `history_windows` call over their sequences."""
+        lengths = np.array([len(e.sequence[0]) for e in encoded], dtype=np.int64)
+        sequences = Sequences.from_arrays(lengths, *(np.concatenate([e.sequence[i] for e in encoded])
+                                                     for i in range(4)))
+        return history_windows(sequences, torch.arange(len(encoded)), torch.tensor([e.now for e in encoded]),
+                               self.config.history_length)
 
     def encode(self, request: dict) -> _Encoded:
         """Raises RequestError for a client's mistake; unknown ids are not mistakes (they are out-of-vocabulary)."""
@@ -185,8 +202,8 @@ class Scorer:
         user_id = self._encode_ids("user_id", [user_key])[0]
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
-        history, keys = self._history(request, record, now)
-        shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene), **history,
+        sequence = self._sequence(request, record)
+        shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene),
                   **self._context(request.get("context") or {})}
         for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
             info = self.spec.fields[name]
@@ -195,7 +212,7 @@ class Scorer:
             shared[name] = record.features.get(name, default) if record is not None else default
         item_ids = self._encode_ids("item_id", candidates)
         oov = int((item_ids == OOV).sum()) + int(user_id == OOV)
-        return _Encoded(shared, item_ids, oov, len(candidates) + 1, bool(request.get("explain")), keys)
+        return _Encoded(shared, sequence, now, item_ids, oov, len(candidates) + 1, bool(request.get("explain")))
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
@@ -208,17 +225,20 @@ class Scorer:
         batch = {name: torch.as_tensor(np.repeat(np.stack([np.asarray(e.shared[name]) for e in encoded]), counts,
                                                  axis=0)).to(self.device)
                  for name in encoded[0].shared}
+        windows = self.windows(encoded)  # (R, N) per request; each candidate row gets its request's window
+        repeats = torch.as_tensor(counts)
+        batch |= {name: values.repeat_interleave(repeats, dim=0).to(self.device) for name, values in windows.items()}
         batch["item_id"] = torch.as_tensor(np.concatenate([e.item_ids for e in encoded])).to(self.device)
         output = self.model(batch)
         scores = torch.sigmoid(output.logits.float()).cpu().numpy()
         out, start = [], 0
-        for e, count in zip(encoded, counts, strict=True):
+        for j, (e, count) in enumerate(zip(encoded, counts, strict=True)):
             rows = slice(start, start + count)
             start += count
             if not np.isfinite(scores[rows]).all():  # never a `score: null`; and it fails this request only
                 out.append(ScoringError("the model gave a non-finite score for this request"))
                 continue
-            explanations = self._explain(output, rows, e) if e.explain else None
+            explanations = self._explain(output, rows, self._history_keys(windows, j)) if e.explain else None
             out.append(Scored(scores[rows].tolist(), explanations, e.oov_ids, e.ids))
         return out
 
@@ -245,7 +265,13 @@ class Scorer:
         if isinstance(result, ScoringError) or not all(0.0 <= s <= 1.0 for s in result.scores):
             raise ScoringError(f"the model's self-test failed: {result}")
 
-    def _explain(self, output, rows: slice, encoded: _Encoded) -> list[dict]:
+    def _history_keys(self, windows: dict[str, torch.Tensor], j: int) -> list[tuple[str, str]]:
+        """(item id, scenario) of each real slot of request j's window, most recent first."""
+        k = int(windows["history_length"][j])
+        items, scenes = windows["history_item_ids"][j, :k].tolist(), windows["history_scene_ids"][j, :k].tolist()
+        return [(str(self._items[i]), self.spec.scenarios[s - 2]) for i, s in zip(items, scenes, strict=True)]
+
+    def _explain(self, output, rows: slice, history_keys: list[tuple[str, str]]) -> list[dict]:
         """Per candidate: the transfer attention over scenes, and the past events that weighed most."""
         if output.transfer_attention is None:
             return [{} for _ in range(rows.stop - rows.start)]
@@ -253,12 +279,12 @@ class Scorer:
         explanations = []
         for c in range(len(transfer)):
             item = {"transfer_attention": {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}}
-            if output.behaviour_attention is not None and encoded.history_keys:
+            if output.behaviour_attention is not None and history_keys:
                 # An event's weight: its scene's transfer weight x its weight within that scene's interest.
                 behaviour = output.behaviour_attention[rows][c].float().cpu().numpy()  # (S, N)
-                weights = (transfer[c][:, None] * behaviour).sum(0)[: len(encoded.history_keys)]
+                weights = (transfer[c][:, None] * behaviour).sum(0)[: len(history_keys)]
                 top = np.argsort(-weights, kind="stable")[:TOP_HISTORY]
-                item["top_history"] = [{"item_id": encoded.history_keys[i][0], "scenario": encoded.history_keys[i][1],
+                item["top_history"] = [{"item_id": history_keys[i][0], "scenario": history_keys[i][1],
                                         "position": int(i), "weight": float(weights[i])} for i in top]
             explanations.append(item)
         return explanations
@@ -291,7 +317,7 @@ class Scorer:
                            "items": len(self.spec.vocabularies["item_id"]) - 2,
                            "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
                            "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
-                "history_length": self.spec.history_length,
+                "history_length": self.config.history_length,
                 "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
                 "feature_spec_fingerprint": self.spec.fingerprint()}
 
