@@ -242,7 +242,8 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     _write_table(pa.concat_tables([w["users"] for w in written]), "user_key", staging / "users.parquet")
 
     steps.start("writing the feature spec")
-    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes)
+    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes,
+                                 items_numeric)
     feature_spec.save(staging)
     steps.done()
     return PrepareResult(Path(cfg.out), feature_spec, report, notes, steps.seconds)
@@ -432,7 +433,7 @@ def _write_table(table: pa.Table, key: str, path: Path) -> None:
 
 def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, sources: src.Sources,
                   report: BadRowReport, total_rows: int, split_counts: dict[str, int],
-                  notes: list[str]) -> FeatureSpec:
+                  notes: list[str], items_numeric: bool) -> FeatureSpec:
     vocabs = encoders.vocabularies
     fields = {
         "user_id": FieldInfo("user", "id", len(vocabs["user_id"])),
@@ -460,5 +461,6 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
                 "spec": spec.to_dict(), "min_count": cfg.min_count, "encoding_from": cfg.encoding_from,
                 "extend_vocab": cfg.extend_vocab,
                 "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)},
-                "notes": list(notes)},
+                "notes": list(notes),
+                "items_numeric": items_numeric},  # how ties break in event order: serving breaks them alike
     )

@@ -66,9 +66,12 @@ class Sequences:
         for name, array in values.items():
             if len(array) != offsets[-1]:
                 raise ValueError(f"sequences: {name} holds {len(array)} events, the lengths sum to {offsets[-1]}")
-        return cls(torch.from_numpy(offsets),
-                   **{name: torch.from_numpy(np.ascontiguousarray(array)).to(SEQUENCE_DTYPES[name])
-                      for name, array in values.items()})
+        def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            array = np.ascontiguousarray(array)  # Arrow hands read-only buffers: copy those for torch
+            return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
+
+        return cls(torch.from_numpy(offsets), **{name: tensor(array, SEQUENCE_DTYPES[name])
+                                                 for name, array in values.items()})
 
     @classmethod
     def single(cls, item_ids, scene_ids, labels, timestamps) -> Sequences:
