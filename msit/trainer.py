@@ -127,8 +127,10 @@ def fit(model: nn.Module, train: EventSplit, val: EventSplit, spec: FeatureSpec,
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
     device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
-    sequences = train.sequences.to(device)  # once: train and val share one copy of the sequences
-    train, val = EventSplit(train.events, sequences), EventSplit(val.events, sequences)
+    # The sequences go to the model's device once (the same copy for both splits when they share it, as
+    # load_split's do when given one `sequences`).
+    on_device = {id(split.sequences): split.sequences.to(device) for split in (train, val)}
+    train, val = (EventSplit(split.events, on_device[id(split.sequences)]) for split in (train, val))
     total = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     best_state: dict = {}
 
