@@ -37,7 +37,7 @@ def small_prepared(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small")
     synth.write(synth.SynthConfig(users=400, items=300, events_per_user=25, seed=11), root / "log", progress=False)
-    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"), history_length=10,
+    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"),
                           spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
     return root / "log", root / "prepared"
 
@@ -46,13 +46,14 @@ def small_prepared(ray_session, tmp_path_factory):
 def small_model(small_prepared, tmp_path_factory):
     """A small MSIT model trained for one epoch on `small_prepared` (single process): (model dir, prepared dir)."""
     from msit.data.feature_spec import FeatureSpec
+    from msit.data.prepared import load_split
     from msit.model import ModelConfig, build_for_data
     from msit.model_dir import save_model_dir
-    from msit.trainer import TrainConfig, fit, load_split
+    from msit.trainer import TrainConfig, fit
 
     _, prepared = small_prepared
     spec = FeatureSpec.load(prepared)
-    config = ModelConfig(embed_dim=16, mlp_dims=(32,))
+    config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=10)
     model = build_for_data(config, prepared, spec)
     fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
         TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)

@@ -1,16 +1,20 @@
-"""`msit data prepare`: scene logs in, processed shards and a feature spec out, on Ray Data.
+"""`msit data prepare`: scene logs in, the prepared layout (msit.data.prepared) and a feature spec out, on Ray.
 
-    read -> validate -> (split) -> fit vocabularies -> encode -> behaviour histories -> write
+    read + validate -> shuffle by user -> order, split and count per user group -> fit vocabularies
+    -> encode and write
 
-The log never passes through the driver: every step is a Ray Data operation over blocks.
-Only small things come back to the driver: bad-row summaries, value counts (the vocabularies)
-and row counts. Everything is written into a staging folder and renamed into place (msit.output_dir).
+The log never passes through the driver: Ray Data reads and validates it into blocks, and Ray tasks work
+on those blocks (`_per_block`) and then on groups of whole users (`_per_group`). Only small things come back
+to the driver: bad-row summaries, value counts (the vocabularies), row counts and the item and user tables.
+Everything is written into a staging folder and renamed into place (msit.output_dir).
 
-Output directory:
-    train/ val/ test/      Parquet shards of encoded events with their behaviour histories
+Output directory (msit.data.prepared, layout 2):
+    train/ val/ test/      Parquet: one row per event (encoded ids, features, sequence_row, position), in a
+                           seeded random row order, files of at most FILE_ROWS rows
+    sequences/             Parquet: one row per user, the user's whole sequence in event order
     items.parquet          one row per item: index, raw key, side features, text
     users.parquet          one row per user: index, raw key, side features
-    feature_spec.json      vocabularies, scenes, field types, history length, row counts
+    feature_spec.json      vocabularies, scenes, field types, row counts, layout
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from msit.config import from_dict
 from msit.data import notes as note_on
 from msit.data import sources as src
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
-from msit.data.history import DUPLICATE, add_histories, assign_split
+from msit.data.history import ROW_HASH, items_are_numbers, run_starts, sorted_event_order, split_codes
+from msit.data.prepared import SEQUENCES_DIR
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
     SPLITS,
@@ -45,17 +50,17 @@ from msit.data.validate import (
     drop_bad_rows,
     summarize_bad_rows,
 )
-from msit.data.vocab import (
-    Encoders,
-    count_batch,
-    encode_batch,
-    encoders_from_feature_spec,
-    multi_fields,
-    split_stats,
-)
+from msit.data.vocab import Encoders, count_table, encode_table, encoders_from_feature_spec, multi_fields, split_stats
 from msit.errors import ConfigError, DataValidationError
 from msit.output_dir import writing
 from msit.ray_env import init_ray
+
+FILE_ROWS = 250_000  # event rows per output file at most
+ROW_GROUP_ROWS = 65_536
+COMPRESSION = "zstd"
+SPLIT_CODE = "_split"  # int8: index into SPLITS
+USER_INDEX = "_user"  # int32: the user's index within its group (sequence_row = the group's offset + this)
+POSITION = "position"
 
 
 @dataclass
@@ -63,12 +68,12 @@ class PrepareConfig:
     inputs: list[str]
     out: str
     spec: SceneLogSpec | None = None
-    history_length: int = 50
     min_count: int = 1
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)  # used when the log has no split column
     on_bad_rows: str = "error"  # "error" | "drop"
     multi_max_len: int = 16  # tokens kept per multi-valued feature
-    num_partitions: int | None = None  # of the per-user shuffle; default from the row count
+    num_partitions: int | None = None  # user groups of the per-user shuffle; default from the row count
+    seed: int = 0  # of the event rows' order in the output files
     num_cpus: int | None = None  # of a new local Ray instance, if Ray is not running yet
     encoding_from: str | None = None  # a model or prepared directory: reuse its encoding instead of fitting one
     extend_vocab: bool = False  # with encoding_from: keep its indices, append the new ids and scenes (fine-tuning)
@@ -77,8 +82,6 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if self.on_bad_rows not in ("error", "drop"):
             raise ConfigError(f"on_bad_rows must be 'error' or 'drop', got {self.on_bad_rows!r}")
-        if self.history_length < 1:
-            raise ConfigError(f"history_length must be at least 1, got {self.history_length}")
         if self.min_count < 1:
             raise ConfigError(f"min_count must be at least 1, got {self.min_count}")
         ratios = tuple(float(r) for r in self.split_ratios)
@@ -132,7 +135,7 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
 
 
 def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:
-    steps = _Steps(7, log)
+    steps = _Steps(6, log)
 
     def note(text: str) -> None:
         notes.append(text)
@@ -145,8 +148,8 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     reused = FeatureSpec.load(cfg.encoding_from) if cfg.encoding_from else None
     if reused is not None:  # the same roles and features as the data the encoding was fitted on (the
         # caller's config is left as it was)
-        cfg = replace(cfg, history_length=reused.history_length, spec=from_dict(
-            SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec"))
+        cfg = replace(cfg, spec=from_dict(SceneLogSpec, reused.source["spec"],
+                                          where=f"{cfg.encoding_from} feature spec"))
     spec, notes = infer_spec(sample, cfg.spec, where=sources.files[0])
     for text in notes:
         log(f"      note: {text}")
@@ -169,8 +172,12 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
                                                      fn_kwargs={"spec": spec}).materialize()
     total_rows = checked.count()
     check_not_empty(total_rows, ", ".join(cfg.inputs))
-    summaries = checked.map_batches(summarize_bad_rows, batch_format="pyarrow", batch_size=None).take_all()
-    report = BadRowReport.from_summaries(summaries, total_rows)
+    groups = _partitions(cfg, total_rows)
+    blocks = [_per_block.options(num_returns=2 + groups).remote(block, groups)
+              for block in checked.to_arrow_refs()]
+    del checked
+    summaries = ray.get([refs[0] for refs in blocks])
+    report = BadRowReport.from_summaries(pa.concat_tables(summaries).to_pylist(), total_rows)
     if cfg.on_bad_rows == "error":
         report.raise_if_any()
     for line in report.lines():
@@ -179,21 +186,22 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
         raise DataValidationError(f"all {total_rows:,} rows of the input are invalid: {'; '.join(report.lines())}")
     for text in note_on.time_units(column_label(spec, "timestamp"), report.time_units):
         note(text)
-    good = checked.map_batches(drop_bad_rows, batch_format="pyarrow", batch_size=None)
+    items_numeric = all(ray.get([refs[1] for refs in blocks]))
 
-    if "split" not in spec.columns:
-        steps.start(f"splitting each user's events chronologically {cfg.split_ratios}")
-        # Materialised: the split feeds two passes (vocabularies, encoding) and the shuffle must run once.
-        good = good.groupby("user_id", num_partitions=_partitions(cfg, total_rows)).map_groups(
-            assign_split, batch_format="numpy", fn_kwargs={"ratios": cfg.split_ratios}).materialize()
-        where = f"the chronological split {cfg.split_ratios}"
-    else:
-        steps.start(f"using the split column {spec.columns['split']!r}")
-        where = f"the split column {spec.columns['split']!r}"
-    split_counts, _ = _count_rows(good)
-    if not split_counts.get("train"):
+    chronological = "split" not in spec.columns
+    steps.start(f"ordering each user's events{' and splitting them chronologically' if chronological else ''} "
+                f"({groups} groups of users)")
+    ordered = [_per_group.options(num_returns=2).remote(
+        spec, cfg.split_ratios if chronological else None, items_numeric, *[refs[2 + g] for refs in blocks])
+        for g in range(groups)]
+    del blocks
+    group_stats = ray.get([refs[1] for refs in ordered])
+    split_counts = {s: sum(g["splits"][i] for g in group_stats) for i, s in enumerate(SPLITS)}
+    where = f"the chronological split {cfg.split_ratios}" if chronological else \
+        f"the split column {spec.columns['split']!r}"
+    if not split_counts["train"]:
         raise DataValidationError(f"the training split is empty: {where} gives 0 train rows "
-                                  f"({split_counts.get('val', 0):,} val, {split_counts.get('test', 0):,} test)")
+                                  f"({split_counts['val']:,} val, {split_counts['test']:,} test)")
 
     if reused is not None and not cfg.extend_vocab:
         steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")
@@ -201,9 +209,8 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     else:
         steps.start("fitting vocabularies on the training split" if reused is None else
                     f"extending the encoding of {cfg.encoding_from} by the new ids and scenes of the training split")
-        counts = good.map_batches(count_batch, batch_format="pandas", fn_kwargs={"spec": spec})
-        counts = counts.groupby(["field", "value"], num_partitions=_partitions(cfg, total_rows)).sum("count")
-        counts = counts.to_pandas().rename(columns={"sum(count)": "count"})
+        counts = pd.concat([g["counts"] for g in group_stats], ignore_index=True)
+        counts = counts.groupby(["field", "value"], as_index=False, sort=False)["count"].sum()
         if reused is None:
             encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
         else:
@@ -222,22 +229,15 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
             log(f"      note: {n:,} training rows have more than {encoders.multi_max_len[col]} {col!r} values; "
                 "the rest are cut (raise --multi-max-len to keep them)")
 
-    steps.start(f"encoding and building behaviour histories (last {cfg.history_length} earlier events)")
-    encoded = good.map_batches(encode_batch, batch_format="pandas", fn_kwargs={"encoders": encoders, "spec": spec})
-    events = encoded.groupby("user_key", num_partitions=_partitions(cfg, total_rows)).map_groups(
-        add_histories, batch_format="numpy", fn_kwargs={"history_length": cfg.history_length}).materialize()
-
-    steps.start(f"writing shards to {cfg.out}")
-    split_counts, duplicates = _count_rows(events)
-    for text in note_on.duplicates(duplicates):
+    steps.start(f"encoding and writing events and sequences to {cfg.out}")
+    offsets = np.concatenate([[0], np.cumsum([g["users"] for g in group_stats])])
+    written = ray.get([_write_group.remote(refs[0], g, int(offsets[g]), encoders, spec, str(staging), cfg.seed)
+                       for g, refs in enumerate(ordered)])
+    del ordered
+    for text in note_on.duplicates(sum(g["duplicates"] for g in group_stats)):
         note(text)
-    for split in SPLITS:
-        if split_counts.get(split, 0):
-            rows = events.map_batches(_rows_of_split, batch_format="pyarrow", fn_kwargs={"split": split})
-            rows.drop_columns([*spec.item.text, DUPLICATE]).write_parquet(str(staging / split),
-                                                                          min_rows_per_file=50_000)
-    _write_table(events, "item_key", ["item_id", *spec.item.columns()], staging / "items.parquet")
-    _write_table(events, "user_key", ["user_id", *spec.user.columns()], staging / "users.parquet")
+    _write_table(pa.concat_tables([w["items"] for w in written]), "item_key", staging / "items.parquet")
+    _write_table(pa.concat_tables([w["users"] for w in written]), "user_key", staging / "users.parquet")
 
     steps.start("writing the feature spec")
     feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes)
@@ -283,40 +283,137 @@ def _read(sources: src.Sources, schema: pa.Schema) -> ray.data.Dataset:
 
 
 def _partitions(cfg: PrepareConfig, rows: int) -> int:
-    return cfg.num_partitions or int(np.clip(rows // 250_000 + 1, 2, 256))
+    return cfg.num_partitions or int(np.clip(rows // FILE_ROWS + 1, 2, 256))
 
 
-def _count_splits(batch: pd.DataFrame) -> pd.DataFrame:
-    counts = batch["split"].value_counts()
-    duplicates = int(batch[DUPLICATE].sum()) if DUPLICATE in batch else 0
-    return pd.DataFrame({"split": [*counts.index.astype(str), DUPLICATE],
-                         "rows": [*counts.to_numpy(), duplicates]})
+@ray.remote
+def _per_block(block: pa.Table, groups: int) -> tuple:
+    """One validated block: (its bad-row summary, whether its item keys are all numbers, then its good rows cut
+    into `groups` parts by a hash of the raw user key, so that each user lies in one group)."""
+    summary = summarize_bad_rows(block)
+    good = drop_bad_rows(block)
+    users = pc.dictionary_encode(good["user_id"]).combine_chunks()
+    bucket_of_user = pd.util.hash_array(users.dictionary.to_numpy(zero_copy_only=False)) % groups
+    bucket = bucket_of_user[users.indices.to_numpy(zero_copy_only=False)] if len(good) else np.zeros(0, np.int64)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(groups + 1))
+    good = good.take(pa.array(order))
+    parts = [good.slice(bounds[g], bounds[g + 1] - bounds[g]) for g in range(groups)]
+    return summary, items_are_numbers(good["item_id"]), *parts
 
 
-def _count_rows(ds: ray.data.Dataset) -> tuple[dict[str, int], int]:
-    """Rows per split, and exact duplicate rows (once histories have marked them)."""
-    counts: dict[str, int] = {}
-    for row in ds.map_batches(_count_splits, batch_format="pandas").take_all():
-        counts[row["split"]] = counts.get(row["split"], 0) + int(row["rows"])
-    duplicates = counts.pop(DUPLICATE, 0)
-    return counts, duplicates
+@ray.remote
+def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, items_numeric: bool,
+               *parts: pa.Table) -> tuple[pa.Table, dict]:
+    """Whole users: their events in event order with each event's split (chronological when `ratios` are given,
+    else the split column), index of its user in the group and position, and the group's counts (vocabularies,
+    scenes, rows per split, users, exact duplicates)."""
+    table = pa.concat_tables(parts).combine_chunks()
+    table = table.take(pa.array(sorted_event_order(table["user_id"], table["timestamp"], table["item_id"],
+                                                   items_numeric)))
+    n = table.num_rows
+    users = table["user_id"].combine_chunks()
+    user_start = run_starts(users)
+    index_in_user = np.arange(n) - user_start
+    position = run_starts(users, table["timestamp"].combine_chunks()) - user_start  # events strictly earlier
+    user_index = np.cumsum(index_in_user == 0) - 1
+    without_train = None
+    if ratios is not None:
+        sizes = np.bincount(user_start, minlength=n)[user_start]
+        codes, no_train = split_codes(index_in_user, sizes, ratios)
+        without_train = np.where(no_train, np.where(index_in_user == 0, 2, 1), 0)
+    else:
+        codes = pc.index_in(table["split"], value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
+        codes = codes.astype(np.int8)
+        table = table.drop_columns(["split"])
+    duplicates = pd.Series(table[ROW_HASH].to_numpy()).duplicated().to_numpy()  # the hash covers the user key
+    stats = {"counts": count_table(table, spec, train=codes == 0, without_train=without_train),
+             "splits": np.bincount(codes, minlength=len(SPLITS)).tolist(), "users": int(user_index[-1] + 1) if n else 0,
+             "duplicates": int(duplicates.sum())}
+    table = table.drop_columns([ROW_HASH]).append_column(SPLIT_CODE, pa.array(codes, pa.int8()))
+    table = table.append_column(USER_INDEX, pa.array(user_index, pa.int32()))
+    return table.append_column(POSITION, pa.array(position, pa.int32())), stats
 
 
-def _rows_of_split(batch: pa.Table, split: str) -> pa.Table:
-    return batch.filter(pc.equal(batch["split"], split))
+@ray.remote
+def _write_group(table: pa.Table, group: int, first_row: int, encoders: Encoders, spec: SceneLogSpec,
+                 staging: str, seed: int) -> dict[str, pa.Table]:
+    """Encodes one group of users and writes its event rows (per split, in a seeded random order) and its
+    sequences into `staging`; returns the latest values of each of its items and users, for their tables."""
+    staging_dir = Path(staging)
+    item_columns = ["item_id", *spec.item.columns()]
+    user_columns = ["user_id", *spec.user.columns()]
+    event_features = feature_columns_of(spec)
+    encoded = encode_table(table, encoders, spec, list(dict.fromkeys(
+        ["user_id", "item_id", "scene_id", *event_features, *item_columns, *user_columns])))
+    sequence_row = pa.array(table[USER_INDEX].to_numpy() + first_row, pa.int32())
+    events = pa.table({"user_id": encoded["user_id"], "item_id": encoded["item_id"], "scene_id": encoded["scene_id"],
+                       "label": table["label"].cast(pa.int8()), "timestamp": table["timestamp"].cast(pa.int64()),
+                       **{c: encoded[c] for c in event_features}, "sequence_row": sequence_row,
+                       POSITION: table[POSITION]})
+    rng = np.random.default_rng([seed, group])
+    codes = table[SPLIT_CODE].to_numpy()
+    for code, split in enumerate(SPLITS):
+        rows = np.flatnonzero(codes == code)
+        if not len(rows):
+            continue
+        rows = rng.permutation(rows)
+        (staging_dir / split).mkdir(exist_ok=True)
+        for k, start in enumerate(range(0, len(rows), FILE_ROWS)):
+            pq.write_table(events.take(pa.array(rows[start:start + FILE_ROWS])),
+                           staging_dir / split / f"part-{group:05d}-{k:03d}.parquet",
+                           compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+
+    user_index = table[USER_INDEX].to_numpy()
+    lengths = np.bincount(user_index, minlength=int(user_index[-1]) + 1 if len(user_index) else 0)
+    list_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    first = list_offsets.to_numpy()[:-1]
+    sequences = pa.table({
+        "sequence_row": pa.array(np.arange(len(lengths)) + first_row, pa.int32()),
+        "user_key": table["user_id"].take(pa.array(first)),
+        "item_ids": pa.ListArray.from_arrays(list_offsets, encoded["item_id"]),
+        "scene_ids": pa.ListArray.from_arrays(list_offsets, encoded["scene_id"]),
+        "labels": pa.ListArray.from_arrays(list_offsets, table["label"].combine_chunks().cast(pa.int8())),
+        "timestamps": pa.ListArray.from_arrays(list_offsets, table["timestamp"].combine_chunks().cast(pa.int64())),
+    })
+    (staging_dir / SEQUENCES_DIR).mkdir(exist_ok=True)
+    pq.write_table(sequences, staging_dir / SEQUENCES_DIR / f"part-{group:05d}.parquet", compression=COMPRESSION,
+                   row_group_size=ROW_GROUP_ROWS)
+
+    # A user's latest event is the last of its run; an item's, the last of its run sorted by (item, time).
+    last_of_user = np.concatenate([first[1:] - 1, [len(user_index) - 1]]) if len(first) else first
+    users = pa.table({"user_key": table["user_id"], **{c: encoded[c] for c in user_columns}}).take(
+        pa.array(last_of_user))
+    items = pa.table({"item_key": table["item_id"], "timestamp": table["timestamp"],
+                      **{c: encoded[c] for c in item_columns}})
+    return {"items": _latest(items, "item_key"), "users": users}
 
 
-def _latest_per_key(batch: pd.DataFrame, key: str) -> pd.DataFrame:
-    return batch.sort_values("timestamp", kind="stable").drop_duplicates(key, keep="last")
+def feature_columns_of(spec: SceneLogSpec) -> list[str]:
+    """The user and context feature columns of the event rows (msit.data.prepared.feature_columns), from the
+    scene-log spec."""
+    return [c for role in ("user", "context") for c in getattr(spec, role).columns()]
 
 
-def _write_table(events: ray.data.Dataset, key: str, columns: list[str], path: Path) -> None:
-    """One row per key with the latest event's values (e.g. items with features and text).
-    Blocks are deduplicated in Ray; what reaches the driver is O(keys), like the vocabularies."""
-    latest = events.select_columns([key, "timestamp", *columns]).map_batches(
-        _latest_per_key, batch_format="pandas", fn_kwargs={"key": key}).to_pandas()
-    table = _latest_per_key(latest, key).sort_values(columns[0]).drop(columns=["timestamp"])
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+def _latest(table: pa.Table, key: str) -> pa.Table:
+    """One row per `key`: the one with the latest timestamp (the last such in the table's order)."""
+    if not table.num_rows:
+        return table
+    order = pc.sort_indices(table, sort_keys=[(key, "ascending"), ("timestamp", "ascending")])
+    table = table.take(order)
+    keys = table[key].combine_chunks()
+    last = np.flatnonzero(np.append(np.asarray(pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False),
+                                               dtype=bool), True))
+    return table.take(pa.array(last))
+
+
+def _write_table(table: pa.Table, key: str, path: Path) -> None:
+    """The item or user table: one row per raw key with its latest values, in index order."""
+    if "timestamp" in table.column_names:
+        table = _latest(table, key).drop_columns(["timestamp"])
+    index = table.column_names[1]
+    table = table.take(pc.sort_indices(table, sort_keys=[(index, "ascending"), (key, "ascending")]))
+    pq.write_table(table, path, compression=COMPRESSION)
 
 
 def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, sources: src.Sources,
@@ -343,7 +440,6 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
         scenarios=vocabs["scenario"].values[2:],
         fields=fields,
         vocabularies={name: v.values for name, v in vocabs.items()},
-        history_length=cfg.history_length,
         row_counts={"input": total_rows, "bad_rows_dropped": report.per_reason(),
                     **{s: int(split_counts.get(s, 0)) for s in SPLITS}},
         source={"inputs": list(cfg.inputs), "files": len(sources.files), "format": sources.format,

@@ -42,7 +42,7 @@ WINDOW_COLUMNS = ("timestamp", "sequence_row", "position")  # what the event row
 
 def feature_columns(spec: FeatureSpec) -> list[str]:
     """User and context feature columns of the event rows (item features come from the item table)."""
-    return [name for name, f in spec.fields.items() if f.role in ("user", "context") and f.type != "text"]
+    return [name for name, f in spec.fields.items() if f.role in ("user", "context") and f.type not in ("id", "text")]
 
 
 def event_columns(spec: FeatureSpec) -> list[str]:

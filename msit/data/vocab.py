@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from msit.data.history import NO_TRAIN, ROW_HASH
+from msit.data.history import NO_TRAIN
 from msit.data.spec import SceneLogSpec
 
 PAD, OOV = 0, 1
@@ -51,16 +53,35 @@ class Vocabulary:
         return np.where(keys.isna().to_numpy(), PAD, codes).astype(np.int64)
 
 
-def multi_tokens(values: pd.Series, sep: str) -> pd.Series:
-    """A multi-valued string column as lists of tokens (empty list for null)."""
-    return values.map(lambda v: [t for t in v.split(sep) if t] if isinstance(v, str) else [])
+def multi_tokens(values: pa.Array | pa.ChunkedArray, sep: str) -> tuple[pa.Array, np.ndarray]:
+    """A multi-valued string column split into tokens, vectorised: (the non-empty tokens of every row, in row
+    order; (rows,) how many each row has). A null row has none."""
+    values = _plain(values)
+    lists = pc.split_pattern(pc.fill_null(values.cast(pa.string()), ""), sep)
+    flat, parent = pc.list_flatten(lists), pc.list_parent_indices(lists)
+    keep = pc.not_equal(flat, "")
+    parent = np.asarray(parent.filter(keep).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return flat.filter(keep), np.bincount(parent, minlength=len(values))
 
 
-def count_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
-    """Value counts of every vocabulary field over the training rows of a batch, plus the sums
-    that give numeric means/stds and the length histogram of multi-valued fields.
-    Returns rows (field, value, count) for a groupby-sum across batches."""
-    train = batch[batch["split"] == "train"] if "split" in batch else batch
+def _plain(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _value_counts(values: pa.Array) -> pd.Series:
+    counts = pc.value_counts(values.drop_null())
+    return pd.Series(counts.field("counts").to_numpy(zero_copy_only=False),
+                     index=np.asarray(counts.field("values").cast(pa.string()).to_numpy(zero_copy_only=False),
+                                      dtype=object), dtype="float64")
+
+
+def count_table(table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = None,
+                without_train: np.ndarray | None = None) -> pd.DataFrame:
+    """Value counts of every vocabulary field over the training rows (`train`, a mask; all rows if None),
+    plus the sums that give numeric means/stds and the length histogram of multi-valued fields, the scenes
+    of every row, and (`without_train`: 2 on a user's first row, 1 on their other rows, when the split left
+    them no training row) those users' counts. Rows (field, value, count), summed across tables."""
+    rows = table.filter(pa.array(train)) if train is not None else table
     parts = []
 
     def add(field_name: str, counts: pd.Series) -> None:
@@ -70,21 +91,28 @@ def count_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
     multi = multi_fields(spec)
     for col in vocab_fields(spec):
         if col in multi:
-            tokens = multi_tokens(train[col], multi[col])
-            add(_LEN + col, tokens.map(len).value_counts())
-            add(col, tokens.explode().dropna().value_counts())
+            tokens, lengths = multi_tokens(rows[col], multi[col])
+            add(_LEN + col, pd.Series(lengths).value_counts())
+            add(col, _value_counts(tokens))
         else:
-            add(col, train[col].dropna().value_counts())
+            add(col, _value_counts(_plain(rows[col])))
     for group in spec.groups().values():
         for col in group.numeric:
-            x = train[col].dropna()
+            x = _plain(rows[col]).drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
+            x = x[~np.isnan(x)]
             add(_NUM + col, pd.Series([len(x), x.sum(), (x * x).sum()], index=["n", "sum", "sumsq"]))
-    add(_ALL + "scenario", batch["scenario"].dropna().value_counts())
-    if NO_TRAIN in batch:  # 2 on a user's first row, 1 on their other rows, when the split left them no train row
-        flags = batch[NO_TRAIN].to_numpy()
-        add(_STAT, pd.Series([(flags == 2).sum(), (flags > 0).sum()], index=["users_without_train",
-                                                                              "events_without_train"]))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["field", "value", "count"])
+    add(_ALL + "scenario", _value_counts(_plain(table["scenario"])))
+    if without_train is not None:
+        add(_STAT, pd.Series([(without_train == 2).sum(), (without_train > 0).sum()],
+                             index=["users_without_train", "events_without_train"]))
+    return pd.concat(parts, ignore_index=True)
+
+
+def count_batch(batch: pd.DataFrame, spec: SceneLogSpec) -> pd.DataFrame:
+    """`count_table` of a pandas batch (its `split` column chooses the training rows)."""
+    train = (batch["split"] == "train").to_numpy() if "split" in batch else None
+    flags = batch[NO_TRAIN].to_numpy() if NO_TRAIN in batch else None
+    return count_table(pa.Table.from_pandas(batch, preserve_index=False), spec, train, flags)
 
 
 @dataclass
@@ -181,45 +209,73 @@ def encoders_from_feature_spec(spec) -> Encoders:
     return Encoders(vocabularies, stats, max_len, {c: 0 for c in max_len})
 
 
-# Lookup indexes per fitted Encoders object, built once per Ray worker process, not per batch.
-_INDEX_CACHE: dict[str, dict[str, pd.Index]] = {}
+# Vocabulary values as Arrow arrays per fitted Encoders object, built once per Ray worker process, not per batch.
+_VALUE_CACHE: dict[str, dict[str, pa.Array]] = {}
 
 
-def encode_batch(batch: pd.DataFrame, encoders: Encoders, spec: SceneLogSpec) -> dict[str, np.ndarray]:
-    """Encoded columns of a batch of validated rows. Raw user/item keys stay on the rows
-    (`user_key`, `item_key`): the user/item tables and the serving history store need them."""
-    indexes = _INDEX_CACHE.get(encoders.token)
-    if indexes is None:
-        indexes = _INDEX_CACHE[encoders.token] = {n: v.index() for n, v in encoders.vocabularies.items()}
+def _values(encoders: Encoders) -> dict[str, pa.Array]:
+    values = _VALUE_CACHE.get(encoders.token)
+    if values is None:
+        values = _VALUE_CACHE[encoders.token] = {n: pa.array(v.values[len(RESERVED):], pa.string())
+                                                 for n, v in encoders.vocabularies.items()}
+    return values
+
+
+def encode_keys(keys: pa.Array | pa.ChunkedArray, values: pa.Array) -> np.ndarray:
+    """Indices of `keys` in a vocabulary's `values` (the entries after the reserved ones): null -> PAD,
+    not found -> OOV. int32, vectorised (a hash lookup in Arrow)."""
+    keys = _plain(keys).cast(pa.string())
+    found = pc.index_in(keys, value_set=values)
+    codes = pc.fill_null(pc.add(found, len(RESERVED)), OOV).to_numpy(zero_copy_only=False).astype(np.int32)
+    codes[~np.asarray(keys.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = PAD
+    return codes
+
+
+def encode_table(table: pa.Table, encoders: Encoders, spec: SceneLogSpec, columns: list[str]) -> dict[str, pa.Array]:
+    """The encoded `columns` (processed names: user_id, item_id, scene_id and features) of validated rows, in
+    the prepared layout's compact types: ids and categories int32 (scenes int16), numeric float32 (training
+    mean/std; null -> 0), multi-valued fixed-size lists of int32 (left-aligned, padded with 0)."""
+    values = _values(encoders)
     multi = multi_fields(spec)
-    out: dict[str, np.ndarray] = {}
-    for col, vocab in encoders.vocabularies.items():
-        name = "scene_id" if col == "scenario" else col
+    out: dict[str, pa.Array] = {}
+    for name in columns:
+        col = "scenario" if name == "scene_id" else name
         if col in multi:
-            out[name] = _encode_multi(batch[col], multi[col], vocab, indexes[col], encoders.multi_max_len[col])
+            width = encoders.multi_max_len[col]
+            codes = _encode_multi(table[col], multi[col], values[col], width)
+            out[name] = pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), width)
+        elif col in encoders.numeric_stats:
+            s = encoders.numeric_stats[col]
+            x = _plain(table[col]).to_numpy(zero_copy_only=False).astype(np.float64)
+            out[name] = pa.array(np.nan_to_num((x - s["mean"]) / s["std"], nan=0.0).astype(np.float32))
+        elif col in values:
+            codes = encode_keys(table[col], values[col])
+            out[name] = pa.array(codes.astype(np.int16) if name == "scene_id" else codes)
         else:
-            out[name] = vocab.encode(batch[col], indexes[col])
-    for col, s in encoders.numeric_stats.items():
-        out[col] = np.nan_to_num((batch[col].to_numpy("float64") - s["mean"]) / s["std"], nan=0.0).astype(np.float32)
-    out["label"] = batch["label"].to_numpy(np.int64)
-    out["timestamp"] = batch["timestamp"].to_numpy(np.int64)
-    out["split"] = batch["split"].to_numpy(dtype=object)
-    if ROW_HASH in batch:  # carried to the histories step, which counts exact duplicates
-        out[ROW_HASH] = batch[ROW_HASH].to_numpy(np.uint64)
-    out["user_key"] = batch["user_id"].to_numpy(dtype=object)
-    out["item_key"] = batch["item_id"].to_numpy(dtype=object)
-    for col in spec.item.text:
-        out[col] = batch[col].to_numpy(dtype=object)
+            out[name] = _plain(table[col])  # text: as validated
     return out
 
 
-def _encode_multi(values: pd.Series, sep: str, vocab: Vocabulary, index: pd.Index, width: int) -> np.ndarray:
-    """(rows, width) token indexes, left-aligned, padded with 0."""
-    tokens = multi_tokens(values, sep).map(lambda t: t[:width])
-    lengths = tokens.map(len).to_numpy()
-    flat = vocab.encode(tokens.explode().dropna().to_numpy(), index)
-    rows = np.repeat(np.arange(len(values)), lengths)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out = np.zeros((len(values), width), dtype=np.int64)
-    out[rows, cols] = flat
+def encode_batch(batch: pd.DataFrame, encoders: Encoders, spec: SceneLogSpec) -> dict[str, np.ndarray]:
+    """`encode_table` of a pandas batch, as numpy arrays (multi-valued fields as (rows, width))."""
+    table = pa.Table.from_pandas(batch, preserve_index=False)
+    names = ["scene_id" if c == "scenario" else c for c in encoders.vocabularies] + list(encoders.numeric_stats)
+    out = {}
+    for name, array in encode_table(table, encoders, spec, names).items():
+        if pa.types.is_fixed_size_list(array.type):
+            out[name] = pc.list_flatten(array).to_numpy().reshape(len(array), array.type.list_size)
+        else:
+            out[name] = array.to_numpy(zero_copy_only=False)
+    return out
+
+
+def _encode_multi(values: pa.Array | pa.ChunkedArray, sep: str, vocab: pa.Array, width: int) -> np.ndarray:
+    """(rows, width) int32 token indexes, left-aligned, padded with 0; tokens past `width` are cut."""
+    tokens, lengths = multi_tokens(values, sep)
+    starts = np.cumsum(lengths) - lengths
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(tokens)) - starts[rows]
+    kept = cols < width
+    out = np.zeros((len(lengths), width), dtype=np.int32)
+    out[rows[kept], cols[kept]] = encode_keys(tokens.filter(pa.array(kept)), vocab)
     return out
