@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import posixpath
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,12 +238,16 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     world = TorchWorld(rank, workers, device)
 
+    def read_epoch(epoch: int):  # prefetch_batches: Ray Data converts and shuffles ahead in its own threads
+        return train_shard.iter_torch_batches(
+            batch_size=batch_size, device=device, prefetch_batches=4,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size),
+            local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * workers + rank)
+
+    ahead = EpochsAhead(read_epoch, last_epoch=cfg.train.epochs)
+
     def train_batches(epoch: int):
-        # prefetch_batches: Ray Data converts and shuffles the next batches in background threads meanwhile.
-        for events in train_shard.iter_torch_batches(
-                batch_size=batch_size, device=device, prefetch_batches=4,
-                local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size),
-                local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * workers + rank):
+        for events in ahead.epoch(epoch):
             yield model_batch(events, sequences, history_length)
 
     def validate() -> dict | None:  # every rank scores its shard of val; rank 0 computes the metrics over all
@@ -266,6 +272,53 @@ def train_loop_per_worker(config: dict) -> None:
                      after_epoch=lambda epoch: _fault_drill(cfg, context, epoch, batches=None), log=log)
     # Fine-tuning's epoch 0 is the starting point: it never exports a model worse on val than the one it began with.
     loop.run(state, start_point=cfg.finetune is not None)
+
+
+class EpochsAhead:
+    """Each epoch's Ray Data iteration, started as soon as the previous epoch's training pass ends, so that
+    its start (a new execution of the dataset: the coordinator, the first blocks, filling the shuffle
+    buffer) overlaps validation and checkpointing instead of the next epoch's steps. A thread pulls the
+    batches into a short queue; an error in it is raised in the consumer. All ranks end their training
+    pass together (DDP), so they also start the next iteration together, as streaming_split needs."""
+
+    QUEUE_BATCHES = 8
+
+    def __init__(self, read_epoch, last_epoch: int):
+        self.read_epoch, self.last_epoch = read_epoch, last_epoch
+        self.started: dict[int, queue.Queue] = {}
+
+    def _start(self, epoch: int) -> None:
+        batches: queue.Queue = queue.Queue(maxsize=self.QUEUE_BATCHES)
+
+        def pull() -> None:
+            try:
+                for batch in self.read_epoch(epoch):
+                    batches.put(batch)
+                batches.put(_END)
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+                batches.put(_Failed(e))
+
+        threading.Thread(target=pull, name=f"msit-epoch-{epoch}", daemon=True).start()
+        self.started[epoch] = batches
+
+    def epoch(self, epoch: int):
+        if epoch not in self.started:
+            self._start(epoch)
+        batches = self.started.pop(epoch)
+        while (batch := batches.get()) is not _END:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield batch
+        if epoch < self.last_epoch:
+            self._start(epoch + 1)
+
+
+_END = object()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def resume_from(checkpoint: ray.train.Checkpoint, model, log=None) -> tuple[dict, dict, list[str]]:
@@ -400,19 +453,30 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
 VAL_BLOCK_ROWS = 4096
 
 
+# A train split's event rows up to this size on disk are read once and kept in Ray's object store (a few dozen
+# bytes a row: 1 GiB is some 20M events), so an epoch starts without reading Parquet again; larger splits
+# stream from their files every epoch.
+CACHE_TRAIN_ROWS_BYTES = 1 << 30
+
+
 def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.data.Dataset:
-    """The event rows of a split (`event_columns`, compact types, a few dozen bytes a row) as a Ray Dataset;
-    the train split's files are read in a new random order every epoch (every execution)."""
+    """The event rows of a split (`event_columns`, compact types) as a Ray Dataset. The train split's blocks
+    come in a new random order every epoch (every execution; seeded): its files when it streams from
+    Parquet, its cached blocks when it is small enough to keep (`CACHE_TRAIN_ROWS_BYTES`)."""
     path = Path(cfg.data) / split
     if not path.is_dir():
         raise MsitError(f"{cfg.data} has no {split} split; run `msit data prepare` first")
-    # reseed_after_execution: a new file order for each epoch, still determined by the seed.
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True) if split == "train" \
-        else None
+    cached = split == "train" and sum(f.stat().st_size for f in path.rglob("*.parquet")) <= CACHE_TRAIN_ROWS_BYTES
+    # reseed_after_execution: a new order each epoch, still determined by the seed.
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True) \
+        if split == "train" and not cached else None
     dataset = ray.data.read_parquet(str(path), columns=event_columns(spec), shuffle=shuffle)
     if cfg.scenes:
         dataset = dataset.map_batches(_rows_of_scenes, batch_format="pyarrow",
                                       fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
+    if cached:
+        dataset = dataset.materialize().randomize_block_order(
+            seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
     if split != "train":
         dataset = dataset.map_batches(_same_rows, batch_format="pyarrow", batch_size=VAL_BLOCK_ROWS)
     return dataset
