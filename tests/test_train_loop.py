@@ -201,3 +201,36 @@ def test_two_ranks_gather_every_val_row_and_a_global_batch_steps_like_one_proces
     assert set(grads) == set(out["grads"]) and grads
     for name, grad in grads.items():  # numpy by value through the queue
         torch.testing.assert_close(torch.from_numpy(out["grads"][name]), grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_the_global_batch_is_split_over_the_workers():
+    from msit.errors import ConfigError
+    from msit.ray_train import local_batch_size
+
+    assert [local_batch_size(1024, w) for w in (1, 2, 3)] == [1024, 512, 341]
+    with pytest.raises(ConfigError, match="train.batch_size 1 is the global batch, split over 2 workers"):
+        local_batch_size(1, 2)
+
+
+def test_the_next_epochs_reading_starts_when_an_epochs_batches_end_and_its_errors_reach_the_loop():
+    import threading
+
+    from msit.ray_train import EpochsAhead
+
+    started, second_started = [], threading.Event()
+
+    def read_epoch(epoch):
+        started.append(epoch)
+        if epoch == 2:
+            second_started.set()
+        if epoch == 3:
+            raise OSError("shard lost")
+        yield from ([epoch, epoch] if epoch == 1 else [epoch])
+
+    ahead = EpochsAhead(read_epoch, last_epoch=3)
+    assert list(ahead.epoch(1)) == [1, 1]
+    assert second_started.wait(10)  # started before anyone asked for epoch 2 (validation runs meanwhile)
+    assert list(ahead.epoch(2)) == [2]
+    with pytest.raises(OSError, match="shard lost"):
+        list(ahead.epoch(3))
+    assert started == [1, 2, 3]
