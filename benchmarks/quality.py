@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.prepared import load_sequences, load_split
 from msit.model import FAMILIES, ModelConfig, build_model, load_item_table
-from msit.trainer import TrainConfig, evaluate, fit, load_split, seed_everything
+from msit.trainer import TrainConfig, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("MSIT_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py
 PROTOCOLS = {"genre": "ml100k_genre.csv", "age": "ml100k_age.csv"}
 
 # Fixed before looking at test results; every family shares the embedding width and training settings.
@@ -75,8 +76,8 @@ def prepared_dir(protocol: str, cache_dir: Path) -> Path:
     if not (out / "feature_spec.json").is_file():
         from msit.data.prepare import PrepareConfig, prepare  # Ray Data: only needed the first time
 
-        prepare(PrepareConfig(inputs=[str(SHARED / PROTOCOLS[protocol])], out=str(out), history_length=50,
-                              overwrite=True, num_cpus=2), log=print)
+        prepare(PrepareConfig(inputs=[str(SHARED / PROTOCOLS[protocol])], out=str(out), overwrite=True, num_cpus=2),
+                log=print)
     return out
 
 
@@ -161,27 +162,34 @@ def markdown_table(report: dict, protocols: list[str]) -> str:
 def _data(cache_dir: str, protocol: str) -> tuple:
     data = prepared_dir(protocol, Path(cache_dir))
     spec = FeatureSpec.load(data)
-    return spec, {s: load_split(data, s, spec) for s in ("train", "val", "test")}, load_item_table(data, spec)
+    sequences = load_sequences(data)  # one copy for the three splits
+    return spec, {s: load_split(data, s, spec, sequences) for s in ("train", "val", "test")}, \
+        load_item_table(data, spec)
+
+
+def run_config(config: ModelConfig, train: TrainConfig, prepared: Path, device: str, threads: int,
+               tag: str = "") -> dict:
+    """Train one model config with `trainer.fit` (single process) and score it on val and test."""
+    torch.set_num_threads(threads)
+    spec, splits, table = _data(str(prepared.parent), prepared.name)
+    seed_everything(train.seed)
+    model = build_model(config, spec, table).to(device)
+    result = fit(model, splits["train"], splits["val"], spec, train, log=lambda m: print(f"{tag} {m}", flush=True))
+    test = evaluate(model, splits["test"], spec)
+    print(f"{tag} val AUC {result.best_val['overall']['auc']:.4f}, test AUC {test['overall']['auc']:.4f} "
+          f"({result.seconds:.0f} s)", flush=True)
+    return {"test": test, "val_auc": result.best_val["overall"]["auc"], "val_gauc": result.best_val["overall"]["gauc"],
+            "best_epoch": result.best_epoch, "train_s": result.seconds, "history": result.history}
 
 
 def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, device: str, threads: int,
             overrides: dict | None = None) -> dict:
     """Train one (protocol, family, seed, search point) and score it on val and test: one worker's task."""
-    torch.set_num_threads(threads)
-    spec, splits, table = _data(cache_dir, protocol)
-    seed_everything(seed)
     config = model_config(family, point, overrides)
-    model = build_model(config, spec, table).to(device)
+    prepared = prepared_dir(protocol, Path(cache_dir))
     tag = f"[{protocol} {family} seed {seed} {point_key(point)}]"
-    result = fit(model, splits["train"], splits["val"], spec, train_config(point, seed),
-                 log=lambda m: print(f"{tag} {m}", flush=True))
-    test = evaluate(model, splits["test"], spec)
-    print(f"{tag} val AUC {result.best_val['overall']['auc']:.4f}, test AUC {test['overall']['auc']:.4f} "
-          f"({result.seconds:.0f} s)", flush=True)
-    return {"protocol": protocol, "model": family, "seed": seed, "point": point, "config": as_record(config),
-            "test": test, "val_auc": result.best_val["overall"]["auc"], "val_gauc": result.best_val["overall"]["gauc"],
-            "best_epoch": result.best_epoch,
-            "train_s": result.seconds, "history": result.history}
+    run = run_config(config, train_config(point, seed), prepared, device, threads, tag)
+    return {"protocol": protocol, "model": family, "seed": seed, "point": point, "config": as_record(config), **run}
 
 
 def run_all(tasks: list[tuple], report: dict, args, write) -> None:

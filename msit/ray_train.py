@@ -1,10 +1,14 @@
 """Data-parallel training on Ray Train: the edge where Ray meets msit.
 
-`run_training` builds a `TorchTrainer` whose workers run `train_loop_per_worker`: each reads its
-shard of the prepared training split (Ray Data, `iter_torch_batches`), wraps the model in DDP with
-`prepare_model`, and calls the same `train_step` as the single-process trainer. Rank 0 evaluates on
-the validation split every epoch and attaches a checkpoint: a model directory (weights in
-safetensors, config, feature spec) plus the optimizer state and the epoch. A restarted worker
+`run_training` builds a `TorchTrainer` whose workers run `train_loop_per_worker`: the epoch loop of
+`msit.train_loop` (the one `trainer.fit` runs) with Ray at its edges. Each worker loads every user's
+sequence once (`load_sequences`, on its device), receives its shard of the small event rows through
+Ray Data (files in a new random order each epoch, a local shuffle buffer), cuts the history windows
+per batch (`model_batch`), wraps the model in DDP with `prepare_model` and calls the same
+`train_step`. `train.batch_size` is the global batch: each of W workers takes batch_size // W rows.
+Every worker scores its shard of val; the predictions are gathered for the metrics, and rank 0
+attaches a checkpoint each epoch: a model directory (weights in safetensors, config, feature spec)
+plus the optimizer state and the epoch. A restarted worker
 group resumes from the latest checkpoint that loads, the epoch counter continuing. The best checkpoint
 by val AUC is exported as a self-contained model directory. A run name stands for one training config
 (`check_run_config`): the same name resumes it, a different config under it is refused.
@@ -17,8 +21,9 @@ import hashlib
 import json
 import os
 import posixpath
+import queue
 import tempfile
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +37,10 @@ from ray.train.torch import TorchTrainer
 
 from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
+from msit.data.prepared import event_columns, load_sequences, model_batch
 from msit.errors import ConfigError, MsitError
 from msit.finetune import FinetuneSpec, check_encoding_extends, scenes_to_tune, start_from
-from msit.model import ModelConfig, batch_columns, build_for_data
+from msit.model import ModelConfig, build_for_data
 from msit.model_dir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -46,15 +52,8 @@ from msit.model_dir import (
     write_model_files,
 )
 from msit.output_dir import check_outside_inputs, check_replaceable
-from msit.trainer import (
-    TrainConfig,
-    evaluate,
-    load_split,
-    make_optimizer,
-    seed_everything,
-    select_scenes,
-    train_step,
-)
+from msit.train_loop import EpochEnd, EpochLoop, LoopState, TorchWorld, predictions, validation_metrics
+from msit.trainer import TrainConfig, make_optimizer, seed_everything, train_step
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
@@ -187,79 +186,139 @@ def _save_checkpoint(directory: Path, model, cfg: TrainRunConfig, spec: FeatureS
     (directory / STATE_FILE).write_text(json.dumps(state))
 
 
+# Rows in each worker's local shuffle buffer (at least 4 local batches): event rows are ~40 bytes, so 65,536 of
+# them take a few MB. Files are read in a new random order every epoch and each file is written in random row
+# order, so the buffer mixes rows from several files, and users from across the split (README, "Shuffling").
+SHUFFLE_BUFFER_ROWS = 65_536
+
+
+def local_batch_size(batch_size: int, workers: int) -> int:
+    """`train.batch_size` is the global batch: each of the W workers takes batch_size // W rows a step, and DDP
+    averages the W gradients, so a step is the same as one over batch_size rows in one process."""
+    if batch_size < workers:
+        raise ConfigError(f"train.batch_size {batch_size} is the global batch, split over {workers} workers: "
+                          f"it must be at least the number of workers")
+    return batch_size // workers
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """One rank of a Ray Train run: the epoch loop of `msit.train_loop`, with Ray at its edges (the dataset
+    shards in, `ray.train.report` with a checkpoint out, resume from `ray.train.get_checkpoint`)."""
     cfg: TrainRunConfig = config["cfg"]
     context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank, workers = context.get_world_rank(), context.get_world_size()
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
     seed_everything(cfg.train.seed)
     spec = FeatureSpec.load(cfg.data)
     device = ray.train.torch.get_device()
     model = build_for_data(cfg.model, cfg.data, spec)  # the bare module: checkpoints and evaluation use it
+    log = (lambda message: print(f"[msit] {message}", flush=True)) if rank == 0 else (lambda message: None)
     if cfg.finetune is not None:
         summary = start_from(model, cfg.finetune, spec, cfg.scenes)
-        if rank == 0:
-            for line in summary.lines():
-                print(f"[msit] fine-tuning from {cfg.finetune.from_model} ({cfg.finetune.mode}): {line}", flush=True)
-    first_epoch, best_auc, best_epoch, history, skipped = 1, -1.0, 0, [], []
-
+        for line in summary.lines():
+            log(f"fine-tuning from {cfg.finetune.from_model} ({cfg.finetune.mode}): {line}")
+    state, skipped = LoopState(), []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
-        state, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
-        first_epoch, best_auc, best_epoch = state["epoch"] + 1, state["best_val_auc"], state["best_epoch"]
-        history = state["history"]
+        saved, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
+        state = LoopState(first_epoch=saved["epoch"] + 1, best_auc=saved["best_val_auc"],
+                          best_epoch=saved["best_epoch"], history=saved["history"])
     ddp_model = ray.train.torch.prepare_model(model)  # DDP-wrapped (when world size > 1): training steps use it
     optimizer = make_optimizer(model, cfg.train)
     if checkpoint is not None:
         optimizer.load_state_dict(optimizer_state)
-    if rank == 0:
-        print(f"[msit] attempt starts at epoch {first_epoch}", flush=True)
+    log(f"attempt starts at epoch {state.first_epoch}")
     amp = torch.bfloat16 if device.type == "cuda" else None
-    val = load_split(cfg.data, "val", spec) if rank == 0 else None
-    if val is not None and cfg.scenes:
-        val = select_scenes(val, spec.scene_ids(cfg.scenes))
-    shard = ray.train.get_dataset_shard("train")
-    if cfg.finetune is not None and first_epoch == 1:
-        # Epoch 0 is the starting point: fine-tuning never exports a model worse on val than the one it began with.
-        if rank == 0:
-            best_auc = _report_start(model, val, spec, cfg, optimizer, history)
-        else:
-            ray.train.report({"epoch": 0}, checkpoint=None)  # report is collective: every rank calls it
+    # Every worker holds every user's sequence (device memory on GPU) and receives only event rows through Ray
+    # Data; windows are cut per batch. README "Scaling past one worker's memory" for the partitioned design.
+    sequences = load_sequences(cfg.data).to(device)
+    history_length = cfg.model.history_length
+    batch_size = local_batch_size(cfg.train.batch_size, workers)
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    world = TorchWorld(rank, workers, device)
 
-    for epoch in range(first_epoch, cfg.train.epochs + 1):
-        losses, samples = [], 0
-        started_at, started = time.time(), time.perf_counter()
-        # prefetch_batches: Ray Data converts and shuffles the next batches in background threads meanwhile.
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, prefetch_batches=4,
-                                              local_shuffle_buffer_size=4 * cfg.train.batch_size,
-                                              local_shuffle_seed=cfg.train.seed + epoch):
-            losses.append(train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp))
-            samples += len(batch["label"])
-            _fault_drill(cfg, context, epoch - 1, batches=len(losses))
-        # Throughput of the training pass alone (validation and checkpointing excluded), over all workers.
-        samples = _sum_over_workers(samples, device, context.get_world_size())
-        seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": sum(losses) / max(len(losses), 1), "train_samples": samples,
-                   "train_seconds": seconds, "train_samples_per_s": samples / seconds, "epoch_started_at": started_at}
-        stop = torch.zeros(1, device=device)
-        if rank == 0:
-            metrics |= _val_metrics(model, val, spec)
-            if metrics["val_auc"] > best_auc:
-                best_auc, best_epoch = metrics["val_auc"], epoch
-            stop[0] = float(epoch - best_epoch >= cfg.train.patience)
-            history.append({**metrics, "first_epoch_of_attempt": first_epoch,
-                            **({"skipped_checkpoints": skipped} if skipped and epoch == first_epoch else {})})
-            state = {"epoch": epoch, "best_val_auc": best_auc, "best_epoch": best_epoch, **metrics,
-                     "history": history}
-            _report_checkpoint(model, cfg, spec, optimizer, metrics, state)
-        else:
-            ray.train.report(metrics, checkpoint=None)
-        if context.get_world_size() > 1:  # every rank stops at the same epoch
-            torch.distributed.broadcast(stop, src=0)
-        if stop.item():
-            break
-        _fault_drill(cfg, context, epoch, batches=None)
+    def read_epoch(epoch: int):  # prefetch_batches: Ray Data converts and shuffles ahead in its own threads
+        return train_shard.iter_torch_batches(
+            batch_size=batch_size, device=device, prefetch_batches=4,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size),
+            local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * workers + rank)
+
+    ahead = EpochsAhead(read_epoch, last_epoch=cfg.train.epochs)
+
+    def train_batches(epoch: int):
+        for events in ahead.epoch(epoch):
+            yield model_batch(events, sequences, history_length)
+
+    def validate() -> dict | None:  # every rank scores its shard of val; rank 0 computes the metrics over all
+        batches = (model_batch(events, sequences, history_length) for events in
+                   val_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device,
+                                                prefetch_batches=2))
+        return validation_metrics(world, predictions(model, batches), spec.scene_names())
+
+    def on_epoch(end: EpochEnd) -> None:  # report is collective: every rank calls it, rank 0 with the checkpoint
+        if rank != 0:
+            ray.train.report(end.metrics, checkpoint=None)
+            return
+        if skipped and end.epoch == state.first_epoch:
+            end.state.history[-1]["skipped_checkpoints"] = skipped
+        train_state = {"epoch": end.epoch, "best_val_auc": end.state.best_auc, "best_epoch": end.state.best_epoch,
+                       **end.metrics, "history": end.state.history}
+        _report_checkpoint(model, cfg, spec, optimizer, end.metrics, train_state)
+
+    loop = EpochLoop(cfg.train, step=lambda batch: train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp),
+                     train_batches=train_batches, validate=validate, on_epoch=on_epoch, world=world,
+                     after_batch=lambda epoch, batches: _fault_drill(cfg, context, epoch, batches=batches),
+                     after_epoch=lambda epoch: _fault_drill(cfg, context, epoch, batches=None), log=log)
+    # Fine-tuning's epoch 0 is the starting point: it never exports a model worse on val than the one it began with.
+    loop.run(state, start_point=cfg.finetune is not None)
+
+
+class EpochsAhead:
+    """Each epoch's Ray Data iteration, started as soon as the previous epoch's training pass ends, so that
+    its start (a new execution of the dataset: the coordinator, the first blocks, filling the shuffle
+    buffer) overlaps validation and checkpointing instead of the next epoch's steps. A thread pulls the
+    batches into a short queue; an error in it is raised in the consumer. All ranks end their training
+    pass together (DDP), so they also start the next iteration together, as streaming_split needs."""
+
+    QUEUE_BATCHES = 8
+
+    def __init__(self, read_epoch, last_epoch: int):
+        self.read_epoch, self.last_epoch = read_epoch, last_epoch
+        self.started: dict[int, queue.Queue] = {}
+
+    def _start(self, epoch: int) -> None:
+        batches: queue.Queue = queue.Queue(maxsize=self.QUEUE_BATCHES)
+
+        def pull() -> None:
+            try:
+                for batch in self.read_epoch(epoch):
+                    batches.put(batch)
+                batches.put(_END)
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, which raises it)
+                batches.put(_Failed(e))
+
+        threading.Thread(target=pull, name=f"msit-epoch-{epoch}", daemon=True).start()
+        self.started[epoch] = batches
+
+    def epoch(self, epoch: int):
+        if epoch not in self.started:
+            self._start(epoch)
+        batches = self.started.pop(epoch)
+        while (batch := batches.get()) is not _END:
+            if isinstance(batch, _Failed):
+                raise batch.error
+            yield batch
+        if epoch < self.last_epoch:
+            self._start(epoch + 1)
+
+
+_END = object()
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 def resume_from(checkpoint: ray.train.Checkpoint, model, log=None) -> tuple[dict, dict, list[str]]:
@@ -316,34 +375,11 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, dict]:
     return state, optimizer_state
 
 
-def _report_start(model, val, spec: FeatureSpec, cfg: TrainRunConfig, optimizer, history: list[dict]) -> float:
-    metrics = {"epoch": 0, **_val_metrics(model, val, spec)}
-    history.append({**metrics, "first_epoch_of_attempt": 1})
-    state = {"epoch": 0, "best_val_auc": metrics["val_auc"], "best_epoch": 0, **metrics, "history": history}
-    print(f"[msit] before fine-tuning: val AUC {metrics['val_auc']:.4f}", flush=True)
-    _report_checkpoint(model, cfg, spec, optimizer, metrics, state)
-    return metrics["val_auc"]
-
-
-def _val_metrics(model, val, spec: FeatureSpec) -> dict:
-    evaluation = evaluate(model, val, spec)
-    return {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
-            **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
-
-
 def _report_checkpoint(model, cfg: TrainRunConfig, spec: FeatureSpec, optimizer, metrics: dict, state: dict) -> None:
     """Rank 0's report: the metrics with a checkpoint (model directory, optimizer, training state)."""
     with tempfile.TemporaryDirectory() as directory:
         _save_checkpoint(Path(directory), model, cfg, spec, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _sum_over_workers(value: int, device: torch.device, world_size: int) -> int:
-    if world_size == 1:
-        return value
-    total = torch.tensor([value], device=device)
-    torch.distributed.all_reduce(total)
-    return int(total.item())
 
 
 def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) -> None:
@@ -378,8 +414,6 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
     """The TorchTrainer of a run. `cpu_budget`: the cluster CPUs this run may hold (default all of them;
     Tune gives each concurrent trial its share)."""
     spec = FeatureSpec.load(cfg.data)
-    if not (Path(cfg.data) / "train").is_dir():
-        raise MsitError(f"{cfg.data} has no train split; run `msit data prepare` first")
     if cfg.finetune is not None:
         check_encoding_extends(cfg.finetune.from_model, spec, cfg.data)
         if cfg.finetune.mode == "scene":
@@ -387,10 +421,7 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
         if cfg.model != load_model_config(cfg.finetune.from_model):
             raise ConfigError(f"a fine-tuning run keeps the architecture of {cfg.finetune.from_model}: take its "
                               "model config (msit finetune does)")
-    train = ray.data.read_parquet(str(Path(cfg.data) / "train"), columns=batch_columns(spec))
-    if cfg.scenes:
-        train = train.map_batches(_rows_of_scenes, batch_format="pyarrow",
-                                  fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
+    datasets = {split: event_dataset(cfg, spec, split) for split in ("train", "val")}
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
     cpus, workers = cfg.scaling.cpus_per_worker, cfg.scaling.num_workers
     budget = ray.cluster_resources().get("CPU", 0) if cpu_budget is None else cpu_budget
@@ -413,8 +444,65 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute="val_auc",
                                                          checkpoint_score_order="max")),
-        datasets={"train": train},
+        datasets=datasets, dataset_config=ShardedData(),
     )
+
+
+# Val is cut into blocks of this many rows before the split, so that every rank gets a share of it (the
+# split hands out whole blocks, and a small val split is often one block).
+VAL_BLOCK_ROWS = 4096
+
+
+# A train split's event rows up to this size on disk are read once and kept in Ray's object store (a few dozen
+# bytes a row: 1 GiB is some 20M events), so an epoch starts without reading Parquet again; larger splits
+# stream from their files every epoch.
+CACHE_TRAIN_ROWS_BYTES = 1 << 30
+
+
+def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.data.Dataset:
+    """The event rows of a split (`event_columns`, compact types) as a Ray Dataset. The train split's blocks
+    come in a new random order every epoch (every execution; seeded): its files when it streams from
+    Parquet, its cached blocks when it is small enough to keep (`CACHE_TRAIN_ROWS_BYTES`)."""
+    path = Path(cfg.data) / split
+    if not path.is_dir():
+        raise MsitError(f"{cfg.data} has no {split} split; run `msit data prepare` first")
+    cached = split == "train" and sum(f.stat().st_size for f in path.rglob("*.parquet")) <= CACHE_TRAIN_ROWS_BYTES
+    # reseed_after_execution: a new order each epoch, still determined by the seed.
+    shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True) \
+        if split == "train" and not cached else None
+    dataset = ray.data.read_parquet(str(path), columns=event_columns(spec), shuffle=shuffle)
+    if cfg.scenes:
+        dataset = dataset.map_batches(_rows_of_scenes, batch_format="pyarrow",
+                                      fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
+    if cached:
+        dataset = dataset.materialize().randomize_block_order(
+            seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
+    if split != "train":
+        dataset = dataset.map_batches(_same_rows, batch_format="pyarrow", batch_size=VAL_BLOCK_ROWS)
+    return dataset
+
+
+def _same_rows(batch: pa.Table) -> pa.Table:
+    return batch
+
+
+class ShardedData(ray.train.DataConfig):
+    """How the datasets reach the workers. train: split into equal shards (every rank takes the same number
+    of DDP steps; Ray drops at most W - 1 rows of an epoch to make them equal). val: split without dropping
+    a row (blocks go to the rank with the fewest rows so far), so every rank scores its share of val and
+    the metrics see every row."""
+
+    def configure(self, datasets: dict, world_size: int, worker_handles, worker_node_ids, **kwargs) -> list[dict]:
+        others = {name: ds for name, ds in datasets.items() if name != "val"}
+        output = super().configure(others, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            if val.name is None:
+                val.set_name("val")
+            val.context.execution_options = self._resolve_execution_options("val")
+            for rank, shard in enumerate(val.streaming_split(world_size, equal=False)):
+                output[rank]["val"] = shard
+        return output
 
 
 def _rows_of_scenes(batch: pa.Table, scene_ids: list[int]) -> pa.Table:

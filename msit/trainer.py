@@ -1,7 +1,7 @@
 """Single-process training without Ray: for tests, debugging and benchmarks.
 
-The step functions (`train_step`, `predict`) are the ones Ray Train's loop calls too, so both paths
-train the same way. Seeded and deterministic on CPU.
+`fit` runs the epoch loop of `msit.train_loop` that Ray Train's workers run too, with the same step
+(`train_step`), so both paths train the same way. Seeded and deterministic on CPU.
 """
 
 from __future__ import annotations
@@ -112,38 +112,43 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 class FitResult:
     best_epoch: int
     best_val: dict
-    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_auc, val_logloss, per scene
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_auc, val_logloss, val_auc/<scene>
     seconds: float = 0.0
 
 
 def fit(model: nn.Module, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg: TrainConfig,
-        log: Callable[[str], None] = print, progress: bool = False) -> FitResult:
-    """Train with early stopping on val AUC; the model ends with its best epoch's weights."""
+        log: Callable[[str], None] = print, progress: bool = False, start_point: bool = False) -> FitResult:
+    """Train with early stopping on val AUC (`train_loop.EpochLoop`, the loop Ray Train's workers run too);
+    the model ends with its best epoch's weights. Each epoch is a fresh global permutation of `train`.
+    `start_point`: the untrained (or fine-tuning's starting) model is epoch 0, the best to beat."""
+    from msit.train_loop import EpochLoop, predictions, validation_metrics
+
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
     device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
-    best_auc, best_state, best_epoch, best_val, history = -1.0, None, 0, {}, []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        losses = []
+    # The sequences go to the model's device once (the same copy for both splits when they share it, as
+    # load_split's do when given one `sequences`).
+    on_device = {id(split.sequences): split.sequences.to(device) for split in (train, val)}
+    train, val = (EventSplit(split.events, on_device[id(split.sequences)]) for split in (train, val))
+    total = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    best_state: dict = {}
+
+    def train_batches(epoch: int):
         batches = train.batches(cfg.batch_size, model.history_length, shuffle=True, generator=generator, device=device)
-        total = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-        for batch in tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False):
-            losses.append(train_step(model, batch, optimizer, cfg.grad_clip))
-        metrics = evaluate(model, val, spec, cfg.eval_batch_size)
-        val_auc = metrics["overall"]["auc"]
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_auc": val_auc,
-                        "val_logloss": metrics["overall"]["logloss"],
-                        "val_scene_auc": {s: m["auc"] for s, m in metrics["scenes"].items()}})
-        log(f"epoch {epoch}: train loss {np.mean(losses):.4f}, val AUC {val_auc:.4f}, "
-            f"val log loss {metrics['overall']['logloss']:.4f}")
-        if val_auc > best_auc:
-            best_auc, best_epoch, best_val = val_auc, epoch, metrics
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            log(f"early stop: no better val AUC for {cfg.patience} epochs; best epoch {best_epoch}")
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(best_epoch, best_val, history, time.perf_counter() - start)
+        return tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, leave=False)
+
+    def keep_best(end) -> None:
+        if end.improved:
+            best_state["weights"] = copy.deepcopy(model.state_dict())
+
+    loop = EpochLoop(
+        cfg, step=lambda batch: train_step(model, batch, optimizer, cfg.grad_clip), train_batches=train_batches,
+        validate=lambda: validation_metrics(loop.world, predictions(
+            model, val.batches(cfg.eval_batch_size, model.history_length, device=device)), spec.scene_names()),
+        on_epoch=keep_best, log=log)
+    start = time.perf_counter()
+    state = loop.run(start_point=start_point)
+    if "weights" in best_state:
+        model.load_state_dict(best_state["weights"])
+    return FitResult(state.best_epoch, state.best_val or {}, state.history, time.perf_counter() - start)

@@ -5,12 +5,13 @@ import pytest
 import yaml
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.prepared import load_split
 from msit.errors import ConfigError
 from msit.model import ModelConfig
 from msit.model_dir import load_model_dir
 from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
 from msit.ray_tune import AshaSpec, SearchSpec, TuneRunConfig, expand_space, run_search, search_outputs_dir
-from msit.trainer import TrainConfig, evaluate, load_split
+from msit.trainer import TrainConfig, evaluate
 
 
 def _search(prepared, tmp_path, **search) -> TuneRunConfig:

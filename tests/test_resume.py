@@ -47,7 +47,8 @@ def test_a_different_config_under_the_same_name_is_refused_with_the_differences(
 def test_other_data_under_the_same_name_is_refused(tmp_path):
     check_run_config(_config(tmp_path))
     spec = tiny_spec()
-    spec.history_length += 1  # data prepared otherwise: another encoding
+    spec.vocabularies["item_id"].append("i_new")  # data prepared otherwise: another encoding
+    spec.fields["item_id"].vocab_size += 1
     spec.save(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"\(data\.encoding: \"\w+\" -> \"\w+\"\)"):
         check_run_config(_config(tmp_path))

@@ -7,9 +7,10 @@ import pytest
 from msit.cli import main
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
+from msit.data.prepared import load_split
 from msit.model import ModelConfig, build_model, load_item_table
 from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, evaluate, fit, load_split, seed_everything
+from msit.trainer import TrainConfig, evaluate, fit, seed_everything
 
 
 @pytest.fixture(scope="module")
