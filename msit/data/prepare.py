@@ -435,11 +435,11 @@ def _latest(table: pa.Table, key: str) -> pa.Table:
     if not table.num_rows:
         return table
     # Sorted by the key's dictionary code rather than the key itself: integers sort several times faster than
-    # strings. np.lexsort is stable: rows tied on (key, time) keep the table's order.
-    codes = pc.dictionary_encode(table[key]).combine_chunks().indices
-    codes = np.asarray(pc.fill_null(codes, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-    order = np.lexsort((table["timestamp"].to_numpy(), codes))
-    sorted_codes = codes[order]
+    # strings. Arrow's sort is stable: rows tied on (key, time) keep the table's order.
+    codes = pc.fill_null(pc.dictionary_encode(table[key]).combine_chunks().indices, -1)
+    order = pc.sort_indices(pa.table({"key": codes, "time": table["timestamp"]}),
+                            sort_keys=[("key", "ascending"), ("time", "ascending")]).to_numpy()
+    sorted_codes = codes.to_numpy()[order]
     return table.take(pa.array(order[np.append(sorted_codes[1:] != sorted_codes[:-1], True)]))
 
 
