@@ -9,7 +9,7 @@ import torch
 
 from msit.data import synth
 from msit.data.feature_spec import FeatureSpec
-from msit.data.prepare import PrepareConfig, prepare
+from msit.data.prepare import PrepareConfig, _exact_duplicates, prepare
 from msit.data.prepared import event_columns, load_split
 from msit.data.spec import SceneLogSpec
 from msit.errors import ConfigError, DataValidationError
@@ -209,3 +209,15 @@ def test_filesystem_uris_take_the_pyarrow_filesystem_path(ray_session, tmp_path)
                      log=lambda _: None)
     assert result.feature_spec.row_counts["input"] == 60
     assert result.feature_spec.source["files"] == 1
+
+
+def test_exact_duplicates_are_found_among_rows_sharing_user_time_and_item_even_when_not_adjacent():
+    import pyarrow as pa
+
+    # Rows in event order. u1's three rows at time 5 on item a: the third repeats the first (the second differs in
+    # its label); u2's row equals u1's first but for the user; u1's two rows on item b differ in time.
+    table = pa.table({"user_id": ["u1", "u1", "u1", "u1", "u1", "u2"], "timestamp": [5, 5, 5, 6, 7, 5],
+                      "item_id": ["a", "a", "a", "b", "b", "a"], "label": pa.array([0, 1, 0, 1, 1, 0], pa.int8()),
+                      "price": [1.0, 1.0, 1.0, None, None, 1.0]})
+    assert _exact_duplicates(table) == 1
+    assert _exact_duplicates(table.slice(3)) == 0

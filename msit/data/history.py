@@ -14,7 +14,6 @@ import pyarrow.compute as pc
 
 NO_TRAIN = "_no_train"  # assign_split: 2 on the first row of a user left without a training event, 1 on the rest
 DUPLICATE = "_duplicate"  # the row exactly repeats an earlier one of the same user
-ROW_HASH = "_row_hash"  # validate: a hash of each row's canonical values
 
 
 def event_order(user_keys: np.ndarray, timestamps: np.ndarray, item_keys: np.ndarray) -> np.ndarray:

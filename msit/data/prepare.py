@@ -39,7 +39,7 @@ from msit.config import from_dict
 from msit.data import notes as note_on
 from msit.data import sources as src
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
-from msit.data.history import ROW_HASH, items_are_numbers, sorted_event_order, split_codes, user_runs
+from msit.data.history import items_are_numbers, run_starts, sorted_event_order, split_codes, user_runs
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
     SPLITS,
@@ -48,6 +48,7 @@ from msit.data.validate import (
     check_not_empty,
     column_label,
     drop_bad_rows,
+    row_hash,
     summarize_bad_rows,
 )
 from msit.data.vocab import Encoders, count_table, encode_table, encoders_from_feature_spec, multi_fields, split_stats
@@ -57,6 +58,8 @@ from msit.ray_env import init_ray
 
 SEQUENCES_DIR = "sequences"  # = msit.data.prepared.SEQUENCES_DIR, not imported: that imports torch in every task
 FILE_ROWS = 250_000  # event rows per output file at most
+GROUP_ROWS = 1_000_000  # about this many events per group of users (fewer groups: less per-task work and fewer
+# objects; each group's task holds its events a few times over in memory)
 ROW_GROUP_ROWS = 65_536
 COMPRESSION = "zstd"
 SPLIT_CODE = "_split"  # int8: index into SPLITS
@@ -168,8 +171,9 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
 
     steps.start(f"reading and validating {sources.describe()}")
     init_ray(num_cpus=cfg.num_cpus)  # only now: input mistakes are reported without waiting for Ray
-    pieces = _read_pieces(sources, max(1, int(ray.cluster_resources().get("CPU", 1))))
-    groups = _partitions(cfg, sum(rows for *_, rows in pieces))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pieces = _read_pieces(sources, cpus)
+    groups = _partitions(cfg, sum(rows for *_, rows in pieces), cpus)
     blocks = [_read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups)
               for piece in pieces]
     results = ray.get([refs[0] for refs in blocks])
@@ -287,7 +291,7 @@ def _read_block(sources: src.Sources, piece: tuple, schema: pa.Schema, spec: Sce
         return {"error": f"{path}: cannot read it as {kind}: {' '.join(str(e).split())}"}, *([None] * groups)
     start, stop = table.num_rows * part // parts, table.num_rows * (part + 1) // parts
     table = table.slice(start, stop - start)
-    checked = check_batch(table.append_column("path", pa.array([path] * table.num_rows, pa.string())), spec)
+    checked = check_batch(table.append_column("path", pa.repeat(pa.scalar(path, pa.string()), table.num_rows)), spec)
     summary = summarize_bad_rows(checked)
     good = drop_bad_rows(checked)
     users = pc.dictionary_encode(good["user_id"]).combine_chunks()
@@ -316,8 +320,12 @@ def _read_piece(sources: src.Sources, path: str, row_groups: list[int] | None, s
         return pacsv.read_csv(stream, convert_options=convert)
 
 
-def _partitions(cfg: PrepareConfig, rows: int) -> int:
-    return cfg.num_partitions or int(np.clip(rows // FILE_ROWS + 1, 2, 256))
+def _partitions(cfg: PrepareConfig, rows: int, cpus: int) -> int:
+    """About GROUP_ROWS events per group, a multiple of the CPUs (no last wave that leaves CPUs idle), at least 2."""
+    if cfg.num_partitions:
+        return cfg.num_partitions
+    waves = max(1, round(rows / (GROUP_ROWS * cpus)))
+    return int(np.clip(waves * cpus, 2, 256))
 
 
 @ray.remote
@@ -332,6 +340,7 @@ def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, it
     n = table.num_rows
     user_index, index_in_user, position = user_runs(table["user_id"].combine_chunks(),
                                                     table["timestamp"].combine_chunks())
+    duplicates = _exact_duplicates(table)  # before the split column goes: a duplicate repeats it too
     without_train = None
     if ratios is not None:
         sizes = np.bincount(user_index)[user_index]
@@ -341,13 +350,24 @@ def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, it
         codes = pc.index_in(table["split"], value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
         codes = codes.astype(np.int8)
         table = table.drop_columns(["split"])
-    duplicates = pd.Series(table[ROW_HASH].to_numpy()).duplicated().to_numpy()  # the hash covers the user key
     stats = {"counts": count_table(table, spec, train=codes == 0, without_train=without_train),
              "splits": np.bincount(codes, minlength=len(SPLITS)).tolist(), "users": int(user_index[-1] + 1) if n else 0,
-             "duplicates": int(duplicates.sum())}
-    table = table.drop_columns([ROW_HASH]).append_column(SPLIT_CODE, pa.array(codes, pa.int8()))
+             "duplicates": duplicates}
+    table = table.append_column(SPLIT_CODE, pa.array(codes, pa.int8()))
     table = table.append_column(USER_INDEX, pa.array(user_index, pa.int32()))
     return table.append_column(POSITION, pa.array(position, pa.int32())), stats
+
+
+def _exact_duplicates(table: pa.Table) -> int:
+    """Rows of validated events in event order that exactly repeat an earlier row. Only rows that share
+    (user, timestamp, item) with a neighbour can, so only those are hashed (usually very few rows)."""
+    run_start = run_starts(table["user_id"], table["timestamp"], table["item_id"])
+    shared = np.bincount(run_start, minlength=len(run_start))[run_start] > 1
+    if not shared.any():
+        return 0
+    candidates = table.take(pa.array(np.flatnonzero(shared)))
+    hashes = row_hash({c: candidates[c].combine_chunks() for c in candidates.column_names})
+    return int(pd.Series(hashes).duplicated().sum())  # the hash covers the user key
 
 
 @ray.remote
@@ -414,12 +434,13 @@ def _latest(table: pa.Table, key: str) -> pa.Table:
     """One row per `key`: the one with the latest timestamp (the last such in the table's order)."""
     if not table.num_rows:
         return table
-    order = pc.sort_indices(table, sort_keys=[(key, "ascending"), ("timestamp", "ascending")])
-    table = table.take(order)
-    keys = table[key].combine_chunks()
-    last = np.flatnonzero(np.append(np.asarray(pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False),
-                                               dtype=bool), True))
-    return table.take(pa.array(last))
+    # Sorted by the key's dictionary code rather than the key itself: integers sort several times faster than
+    # strings. Arrow's sort is stable: rows tied on (key, time) keep the table's order.
+    codes = pc.fill_null(pc.dictionary_encode(table[key]).combine_chunks().indices, -1)
+    order = pc.sort_indices(pa.table({"key": codes, "time": table["timestamp"]}),
+                            sort_keys=[("key", "ascending"), ("time", "ascending")]).to_numpy()
+    sorted_codes = codes.to_numpy()[order]
+    return table.take(pa.array(order[np.append(sorted_codes[1:] != sorted_codes[:-1], True)]))
 
 
 def _write_table(table: pa.Table, key: str, path: Path) -> None:

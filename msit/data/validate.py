@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from msit.data import parse
-from msit.data.history import ROW_HASH
 from msit.data.spec import SceneLogSpec
 from msit.errors import DataValidationError
 
@@ -36,9 +35,10 @@ def column_label(spec: SceneLogSpec, role: str) -> str:
 
 
 def check_batch(batch: pa.Table, spec: SceneLogSpec) -> pa.Table:
-    """Canonical columns for every row, plus `_bad_reason` / `_bad_example` / `_source_file`, `_time_unit`
-    (what a timestamp was converted from) and `_row_hash` (to count exact duplicates). Each value is parsed
-    against its column's role (msit.data.parse), whatever type the file gave the column."""
+    """Canonical columns for every row, plus `_bad_reason` / `_bad_example` / `_source_file` and `_time_unit`
+    (what a timestamp was converted from). Each value is parsed against its column's role (msit.data.parse),
+    whatever type the file gave the column. (Exact duplicates are counted later, on the few rows that can be
+    one: `row_hash`.)"""
     n = batch.num_rows
     reasons: list[str] = [""]
     code = np.zeros(n, dtype=np.int32)  # index into `reasons`: the first problem of each row
@@ -93,7 +93,6 @@ def check_batch(batch: pa.Table, spec: SceneLogSpec) -> pa.Table:
             flag(bad_utf8, f"column {col!r}: not valid UTF-8 text")
             out[col] = values
 
-    out[ROW_HASH] = pa.array(_row_hash(out), pa.uint64())
     out[TIME_UNIT] = pa.array(ts.unit, pa.string())
     files = batch["path"].cast(pa.string()) if "path" in batch.column_names else pa.array([""] * n, pa.string())
     out[SOURCE_FILE] = parse.plain(files)
@@ -106,9 +105,9 @@ def _valid(values: pa.Array) -> np.ndarray:
     return np.asarray(values.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
 
-def _row_hash(columns: dict[str, pa.Array]) -> np.ndarray:
-    """A 64-bit hash of each row's canonical values: equal for exact duplicates (in any block: the hash
-    depends on the values only). Text columns hash each distinct value once."""
+def row_hash(columns: dict[str, pa.Array]) -> np.ndarray:
+    """A 64-bit hash of each row's canonical values (`check_batch`'s columns): equal for exact duplicates (in
+    any block: the hash depends on the values only). Text columns hash each distinct value once."""
     combined = np.zeros(next(iter(columns.values())).__len__(), dtype=np.uint64)
     for column in columns.values():
         combined = (combined * np.uint64(0x100000001B3)) ^ _column_hash(column)
@@ -236,4 +235,4 @@ def check_not_empty(total_rows: int, where: str) -> None:
         raise DataValidationError(f"{where}: the input has no rows")
 
 
-__all__ = ["ROW_HASH", "SPLITS", "BadRowReport", "check_batch", "drop_bad_rows", "summarize_bad_rows"]
+__all__ = ["SPLITS", "BadRowReport", "check_batch", "drop_bad_rows", "row_hash", "summarize_bad_rows"]

@@ -81,7 +81,9 @@ def count_table(table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = 
     plus the sums that give numeric means/stds and the length histogram of multi-valued fields, the scenes
     of every row, and (`without_train`: 2 on a user's first row, 1 on their other rows, when the split left
     them no training row) those users' counts. Rows (field, value, count), summed across tables."""
-    rows = table.filter(pa.array(train)) if train is not None else table
+    numeric = [c for group in spec.groups().values() for c in group.numeric]
+    rows = table.select(list(dict.fromkeys([*vocab_fields(spec), *numeric])))  # not the text: filter copies it all
+    rows = rows.filter(pa.array(train)) if train is not None else rows
     parts = []
 
     def add(field_name: str, counts: pd.Series) -> None:
