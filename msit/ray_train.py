@@ -24,6 +24,7 @@ import posixpath
 import queue
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -396,6 +397,11 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) 
         marker.parent.mkdir(parents=True, exist_ok=True)
         where = f"{batches} batches into epoch {epoch + 1}" if batches is not None else f"after epoch {epoch}"
         marker.write_text(f"rank {rank} killed {where}")
+        if batches is not None:
+            # Mid-epoch means after the last epoch's checkpoint is safe: Train V2's controller takes a report in
+            # at its next poll of the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and a
+            # batch prefetched while validating can reach this line within milliseconds of that report.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
         os._exit(1)
 
 
