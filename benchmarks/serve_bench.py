@@ -33,9 +33,11 @@ CACHE = ROOT / "benchmarks" / ".cache"
 def make_requests(data: Path, spec, count: int = 200, candidates: int = 100, seed: int = 0) -> list[dict]:
     import pyarrow.parquet as pq
 
+    from msit.data.feature_spec import SEQUENCES_DIR
+
     rng = np.random.default_rng(seed)
     test = pq.read_table(data / "test", columns=["sequence_row", "scene_id"]).to_pandas()
-    keys = pq.read_table(data / "sequences", columns=["sequence_row", "user_key"]).to_pandas()
+    keys = pq.read_table(data / SEQUENCES_DIR, columns=["sequence_row", "user_key"]).to_pandas()
     test = test.merge(keys, on="sequence_row", how="left", validate="many_to_one")  # the raw user id of each row
     items = spec.vocabularies["item_id"][2:]
     rows = test.sample(count, random_state=seed)

@@ -17,6 +17,7 @@ from msit.errors import MsitError
 
 FEATURE_SPEC_FILE = "feature_spec.json"
 FORMAT_VERSION = 1
+SEQUENCES_DIR = "sequences"  # of a prepared directory: one row per user, the sequence as lists
 LAYOUT_VERSION = 2  # of the prepared directory (msit.data.prepared); 1 copied a history onto every row
 
 

@@ -38,7 +38,7 @@ import ray
 from msit.config import from_dict
 from msit.data import notes as note_on
 from msit.data import sources as src
-from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec, FieldInfo
+from msit.data.feature_spec import FEATURE_SPEC_FILE, SEQUENCES_DIR, FeatureSpec, FieldInfo
 from msit.data.history import items_are_numbers, run_starts, sorted_event_order, split_codes, user_runs
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
@@ -56,7 +56,6 @@ from msit.errors import ConfigError, DataValidationError
 from msit.output_dir import writing
 from msit.ray_env import init_ray
 
-SEQUENCES_DIR = "sequences"  # = msit.data.prepared.SEQUENCES_DIR, not imported: that imports torch in every task
 FILE_ROWS = 250_000  # event rows per output file at most
 GROUP_ROWS = 1_000_000  # about this many events per group of users (fewer groups: less per-task work and fewer
 # objects; each group's task holds its events a few times over in memory)

@@ -31,12 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from msit.data.feature_spec import FeatureSpec
+from msit.data.feature_spec import SEQUENCES_DIR, FeatureSpec
 from msit.data.sequences import SEQUENCE_FIELDS, Sequences, history_windows
 from msit.errors import MsitError
 
 Batch = dict[str, torch.Tensor]
-SEQUENCES_DIR = "sequences"
 WINDOW_COLUMNS = ("timestamp", "sequence_row", "position")  # what the event rows carry to cut their windows
 
 
