@@ -54,7 +54,7 @@ from msit.model_dir import (
 )
 from msit.output_dir import check_outside_inputs, check_replaceable
 from msit.train_loop import EpochEnd, EpochLoop, LoopState, TorchWorld, predictions, validation_metrics
-from msit.trainer import TrainConfig, make_optimizer, seed_everything, train_step
+from msit.trainer import TrainConfig, make_optimizer, prepare_for_training, seed_everything, train_step
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
@@ -210,9 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, workers = context.get_world_rank(), context.get_world_size()
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    seed_everything(cfg.train.seed)
     spec = FeatureSpec.load(cfg.data)
     device = ray.train.torch.get_device()
+    seed_everything(cfg.train.seed)  # the model's initial weights: the same on every rank and every device
     model = build_for_data(cfg.model, cfg.data, spec)  # the bare module: checkpoints and evaluation use it
     log = (lambda message: print(f"[msit] {message}", flush=True)) if rank == 0 else (lambda message: None)
     if cfg.finetune is not None:
@@ -225,6 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
         saved, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
         state = LoopState(first_epoch=saved["epoch"] + 1, best_auc=saved["best_val_auc"],
                           best_epoch=saved["best_epoch"], history=saved["history"])
+    prepare_for_training(model, cfg.train, device)  # deterministic kernels or not; compiled if asked
     ddp_model = ray.train.torch.prepare_model(model)  # DDP-wrapped (when world size > 1): training steps use it
     optimizer = make_optimizer(model, cfg.train)
     if checkpoint is not None:
@@ -239,12 +240,16 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     world = TorchWorld(rank, workers, device)
 
+    def epoch_seed(epoch: int) -> int:
+        return (cfg.train.seed * 1_000_003 + epoch) * workers + rank
+
     def read_epoch(epoch: int):  # prefetch_batches: Ray Data converts and shuffles ahead in its own threads
         return train_shard.iter_torch_batches(
             batch_size=batch_size, device=device, prefetch_batches=4,
-            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size),
-            local_shuffle_seed=(cfg.train.seed * 1_000_003 + epoch) * workers + rank)
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size), local_shuffle_seed=epoch_seed(epoch))
 
+    if train_rows_cached(cfg.data):
+        read_epoch = KeptShard(read_epoch, batch_size, epoch_seed).epoch
     ahead = EpochsAhead(read_epoch, last_epoch=cfg.train.epochs)
 
     def train_batches(epoch: int):
@@ -273,6 +278,35 @@ def train_loop_per_worker(config: dict) -> None:
                      after_epoch=lambda epoch: _fault_drill(cfg, context, epoch, batches=None), log=log)
     # Fine-tuning's epoch 0 is the starting point: it never exports a model worse on val than the one it began with.
     loop.run(state, start_point=cfg.finetune is not None)
+
+
+class KeptShard:
+    """A small train split's shard, kept in the worker's memory. The attempt's first epoch streams it through
+    Ray Data and keeps its event rows as they pass; every later epoch is a fresh seeded permutation of them,
+    batched in memory as the plain loop batches, without Ray Data's per-batch work (the shuffle buffer, the
+    conversion and prefetch threads beside the one training thread). Used where Ray keeps the split in its
+    object store anyway (`train_rows_cached`); a rank then keeps the rows its first epoch drew."""
+
+    def __init__(self, stream, batch_size: int, epoch_seed):
+        self.stream, self.batch_size, self.epoch_seed = stream, batch_size, epoch_seed
+        self.rows: dict[str, torch.Tensor] | None = None
+
+    def epoch(self, epoch: int):
+        if self.rows is None:
+            kept = []
+            for events in self.stream(epoch):
+                kept.append(events)
+                yield events
+            self.rows = {name: torch.cat([b[name] for b in kept]) for name in kept[0]} if kept else {}
+            return
+        if not self.rows:
+            return
+        n = len(next(iter(self.rows.values())))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.epoch_seed(epoch)))
+        order = order.to(next(iter(self.rows.values())).device)
+        for start in range(0, n, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            yield {name: values[rows] for name, values in self.rows.items()}
 
 
 class EpochsAhead:
@@ -465,6 +499,11 @@ VAL_BLOCK_ROWS = 4096
 CACHE_TRAIN_ROWS_BYTES = 1 << 30
 
 
+def train_rows_cached(data: str | Path) -> bool:
+    """Whether a prepared train split is small enough for Ray to keep (`CACHE_TRAIN_ROWS_BYTES`)."""
+    return sum(f.stat().st_size for f in (Path(data) / "train").rglob("*.parquet")) <= CACHE_TRAIN_ROWS_BYTES
+
+
 def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.data.Dataset:
     """The event rows of a split (`event_columns`, compact types) as a Ray Dataset. The train split's blocks
     come in a new random order every epoch (every execution; seeded): its files when it streams from
@@ -472,7 +511,7 @@ def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.dat
     path = Path(cfg.data) / split
     if not path.is_dir():
         raise MsitError(f"{cfg.data} has no {split} split; run `msit data prepare` first")
-    cached = split == "train" and sum(f.stat().st_size for f in path.rglob("*.parquet")) <= CACHE_TRAIN_ROWS_BYTES
+    cached = split == "train" and train_rows_cached(cfg.data)
     # reseed_after_execution: a new order each epoch, still determined by the seed.
     shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True) \
         if split == "train" and not cached else None

@@ -234,3 +234,30 @@ def test_the_next_epochs_reading_starts_when_an_epochs_batches_end_and_its_error
     with pytest.raises(OSError, match="shard lost"):
         list(ahead.epoch(3))
     assert started == [1, 2, 3]
+
+
+def test_a_kept_shard_streams_its_first_epoch_then_reshuffles_the_same_rows_in_memory():
+    from msit.ray_train import KeptShard
+
+    streamed = []
+
+    def stream(epoch):  # what Ray Data hands the rank in its first epoch: 10 rows in batches of 4
+        streamed.append(epoch)
+        rows = torch.arange(10)
+        yield from ({"item_id": rows[i:i + 4], "label": rows[i:i + 4] % 2} for i in range(0, 10, 4))
+
+    shard = KeptShard(stream, batch_size=4, epoch_seed=lambda epoch: 100 + epoch)
+    first = list(shard.epoch(1))
+    assert [b["item_id"].tolist() for b in first] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    second, third = list(shard.epoch(2)), list(shard.epoch(3))
+    assert streamed == [1]  # read through Ray Data once
+    for epoch in (second, third):
+        assert [len(b["item_id"]) for b in epoch] == [4, 4, 2]  # the same steps as streaming: DDP ranks agree
+        items = torch.cat([b["item_id"] for b in epoch])
+        assert sorted(items.tolist()) == list(range(10))  # every row once
+        assert torch.equal(torch.cat([b["label"] for b in epoch]), items % 2)  # columns stay together
+    orders = [torch.cat([b["item_id"] for b in e]).tolist() for e in (first, second, third)]
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    again = KeptShard(stream, 4, lambda epoch: 100 + epoch)
+    list(again.epoch(1))
+    assert torch.cat([b["item_id"] for b in again.epoch(2)]).tolist() == orders[1]  # seeded
