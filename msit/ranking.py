@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
-from msit.data.prepared import Batch, EventSplit
+from msit.data.prepared import Batch, EventSplit, model_batch
 from msit.metrics import ranking_metrics
-from msit.trainer import predict
+from msit.model.output import score_in_chunks
 
 
 def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
@@ -25,9 +25,14 @@ def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
     return {int(s): np.unique(items[(scenes == s) & (items >= 2)]) for s in np.unique(scenes)}
 
 
+@torch.no_grad()
 def catalogue_ranking(model: nn.Module, data: EventSplit, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
                       k: int = 10, max_queries: int = 200, seed: int = 0) -> dict[str, dict]:
-    """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`)."""
+    """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`).
+    Each query's user side is encoded once and the whole catalogue scored against it (`score_in_chunks`)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sequences = data.sequences.to(device)
     rng = np.random.default_rng(seed)
     events = data.events
     users, scenes = events["user_id"].numpy(), events["scene_id"].numpy()
@@ -40,14 +45,15 @@ def catalogue_ranking(model: nn.Module, data: EventSplit, catalogues: dict[int, 
         if len(catalogue) == 0 or len(query_users) == 0:
             continue
         query_users = rng.permutation(query_users)[:max_queries]
-        scores, relevant = [], []
+        templates, relevant = [], []
         for user in query_users:
             in_scene = np.flatnonzero((users == user) & (scenes == scene))
-            template = {key: value[in_scene[:1]] for key, value in events.items()}  # its window: cut from the row
-            candidates = {key: value.expand(len(catalogue), *value.shape[1:]) for key, value in template.items()}
-            candidates["item_id"] = torch.as_tensor(catalogue, dtype=events["item_id"].dtype)
-            scores.append(predict(model, EventSplit(candidates, data.sequences)))
+            templates.append(in_scene[0])  # its window: cut from the row
             relevant.append(np.isin(catalogue, items[in_scene][labels[in_scene] == 1]))
-        metrics = ranking_metrics(np.stack(scores), np.stack(relevant), k)
+        batch = model_batch({key: value[templates].to(device) for key, value in events.items()}, sequences,
+                            model.history_length)
+        candidates = torch.as_tensor(catalogue, device=device)[None].expand(len(templates), -1)
+        scores = torch.sigmoid(score_in_chunks(model, model.encode_user(batch), candidates).logits.float())
+        metrics = ranking_metrics(scores.cpu().numpy(), np.stack(relevant), k)
         out[name] = {**metrics, "queries": len(query_users), "catalogue": len(catalogue)}
     return out

@@ -35,6 +35,8 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 4096
     grad_clip: float = 5.0
+    deterministic: bool | None = None  # deterministic kernels; None: on the CPU only (they slow GPU kernels)
+    compile: bool = False  # torch.compile the model for training; off by default (README "Step speed")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
@@ -45,12 +47,20 @@ class TrainConfig:
                               f"weight_decay={self.weight_decay}")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every generator and ask torch for deterministic kernels (bit-identical runs on CPU)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed every generator, and ask torch for deterministic kernels or not (bit-identical runs on CPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Seed, choose deterministic kernels (`cfg.deterministic`; by default on the CPU only) and, if
+    `cfg.compile`, compile the model in place (its state dict keeps its names)."""
+    seed_everything(cfg.seed, device.type == "cpu" if cfg.deterministic is None else cfg.deterministic)
+    if cfg.compile:
+        model.compile()
 
 
 def select_scenes(data: EventSplit, scene_ids: list[int]) -> EventSplit:
@@ -123,10 +133,10 @@ def fit(model: nn.Module, train: EventSplit, val: EventSplit, spec: FeatureSpec,
     `start_point`: the untrained (or fine-tuning's starting) model is epoch 0, the best to beat."""
     from msit.train_loop import EpochLoop, predictions, validation_metrics
 
-    seed_everything(cfg.seed)
+    device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
+    prepare_for_training(model, cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
-    device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
     # The sequences go to the model's device once (the same copy for both splits when they share it, as
     # load_split's do when given one `sequences`).
     on_device = {id(split.sequences): split.sequences.to(device) for split in (train, val)}

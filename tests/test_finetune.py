@@ -84,10 +84,10 @@ def test_head_mode_trains_the_scene_specific_parts_whole_and_freezes_the_rest(ol
     old = load_model_dir(old_model)
     model = build_for_data(old.config, extended, spec)
     start_from(model, FinetuneSpec(str(old_model), "head"), spec)
-    for whole in (model.transfer.layers[0].attention.in_proj_weight, model.predictor.mlp[0].weight,
+    for whole in (model.transfer.layers[0].key_value.weight, model.predictor.mlp[0].weight,
                   model.interest.empty, model.embed.scene.weight):
         assert whole.requires_grad and getattr(whole, "trained_rows", torch.ones(1, dtype=torch.bool)).all()
-    assert not model.interest.encoder.layers[0].self_attn.in_proj_weight.requires_grad
+    assert not model.interest.encoder[0].qkv.weight.requires_grad
     known_items = len(old.spec.vocabularies["item_id"])
     item_rows = model.embed.item.weight.trained_rows  # only the new items' rows train
     assert not item_rows[:known_items].any() and item_rows[known_items:].all()
@@ -102,8 +102,8 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
     assert summary.grown["embed.item.weight"] == (len(old.spec.vocabularies["item_id"]),
                                                   len(spec.vocabularies["item_id"]))
     assert 0 < summary.trainable < summary.frozen
-    assert not model.interest.encoder.layers[0].self_attn.in_proj_weight.requires_grad
-    assert not model.transfer.layers[0].attention.in_proj_weight.requires_grad  # shared by every scene
+    assert not model.interest.encoder[0].qkv.weight.requires_grad
+    assert not model.transfer.layers[0].key_value.weight.requires_grad  # shared by every scene
     assert model.embed.scene.weight.trained_rows.tolist() == [False] * (len(spec.scenarios) + 1) + [True]
 
     new_scene_id = spec.scene_ids([new_scene])
@@ -124,13 +124,14 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
         fresh = model.get_parameter(name).detach()[len(learned[name]):]
         assert len(fresh) and not torch.equal(fresh, start[name][len(learned[name]):]), name
 
-    # The new scene is scored better than before its rows were trained on; old scenes barely move.
+    # The new scene is scored better than before its rows were trained on; old scenes barely move (they attend
+    # to the new scene's interest too) and are not scored worse.
     assert auc(test_new.events["label"].numpy(), predict(model, test_new)) > auc_at_start + 0.02
     old_test = load_split(root / "old_prepared", "test", old.spec)  # old encoding: a prefix of the new one
     before, after = predict(old.model, old_test), predict(model, old_test)
     old_labels = old_test.events["label"].numpy()
     assert np.abs(after - before).mean() < 0.05
-    assert abs(auc(old_labels, after) - auc(old_labels, before)) < 0.02
+    assert auc(old_labels, after) > auc(old_labels, before) - 0.02
 
 
 def test_start_from_refuses_another_architecture(logs, old_model, extended):

@@ -34,7 +34,7 @@ def test_every_family_gives_one_finite_logit_per_row_and_trains(family):
 @pytest.mark.parametrize("heads", [1, 2, 4])
 def test_every_fusion_and_head_count_runs_forward_and_backward(fusion, heads):
     model = _model(fusion=fusion, interest_heads=heads, transfer_heads=heads)
-    out = model(random_batch(8))
+    out = model(random_batch(8), explain=True)
     out.logits.sum().backward()
     assert out.transfer_attention.shape == (8, len(SCENES))
     assert out.behaviour_attention.shape == (8, len(SCENES), HISTORY)
@@ -44,7 +44,8 @@ def test_every_fusion_and_head_count_runs_forward_and_backward(fusion, heads):
 def test_explanations_are_distributions():
     model = _model().eval()
     batch = random_batch(32)
-    out = model(batch)
+    out = model(batch, explain=True)
+    assert model(batch).behaviour_attention is None  # computed only when asked for
     assert (out.transfer_attention >= 0).all()
     assert torch.allclose(out.transfer_attention.sum(-1), torch.ones(32), atol=1e-5)
     behaviour = out.behaviour_attention  # per scene: sums to 1 where that scene has history, else 0
@@ -73,9 +74,54 @@ def test_no_history_or_history_in_one_scene_gives_finite_scores():
     assert torch.isfinite(model(empty).logits).all()
     one_scene = random_batch(4, history_lengths=[6, 6, 6, 6])
     one_scene["history_scene_ids"][:] = 2
-    out = model(one_scene)
+    out = model(one_scene, explain=True)
     assert torch.isfinite(out.logits).all()
     assert (out.behaviour_attention[:, 1:].sum(-1) == 0).all()
+
+
+def _candidates_as_rows(batch: dict, item_ids: torch.Tensor) -> dict:
+    """Each (row, candidate) pair as a row of its own: the row repeated, its item swapped for the candidate."""
+    C = item_ids.shape[1]
+    rows = {k: v.repeat_interleave(C, dim=0) for k, v in batch.items()}
+    rows["item_id"] = item_ids.flatten()
+    return rows
+
+
+@pytest.mark.parametrize(("family", "fusion"), [*((f, "attention") for f in FAMILIES if f != "msit"),
+                                                *(("msit", f) for f in FUSIONS)])
+def test_the_user_side_once_scores_every_candidate_as_the_whole_forward_does(family, fusion):
+    """encode_user once per row, then score C candidates against it == forward on each (row, candidate) as a row."""
+    model = _model(family=family, fusion=fusion, interest_heads=2, transfer_heads=2).eval()
+    batch = random_batch(6, seed=2)
+    item_ids = torch.randint(1, 40, (6, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        split = model.score(model.encode_user(batch), item_ids, explain=True)
+        whole = model(_candidates_as_rows(batch, item_ids), explain=True)
+    assert split.logits.shape == (6, 5)
+    torch.testing.assert_close(split.logits.flatten(), whole.logits, atol=1e-5, rtol=1e-5)
+    if whole.transfer_attention is not None:
+        torch.testing.assert_close(split.transfer_attention.flatten(0, 1), whole.transfer_attention,
+                                   atol=1e-6, rtol=1e-5)
+    if whole.behaviour_attention is not None:
+        torch.testing.assert_close(split.behaviour_attention.flatten(0, 1), whole.behaviour_attention,
+                                   atol=1e-6, rtol=1e-5)
+    # and forward itself is the split with one candidate, the row's own item
+    torch.testing.assert_close(model(batch).logits, model.score(model.encode_user(batch),
+                                                                batch["item_id"][:, None]).logits[:, 0])
+
+
+def test_scoring_a_catalogue_in_chunks_equals_one_pass():
+    from msit.model.output import score_in_chunks
+
+    model = _model().eval()
+    batch = random_batch(3, seed=4)
+    catalogue = torch.arange(2, 40)[None].expand(3, -1)
+    with torch.no_grad():
+        user = model.encode_user(batch)
+        whole = model.score(user, catalogue, explain=True)
+        chunked = score_in_chunks(model, user, catalogue, explain=True, max_rows=21)  # 7 candidates a pass
+    torch.testing.assert_close(chunked.logits, whole.logits)
+    torch.testing.assert_close(chunked.behaviour_attention, whole.behaviour_attention)
 
 
 def test_unknown_scene_and_unknown_ids_still_score():

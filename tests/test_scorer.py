@@ -184,17 +184,20 @@ def test_a_poisoned_request_fails_alone_and_the_others_get_the_offline_scores(sc
 
 
 class _Faulty(torch.nn.Module):
-    """The model, except on batches holding the poison item: the forward pass raises, or gives NaN there."""
+    """The model, except on candidates holding the poison item: scoring raises, or gives NaN there."""
 
     def __init__(self, model, poison: int, nan: bool):
         super().__init__()
         self.model, self.poison, self.nan = model, poison, nan
 
-    def forward(self, batch):
-        hit = batch["item_id"] == self.poison
+    def encode_user(self, batch):
+        return self.model.encode_user(batch)
+
+    def score(self, user, item_ids, explain=False):
+        hit = item_ids == self.poison
         if hit.any() and not self.nan:
             raise RuntimeError("simulated fault in the forward pass")
-        output = self.model(batch)
+        output = self.model.score(user, item_ids, explain)
         output.logits[hit] = float("nan")
         return output
 

@@ -14,12 +14,13 @@ from msit.data.feature_spec import FeatureSpec
 from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 from msit.model.msit import target_slots
-from msit.model.output import ModelOutput
+from msit.model.output import ModelOutput, UserSide, per_candidate
 from msit.model.predictor import mlp
 
 
 class _Inputs(nn.Module):
-    """[user, item, scene + context, mean of history (item + label)] -> (B, 4d), and the scene slot."""
+    """The user side [user, scene + context, mean of history (item + label)] once per row; per candidate
+    [user, item, scene + context, history] -> (M, 4d) and the scene slot (M,)."""
 
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table, item_text):
         super().__init__()
@@ -27,15 +28,36 @@ class _Inputs(nn.Module):
         self.label = nn.Embedding(2, cfg.embed_dim)
         self.n_scenes = len(spec.scenarios)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
         items = batch["history_item_ids"]
         real = (items != 0).unsqueeze(-1).float()
         past = self.embed.item_repr(items) + self.label(batch["history_labels"].clamp(0, 1))
-        history = (past * real).sum(1) / real.sum(1).clamp(min=1.0)
-        scene = self.embed.scene(batch["scene_id"]) + self.embed.context_repr(batch)
-        x = torch.cat([self.embed.user_repr(batch), self.embed.item_repr(batch["item_id"]), scene, history], -1)
         slots = target_slots(batch["scene_id"], self.n_scenes)
-        return x, torch.where(slots >= 0, slots, torch.full_like(slots, self.n_scenes))  # unknown -> last slot
+        return {"user": self.embed.user_repr(batch),
+                "scene": self.embed.scene(batch["scene_id"]) + self.embed.context_repr(batch),
+                "history": (past * real).sum(1) / real.sum(1).clamp(min=1.0),
+                "slot": torch.where(slots >= 0, slots, torch.full_like(slots, self.n_scenes)),  # unknown -> last
+                "scene_id": batch["scene_id"]}
+
+    def per_candidate(self, user: UserSide, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        C = item_ids.shape[1]
+        x = torch.cat([per_candidate(user["user"], C), self.embed.item_repr(item_ids.flatten()),
+                       per_candidate(user["scene"], C), per_candidate(user["history"], C)], -1)
+        return x, per_candidate(user["slot"], C)
+
+
+class _Baseline(nn.Module):
+    """The interface every family shares (`msit.model.output`); a baseline defines `encode_user` and `logits`."""
+
+    def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
+        return self.score(self.encode_user(batch), batch["item_id"][:, None], explain).one_candidate_each()
+
+    def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
+        return self.inputs.encode_user(batch)
+
+    def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
+        x, slots = self.inputs.per_candidate(user, item_ids)
+        return ModelOutput(self.logits(x, slots, user, item_ids.shape[1]).view(item_ids.shape))
 
 
 class _Towers(nn.Module):
@@ -50,7 +72,7 @@ class _Towers(nn.Module):
         return every.gather(1, slots[:, None])[:, 0]
 
 
-class SharedBottom(nn.Module):
+class SharedBottom(_Baseline):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
         self.history_length = cfg.history_length  # N: the window width its batches are cut at
@@ -58,12 +80,11 @@ class SharedBottom(nn.Module):
         self.bottom = nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
         self.towers = _Towers(len(spec.scenarios) + 1, cfg.mlp_dims[-1], cfg.dropout)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        x, slots = self.inputs(batch)
-        return ModelOutput(self.towers(self.bottom(x), slots))
+    def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
+        return self.towers(self.bottom(x), slots)
 
 
-class MMoE(nn.Module):
+class MMoE(_Baseline):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
         n_slots, width = len(spec.scenarios) + 1, cfg.mlp_dims[-1]
@@ -75,16 +96,16 @@ class MMoE(nn.Module):
         self.towers = _Towers(n_slots, width, cfg.dropout)
         self.n_experts = cfg.num_experts
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        x, slots = self.inputs(batch)
+    def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, w)
         gates = self.gates(x).view(len(x), -1, self.n_experts)  # (B, slots, E)
         gate = torch.softmax(gates.gather(1, slots[:, None, None].expand(-1, 1, self.n_experts))[:, 0], -1)
-        return ModelOutput(self.towers((gate[..., None] * experts).sum(1), slots))
+        return self.towers((gate[..., None] * experts).sum(1), slots)
 
 
 class _StarLinear(nn.Module):
-    """STAR's star-topology layer: W = W_shared ⊙ W_scene, b = b_shared + b_scene."""
+    """STAR's star-topology layer: W = W_shared ⊙ W_scene, b = b_shared + b_scene. Applied to rows grouped by
+    scene slot: one matrix product per slot with that slot's W, instead of a W built for every row."""
 
     def __init__(self, n_slots: int, n_in: int, n_out: int):
         super().__init__()
@@ -92,9 +113,10 @@ class _StarLinear(nn.Module):
         self.scene_weight = nn.Parameter(torch.ones(n_slots, n_in, n_out))
         self.scene_bias = nn.Parameter(torch.zeros(n_slots, n_out))
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        weight = self.shared.weight.t()[None] * self.scene_weight[slots]  # (B, in, out)
-        return torch.einsum("bi,bio->bo", x, weight) + self.shared.bias + self.scene_bias[slots]
+    def forward(self, groups: list[torch.Tensor], slots: list[int]) -> list[torch.Tensor]:
+        weight = self.shared.weight.t()[None] * self.scene_weight  # (slots, in, out): a few, not one per row
+        bias = self.shared.bias + self.scene_bias
+        return [x @ weight[s] + bias[s] for x, s in zip(groups, slots, strict=True)]
 
 
 class _PartitionedNorm(nn.Module):
@@ -111,7 +133,7 @@ class _PartitionedNorm(nn.Module):
         return self.norm(x) * (self.gamma * self.scene_gamma[slots]) + self.beta + self.scene_beta[slots]
 
 
-class STAR(nn.Module):
+class STAR(_Baseline):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table=None, item_text=None, scene_text=None):
         super().__init__()
         n_slots, d = len(spec.scenarios) + 1, cfg.embed_dim
@@ -123,16 +145,22 @@ class STAR(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.auxiliary = mlp([2 * d, d, 1], cfg.dropout)  # the auxiliary network on scene + context
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        x, slots = self.inputs(batch)
-        h = self.norm(x, slots)
+    def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
+        # Rows sorted by slot once, for every layer; one count per slot read back (the only device sync).
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=self.norm.scene_gamma.shape[0]).tolist()
+        present = [s for s, n in enumerate(counts) if n]
+        if not present:
+            return x.new_zeros(0)
+        groups = list(torch.split(self.norm(x, slots)[order], [counts[s] for s in present]))
         for i, layer in enumerate(self.layers):
-            h = layer(h, slots)
+            groups = layer(groups, present)
             if i < len(self.layers) - 1:
-                h = self.dropout(nn.functional.gelu(h))
-        scene = x[:, 2 * x.shape[1] // 4: 3 * x.shape[1] // 4]
-        aux = self.auxiliary(torch.cat([scene, self.inputs.embed.scene(batch["scene_id"])], -1))[:, 0]
-        return ModelOutput(h[:, 0] + aux)
+                groups = [self.dropout(nn.functional.gelu(h)) for h in groups]
+        out = torch.empty(len(x), device=x.device, dtype=groups[0].dtype)
+        out[order] = torch.cat(groups)[:, 0]
+        aux = self.auxiliary(torch.cat([user["scene"], self.inputs.embed.scene(user["scene_id"])], -1))[:, 0]
+        return out + per_candidate(aux, candidates)
 
 
 __all__ = ["MMoE", "STAR", "SharedBottom"]

@@ -107,14 +107,20 @@ class FeatureEmbedder(nn.Module):
         return out
 
     def item_repr(self, item_ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
-        # Built once per distinct item and gathered: a batch of histories names the same items many
-        # times, and the side features (multi-valued ones especially) are the costly part.
-        unique, inverse = torch.unique(item_ids, return_inverse=True)
-        table = {c: getattr(self, f"item_{c}")[unique] for kind in self.fields["item"].values() for c in kind}
-        out = self.item(unique) + self._side("item", table, unique)
+        # On the CPU, built once per distinct item and gathered: a batch of histories names the same items
+        # many times, and the side features (multi-valued ones especially) are the costly part. On a GPU,
+        # per id: `unique` would wait for the device every call, and the GPU has arithmetic to spare.
+        if item_ids.device.type == "cpu":
+            unique, inverse = torch.unique(item_ids, return_inverse=True)
+            return self._items(unique)[inverse]
+        return self._items(item_ids)
+
+    def _items(self, item_ids: torch.Tensor) -> torch.Tensor:
+        table = {c: getattr(self, f"item_{c}")[item_ids] for kind in self.fields["item"].values() for c in kind}
+        out = self.item(item_ids) + self._side("item", table, item_ids)
         if self.use_text:
-            out = out + self.text_projection(self.item_text[unique])
-        return out[inverse]
+            out = out + self.text_projection(self.item_text[item_ids])
+        return out
 
     def user_repr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, d)
         return self.user(batch["user_id"]) + self._side("user", batch, batch["user_id"])

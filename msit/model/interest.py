@@ -1,4 +1,8 @@
-"""InterestNetwork: the user's interest in each scene, h^s, from their behaviour history."""
+"""InterestNetwork: the user's interest in each scene, h^s, from their behaviour history.
+
+Split in two like the model (`msit.model.output`): `encode` runs once per user side (the history
+tokens and their Transformer encoder, the pooling's keys and values), `pool` once per candidate
+(attention pooling with the candidate as query)."""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
+from msit.model.output import UserSide
 
 NEG = -1e9  # finite "minus infinity": a scene with no history gives uniform (then discarded) weights, never NaN
 
@@ -16,6 +22,37 @@ NEG = -1e9  # finite "minus infinity": a scene with no history gives uniform (th
 def time_gap_buckets(gaps: torch.Tensor, n_buckets: int) -> torch.Tensor:
     """Seconds -> log2 buckets: 1 s, 2 s, 4 s, ... (the last bucket holds everything older)."""
     return torch.log2(gaps.float().clamp(min=0) + 1).floor().long().clamp(max=n_buckets - 1)
+
+
+def attention_linear(n_in: int, n_out: int) -> nn.Linear:
+    """A projection of an attention layer, initialised as torch's MultiheadAttention does (Xavier, zero bias)."""
+    layer = nn.Linear(n_in, n_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class HistoryEncoderLayer(nn.Module):
+    """A pre-norm Transformer encoder layer on fused attention (`scaled_dot_product_attention`). Dropout acts
+    on the attention's and the feed-forward's outputs, not on the B x heads x N x N attention probabilities."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = attention_linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        nn.init.zeros_(self.out.bias)
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # x (B, N, d); allowed (B, 1, N, N): True where a token may attend to another, shared by every head
+        B, N, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, heads, N, d / heads)
+        x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, N, d)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
 
 
 class InterestNetwork(nn.Module):
@@ -31,9 +68,8 @@ class InterestNetwork(nn.Module):
         self.gap = nn.Embedding(cfg.gap_buckets, d)
         self.position = nn.Embedding(history_length, d)
         self.gap_buckets = cfg.gap_buckets
-        layer = nn.TransformerEncoderLayer(d, cfg.interest_heads, dim_feedforward=2 * d, dropout=cfg.dropout,
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.interest_layers, enable_nested_tensor=False)
+        self.encoder = nn.ModuleList(HistoryEncoderLayer(d, cfg.interest_heads, cfg.dropout)
+                                     for _ in range(cfg.interest_layers))
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
@@ -42,30 +78,40 @@ class InterestNetwork(nn.Module):
         nn.init.normal_(self.empty, std=0.02)
         self.register_buffer("scene_ids", torch.arange(n_scenes) + 2, persistent=False)  # slot s <-> scene id s+2
 
-    def forward(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor], target_item: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        items, scenes = batch["history_item_ids"], batch["history_scene_ids"]  # (B, N)
-        B, N = items.shape
-        real = items != 0  # (B, N) padding is item 0
+    def encode(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> UserSide:
+        """The encoded history of each row, as the pooling's keys and values, and which scene each event is in."""
+        items, scenes = batch["history_item_ids"], batch["history_scene_ids"]  # (R, N)
+        R, N = items.shape
         tokens = (embed.item_repr(items) + embed.scene(scenes) + self.label(batch["history_labels"].clamp(0, 1))
                   + self.gap(time_gap_buckets(batch["history_time_gaps"], self.gap_buckets))
                   + self.position(torch.arange(N, device=items.device)))
 
         # Self-attention within a scene only (padding is scene 0, so it never mixes with real tokens);
-        # every token may attend to itself, so that no row is fully masked.
-        blocked = (scenes[:, :, None] != scenes[:, None, :]) & ~torch.eye(N, dtype=torch.bool, device=items.device)
-        encoded = self.encoder(tokens, mask=blocked.repeat_interleave(self.heads, dim=0))  # (B, N, d)
+        # every token may attend to itself, so that no row is fully masked. One mask for every head and layer.
+        allowed = (scenes[:, :, None] == scenes[:, None, :]) | torch.eye(N, dtype=torch.bool, device=items.device)
+        encoded = tokens
+        for layer in self.encoder:
+            encoded = layer(encoded, allowed[:, None])  # (R, N, d)
 
-        # Target attention per scene: query = target item, keys = that scene's real history tokens.
         h, dh = self.heads, tokens.shape[-1] // self.heads
-        q = self.query(target_item).view(B, h, dh)
-        k = self.key(encoded).view(B, N, h, dh)
-        v = self.value(encoded).view(B, N, h, dh)
-        scores = torch.einsum("bhd,bnhd->bhn", q, k) / math.sqrt(dh)  # (B, H, N)
-        in_scene = (scenes[:, None, :] == self.scene_ids[None, :, None]) & real[:, None, :]  # (B, S, N)
-        scores = scores[:, None].masked_fill(~in_scene[:, :, None], NEG)  # (B, S, H, N)
-        has_history = in_scene.any(-1)  # (B, S)
-        weights = torch.softmax(scores, dim=-1) * has_history[:, :, None, None]
-        pooled = self.out(torch.einsum("bshn,bnhd->bshd", weights, v).reshape(B, -1, h * dh))  # (B, S, d)
-        interest = torch.where(has_history[..., None], pooled, self.empty[None])
-        return interest, weights.mean(2)  # (B, S, d), behaviour attention (B, S, N)
+        in_scene = (scenes[:, None, :] == self.scene_ids[None, :, None]) & (items != 0)[:, None, :]  # (R, S, N)
+        return {"history_keys": self.key(encoded).view(R, N, h, dh).transpose(1, 2),  # (R, heads, N, dh)
+                "history_values": self.value(encoded).view(R, N, h, dh).transpose(1, 2),
+                "history_in_scene": in_scene}
+
+    def pool(self, user: UserSide, target_item: torch.Tensor, explain: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target attention per scene: query = the candidate, keys = that scene's real history tokens.
+        target_item (R, C, d) -> interest h^s (R, C, S, d); behaviour attention (R, C, S, N) if `explain`."""
+        keys, values, in_scene = user["history_keys"], user["history_values"], user["history_in_scene"]
+        R, C, d = target_item.shape
+        h, dh = self.heads, d // self.heads
+        q = self.query(target_item).view(R, C, h, dh).transpose(1, 2)  # (R, heads, C, dh)
+        scores = q @ keys.transpose(-1, -2) / math.sqrt(dh)  # (R, heads, C, N)
+        scores = scores[:, None].masked_fill(~in_scene[:, :, None, None, :], NEG)  # (R, S, heads, C, N)
+        has_history = in_scene.any(-1)  # (R, S)
+        weights = torch.softmax(scores, dim=-1) * has_history[:, :, None, None, None]
+        pooled = (weights @ values[:, None]).permute(0, 3, 1, 2, 4).reshape(R, C, -1, d)  # (R, C, S, d)
+        interest = torch.where(has_history[:, None, :, None], self.out(pooled), self.empty)
+        behaviour = weights.mean(2).transpose(1, 2) if explain else None
+        return interest, behaviour

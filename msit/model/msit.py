@@ -1,4 +1,6 @@
-"""MSIT: multi-scenario interest transfer (../shared/MODEL.md), forward pass top to bottom."""
+"""MSIT: multi-scenario interest transfer (../shared/MODEL.md), forward pass top to bottom.
+
+In two halves (`msit.model.output`): `encode_user` once per user side, `score` once per candidate."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 from msit.model.fusion import Fusion
 from msit.model.interest import InterestNetwork
-from msit.model.output import ModelOutput
+from msit.model.output import ModelOutput, UserSide, per_candidate
 from msit.model.predictor import Predictor
 from msit.model.scene import SceneEncoder
 from msit.model.transfer import InterestTransfer
@@ -39,24 +41,35 @@ class MSIT(nn.Module):
         self.transfer = InterestTransfer(cfg) if self.transfer_on else None
         self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab_size)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        item = self.embed.item_repr(batch["item_id"])  # (B, d) target item
-        user = self.embed.user_repr(batch)  # (B, d)
-        slots = target_slots(batch["scene_id"], self.n_scenes)  # (B,)
+    def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
+        """One candidate per row, the row's own item: logits (B,), transfer (B, S), behaviour (B, S, N)."""
+        return self.score(self.encode_user(batch), batch["item_id"][:, None], explain).one_candidate_each()
 
-        interest, behaviour_attention = self.interest(self.embed, batch, item)  # h^s (B, S, d), (B, S, N)
-        scene, target_scene = self.scenes(self.embed, batch)  # g^s (B, S, d), g^t (B, d)
-        fused = self.fusion(interest, scene)  # f^s (B, S, d)
+    def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
+        return {**self.interest.encode(self.embed, batch),  # the encoded history window, as keys and values
+                "user": self.embed.user_repr(batch),  # (R, d)
+                "target_scene": self.scenes.target(self.embed, batch),  # g^t (R, d), with its context
+                "scene_id": batch["scene_id"]}  # (R,)
+
+    def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
+        """item_ids (R, C): C candidates for each user-side row."""
+        R, C = item_ids.shape
+        item = self.embed.item_repr(item_ids)  # (R, C, d) candidate items
+        interest, behaviour_attention = self.interest.pool(user, item, explain)  # h^s (R, C, S, d), (R, C, S, N)
+        fused = self.fusion(interest, self.scenes.every_scene(self.embed)).flatten(0, 1)  # f^s (M = R C, S, d)
+        item, target_scene = item.flatten(0, 1), per_candidate(user["target_scene"], C)  # (M, d) each
+        scene_ids = per_candidate(user["scene_id"], C)  # (M,)
+        slots = target_slots(scene_ids, self.n_scenes)
 
         if self.transfer_on:
-            transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (B, S)
+            transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (M, S)
         else:  # ablation: only the target scene's own interest, no transfer
-            own = fused[torch.arange(len(slots)), slots.clamp(min=0)]
+            own = fused[torch.arange(len(slots), device=slots.device), slots.clamp(min=0)]
             transferred = torch.where((slots >= 0)[:, None], own, torch.zeros_like(own))
             transfer_attention = nn.functional.one_hot(slots.clamp(min=0), self.n_scenes).float()
 
-        logits = self.predictor([transferred, user, item, target_scene], batch["scene_id"])
-        return ModelOutput(logits, transfer_attention, behaviour_attention,
+        logits = self.predictor([transferred, per_candidate(user["user"], C), item, target_scene], scene_ids)
+        return ModelOutput(logits.view(R, C), transfer_attention.view(R, C, -1), behaviour_attention,
                            self._attention_prior_kl(transfer_attention) if self.transfer_on else None)
 
     def _attention_prior_kl(self, attention: torch.Tensor) -> torch.Tensor | None:
@@ -66,4 +79,3 @@ class MSIT(nn.Module):
         p = attention.clamp(min=1e-8)
         kl = (p * (p.log() + math.log(self.n_scenes))).sum(-1).mean()
         return self.cfg.transfer_kl_weight * kl
-

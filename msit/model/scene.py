@@ -23,7 +23,8 @@ class SceneEncoder(nn.Module):
         out = embed.scene(ids)
         return out + self.text(self.scene_text[ids]) if self.text is not None else out
 
-    def forward(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        every_scene = self._scene(embed, self.scene_ids)  # (S, d): g^s of each source scene
-        target = self._scene(embed, batch["scene_id"]) + embed.context_repr(batch)  # (B, d): g^t with context
-        return every_scene.expand(len(target), -1, -1), target
+    def every_scene(self, embed: FeatureEmbedder) -> torch.Tensor:  # (S, d): g^s of each source scene
+        return self._scene(embed, self.scene_ids)
+
+    def target(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._scene(embed, batch["scene_id"]) + embed.context_repr(batch)  # (R, d): g^t with context

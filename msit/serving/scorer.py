@@ -30,6 +30,7 @@ from msit.data.parse import normalize_key, normalize_keys
 from msit.data.sequences import Sequences, history_windows
 from msit.data.vocab import OOV, PAD
 from msit.model.features import fields_of
+from msit.model.output import score_in_chunks
 from msit.model_dir import WEIGHTS_FILE, load_model_dir
 from msit.ranking import scene_catalogues
 from msit.serving.history_store import HistoryStore, UserRecord
@@ -218,28 +219,29 @@ class Scorer:
 
     @torch.inference_mode()
     def score_encoded(self, encoded: list[_Encoded]) -> list[Scored | ScoringError]:
-        """All requests in one forward pass."""
+        """All requests in one pass: each request's user side (history window, user, scene, context) encoded
+        once, and each of its candidates scored against it (the model's `encode_user` and `score`)."""
         if not encoded:
             return []
         counts = [len(e.item_ids) for e in encoded]
-        batch = {name: torch.as_tensor(np.repeat(np.stack([np.asarray(e.shared[name]) for e in encoded]), counts,
-                                                 axis=0)).to(self.device)
+        batch = {name: torch.as_tensor(np.stack([np.asarray(e.shared[name]) for e in encoded])).to(self.device)
                  for name in encoded[0].shared}
-        windows = self.windows(encoded)  # (R, N) per request; each candidate row gets its request's window
-        repeats = torch.as_tensor(counts)
-        batch |= {name: values.repeat_interleave(repeats, dim=0).to(self.device) for name, values in windows.items()}
-        batch["item_id"] = torch.as_tensor(np.concatenate([e.item_ids for e in encoded])).to(self.device)
-        output = self.model(batch)
-        scores = torch.sigmoid(output.logits.float()).cpu().numpy()
-        out, start = [], 0
+        windows = self.windows(encoded)  # (R, N) per request
+        batch |= {name: values.to(self.device) for name, values in windows.items()}
+        item_ids = np.zeros((len(encoded), max(counts)), dtype=np.int64)  # (R, C): padded with item 0
+        for j, e in enumerate(encoded):
+            item_ids[j, : len(e.item_ids)] = e.item_ids
+        explain = any(e.explain for e in encoded)
+        output = score_in_chunks(self.model, self.model.encode_user(batch), torch.as_tensor(item_ids).to(self.device),
+                                 explain)
+        scores = torch.sigmoid(output.logits.float()).cpu().numpy()  # (R, C)
+        out = []
         for j, (e, count) in enumerate(zip(encoded, counts, strict=True)):
-            rows = slice(start, start + count)
-            start += count
-            if not np.isfinite(scores[rows]).all():  # never a `score: null`; and it fails this request only
+            if not np.isfinite(scores[j, :count]).all():  # never a `score: null`; and it fails this request only
                 out.append(ScoringError("the model gave a non-finite score for this request"))
                 continue
-            explanations = self._explain(output, rows, self._history_keys(windows, j)) if e.explain else None
-            out.append(Scored(scores[rows].tolist(), explanations, e.oov_ids, e.ids))
+            explanations = self._explain(output, j, count, self._history_keys(windows, j)) if e.explain else None
+            out.append(Scored(scores[j, :count].tolist(), explanations, e.oov_ids, e.ids))
         return out
 
     def score(self, requests: list[dict]) -> list[Scored | RequestError | ScoringError]:
@@ -271,18 +273,19 @@ class Scorer:
         items, scenes = windows["history_item_ids"][j, :k].tolist(), windows["history_scene_ids"][j, :k].tolist()
         return [(str(self._items[i]), self.spec.scenarios[s - 2]) for i, s in zip(items, scenes, strict=True)]
 
-    def _explain(self, output, rows: slice, history_keys: list[tuple[str, str]]) -> list[dict]:
-        """Per candidate: the transfer attention over scenes, and the past events that weighed most."""
+    def _explain(self, output, j: int, count: int, history_keys: list[tuple[str, str]]) -> list[dict]:
+        """Per candidate of request j: the transfer attention over scenes, and the past events that weighed most."""
         if output.transfer_attention is None:
-            return [{} for _ in range(rows.stop - rows.start)]
-        transfer = output.transfer_attention[rows].float().cpu().numpy()  # (C, S)
+            return [{} for _ in range(count)]
+        transfer = output.transfer_attention[j, :count].float().cpu().numpy()  # (C, S)
+        behaviour = None if output.behaviour_attention is None or not history_keys else \
+            output.behaviour_attention[j, :count].float().cpu().numpy()  # (C, S, N)
         explanations = []
-        for c in range(len(transfer)):
+        for c in range(count):
             item = {"transfer_attention": {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}}
-            if output.behaviour_attention is not None and history_keys:
+            if behaviour is not None:
                 # An event's weight: its scene's transfer weight x its weight within that scene's interest.
-                behaviour = output.behaviour_attention[rows][c].float().cpu().numpy()  # (S, N)
-                weights = (transfer[c][:, None] * behaviour).sum(0)[: len(history_keys)]
+                weights = (transfer[c][:, None] * behaviour[c]).sum(0)[: len(history_keys)]
                 top = np.argsort(-weights, kind="stable")[:TOP_HISTORY]
                 item["top_history"] = [{"item_id": history_keys[i][0], "scenario": history_keys[i][1],
                                         "position": int(i), "weight": float(weights[i])} for i in top]
