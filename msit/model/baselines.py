@@ -12,6 +12,7 @@ from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
 from msit.model.config import ModelConfig
+from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
 from msit.model.msit import target_slots
 from msit.model.output import ModelOutput, UserSide, per_candidate
@@ -142,7 +143,7 @@ class STAR(_Baseline):
         self.norm = _PartitionedNorm(n_slots, 4 * d)
         sizes = [4 * d, *cfg.mlp_dims, 1]
         self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.auxiliary = mlp([2 * d, d, 1], cfg.dropout)  # the auxiliary network on scene + context
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msit.model.config import ModelConfig
+from msit.model.dropout import Dropout
 from msit.model.interest import attention_linear
 
 
@@ -25,7 +26,7 @@ class Fusion(nn.Module):
             self.qkv = attention_linear(d, 3 * d)
             self.out = nn.Linear(d, d)
             nn.init.zeros_(self.out.bias)
-            self.dropout = nn.Dropout(cfg.dropout)
+            self.dropout = Dropout(cfg.dropout)
             self.norm = nn.LayerNorm(d)
 
     def forward(self, interest: torch.Tensor, scene: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from msit.model.config import ModelConfig
+from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
 from msit.model.output import UserSide
 
@@ -34,22 +35,27 @@ def attention_linear(n_in: int, n_out: int) -> nn.Linear:
 
 class HistoryEncoderLayer(nn.Module):
     """A pre-norm Transformer encoder layer on fused attention (`scaled_dot_product_attention`). Dropout acts
-    on the attention's and the feed-forward's outputs, not on the B x heads x N x N attention probabilities."""
+    on the attention's and the feed-forward's outputs (as nanoGPT's blocks do), not on the B x heads x N x N
+    attention probabilities nor inside the feed-forward: on B x N tokens each dropout is a real cost."""
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = attention_linear(d, 3 * d)
+        # Three projections, not one of width 3d split in three: the split's views would be copied for the
+        # fused kernel, and its gradient stacked back.
+        self.query, self.key, self.value = (attention_linear(d, d) for _ in range(3))
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.bias)
-        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
-        self.dropout = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # x (B, N, d); allowed (B, 1, N, N): True where a token may attend to another, shared by every head
         B, N, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        normed = self.norm1(x)
+        q, k, v = (project(normed).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d / heads)
+                   for project in (self.query, self.key, self.value))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, heads, N, d / heads)
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, N, d)))
         return x + self.dropout(self.ffn(self.norm2(x)))
@@ -82,9 +88,13 @@ class InterestNetwork(nn.Module):
         """The encoded history of each row, as the pooling's keys and values, and which scene each event is in."""
         items, scenes = batch["history_item_ids"], batch["history_scene_ids"]  # (R, N)
         R, N = items.shape
-        tokens = (embed.item_repr(items) + embed.scene(scenes) + self.label(batch["history_labels"].clamp(0, 1))
-                  + self.gap(time_gap_buckets(batch["history_time_gaps"], self.gap_buckets))
-                  + self.position(torch.arange(N, device=items.device)))
+        # scene + label + time gap of each token as one lookup in the small table of their sums (one gather and
+        # one gradient scatter over the R x N tokens instead of three).
+        G = self.gap_buckets
+        context = (embed.scene.weight[:, None, None] + self.label.weight[None, :, None]
+                   + self.gap.weight[None, None]).flatten(0, 2)  # (scenes x 2 x G, d)
+        index = (scenes * 2 + batch["history_labels"].clamp(0, 1)) * G + time_gap_buckets(batch["history_time_gaps"], G)
+        tokens = embed.item_repr(items) + F.embedding(index, context) + self.position.weight[:N]
 
         # Self-attention within a scene only (padding is scene 0, so it never mixes with real tokens);
         # every token may attend to itself, so that no row is fully masked. One mask for every head and layer.
@@ -108,10 +118,13 @@ class InterestNetwork(nn.Module):
         h, dh = self.heads, d // self.heads
         q = self.query(target_item).view(R, C, h, dh).transpose(1, 2)  # (R, heads, C, dh)
         scores = q @ keys.transpose(-1, -2) / math.sqrt(dh)  # (R, heads, C, N)
-        scores = scores[:, None].masked_fill(~in_scene[:, :, None, None, :], NEG)  # (R, S, heads, C, N)
+        S = in_scene.shape[1]
+        scores = scores[:, :, None].masked_fill(~in_scene[:, None, :, None, :], NEG)  # (R, heads, S, C, N)
         has_history = in_scene.any(-1)  # (R, S)
-        weights = torch.softmax(scores, dim=-1) * has_history[:, :, None, None, None]
-        pooled = (weights @ values[:, None]).permute(0, 3, 1, 2, 4).reshape(R, C, -1, d)  # (R, C, S, d)
+        weights = torch.softmax(scores, dim=-1) * has_history[:, None, :, None, None]
+        # One matrix product per (row, head) over every scene and candidate: (S C, N) @ (N, dh).
+        pooled = (weights.view(R, h, S * C, -1) @ values).view(R, h, S, C, dh)
+        pooled = pooled.permute(0, 3, 2, 1, 4).reshape(R, C, S, d)  # (R, C, S, d)
         interest = torch.where(has_history[:, None, :, None], self.out(pooled), self.empty)
-        behaviour = weights.mean(2).transpose(1, 2) if explain else None
+        behaviour = weights.mean(1).transpose(1, 2) if explain else None  # (R, C, S, N)
         return interest, behaviour

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from msit.model.config import ModelConfig
+from msit.model.dropout import Dropout
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -14,7 +15,7 @@ def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers += [nn.GELU(), nn.Dropout(dropout)]
+            layers += [nn.GELU(), Dropout(dropout)]
     return nn.Sequential(*layers)
 
 

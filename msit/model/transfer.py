@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from msit.model.config import ModelConfig
+from msit.model.dropout import Dropout
 from msit.model.interest import attention_linear
 
 
@@ -22,9 +23,9 @@ class TransferLayer(nn.Module):
         nn.init.zeros_(self.out.bias)
         # Dropout on the attention's output, not on its weights: the weights are the explanation (and the
         # KL regulariser's input), and must stay a distribution over scenes while training too.
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(2 * d, d))
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), Dropout(cfg.dropout), nn.Linear(2 * d, d))
 
     def forward(self, query: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # query (M, d), fused (M, S, d) -> new query (M, d), weights (M, S) averaged over heads. One query over a
