@@ -184,6 +184,22 @@ def mixing(prepared: Path, epochs: int = 2, batch_size: int = 1024) -> dict:
     }
 
 
+PART_KEYS = {"mixing": "mixing", "throughput": "models", "auc": "product_vs_benchmark_test_auc"}
+
+
+def keep_earlier_parts(report: dict, out: Path, parts: list[str]) -> None:
+    """A run of some parts keeps the other parts of `out` as they were, each named with the commit it ran on."""
+    if not out.is_file():
+        return
+    earlier = json.loads(out.read_text())
+    for part in PARTS:
+        if part not in parts and PART_KEYS[part] in earlier:
+            report[PART_KEYS[part]] = earlier[PART_KEYS[part]]
+            origin = earlier.get("parts_from_earlier_runs", {}).get(part) or \
+                {k: earlier.get(k) for k in ("commit", "tree_clean", "loadavg_start", "loadavg_end", "command")}
+            report.setdefault("parts_from_earlier_runs", {})[part] = origin
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per throughput run; the first is warm-up")
@@ -225,6 +241,7 @@ def main() -> None:
         "cluster_cpus": ray.cluster_resources().get("CPU"), "machine_cores": os.cpu_count(),
         "torch": torch.__version__, "ray": ray.__version__,
     }
+    keep_earlier_parts(report, out, args.parts)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "models"}, indent=1))

@@ -35,7 +35,7 @@ from msit.output_dir import writing
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the attention layers of issue 15 (fused, separate q/k/v); 1: before
 
 
 @dataclass
@@ -143,7 +143,8 @@ def _read_meta(directory: Path) -> dict:
         raise MsitError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise MsitError(f"{path}: model format {meta.get('format_version')!r} is not supported "
-                        f"(expected {FORMAT_VERSION})")
+                        f"(expected {FORMAT_VERSION}): the model was exported by another version of msit; "
+                        "train it again with this one")
     for key, kind in (("model", dict), ("info", dict)):
         if key not in meta:
             raise MsitError(f"{path}: missing key {key!r}")

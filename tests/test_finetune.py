@@ -87,7 +87,7 @@ def test_head_mode_trains_the_scene_specific_parts_whole_and_freezes_the_rest(ol
     for whole in (model.transfer.layers[0].key_value.weight, model.predictor.mlp[0].weight,
                   model.interest.empty, model.embed.scene.weight):
         assert whole.requires_grad and getattr(whole, "trained_rows", torch.ones(1, dtype=torch.bool)).all()
-    assert not model.interest.encoder[0].qkv.weight.requires_grad
+    assert not model.interest.encoder[0].query.weight.requires_grad
     known_items = len(old.spec.vocabularies["item_id"])
     item_rows = model.embed.item.weight.trained_rows  # only the new items' rows train
     assert not item_rows[:known_items].any() and item_rows[known_items:].all()
@@ -102,7 +102,7 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
     assert summary.grown["embed.item.weight"] == (len(old.spec.vocabularies["item_id"]),
                                                   len(spec.vocabularies["item_id"]))
     assert 0 < summary.trainable < summary.frozen
-    assert not model.interest.encoder[0].qkv.weight.requires_grad
+    assert not model.interest.encoder[0].query.weight.requires_grad
     assert not model.transfer.layers[0].key_value.weight.requires_grad  # shared by every scene
     assert model.embed.scene.weight.trained_rows.tolist() == [False] * (len(spec.scenarios) + 1) + [True]
 

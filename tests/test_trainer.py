@@ -76,3 +76,25 @@ def test_evaluate_command_prints_the_per_scene_table(data, small_prepared, tmp_p
     assert other.feature_spec.fingerprint() != spec.fingerprint()
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "other")]) == 1
     assert "--encoding-from" in capsys.readouterr().err
+
+
+def test_deterministic_kernels_by_default_on_the_cpu_only_and_compile_when_asked():
+    import torch
+
+    from msit.trainer import prepare_for_training
+    from tests.model_helpers import item_table, tiny_spec
+
+    model = build_model(ModelConfig(embed_dim=16, history_length=6), tiny_spec(), item_table())
+    try:
+        prepare_for_training(model, TrainConfig(), torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled()
+        prepare_for_training(model, TrainConfig(), torch.device("cuda"))  # a device object: no GPU needed
+        assert not torch.are_deterministic_algorithms_enabled()
+        prepare_for_training(model, TrainConfig(deterministic=True), torch.device("cuda"))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert model._compiled_call_impl is None
+        prepare_for_training(model, TrainConfig(compile=True), torch.device("cpu"))
+        assert model._compiled_call_impl is not None  # compiled in place: the state dict keeps its names
+        assert not any(k.startswith("_orig_mod") for k in model.state_dict())
+    finally:
+        seed_everything(0)  # deterministic again, as every other test expects
