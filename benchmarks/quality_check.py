@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "msit-bench"))
     parser.add_argument("--save", help="keep this checkout's trained models here (DIR/<protocol>)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--before-from", help="take the before side from an earlier quality_check.json of the same "
+                        "--before commit instead of training it again (CPU training is deterministic)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_check.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -99,9 +101,18 @@ def main() -> None:
         worktree = Path(tmp) / "before"
         git("worktree", "add", "--detach", str(worktree), before)
         try:
-            jobs = [(side, protocol) for side in ("before", "after") for protocol in args.protocols]
+            done, reused = {}, None
+            if args.before_from:
+                reused = json.loads(Path(args.before_from).read_text())
+                if reused["before_commit"] != before:
+                    raise SystemExit(f"{args.before_from} measured before = {reused['before_commit']}, not {before}")
+                done = {("before", p): {"val_auc": r["before_val_auc"], "test_auc": r["before_test_auc"],
+                                        "best_epoch": r["before_best_epoch"], "train_s": r["before_train_s"]}
+                        for p, r in reused["protocols"].items() if p in args.protocols}
+            jobs = [(side, protocol) for side in ("before", "after") for protocol in args.protocols
+                    if (side, protocol) not in done]
             with ThreadPoolExecutor(args.jobs) as pool:
-                done = dict(zip(jobs, pool.map(lambda job: run_side(
+                done |= dict(zip(jobs, pool.map(lambda job: run_side(
                     worktree if job[0] == "before" else ROOT, job[1], cache,
                     args.save if job[0] == "after" else None), jobs), strict=True))
         finally:
@@ -118,6 +129,8 @@ def main() -> None:
     report = {"model": "msit, quality.ARCHITECTURE, seed 0, at quality.json's chosen point", "protocols": protocols,
               "before_commit": before, "commit": commit, "tree_clean": clean, "device": f"CPU: {device_name('cpu')}",
               "threads": 1, "jobs": args.jobs,
+              "before_from": None if reused is None else {"file": args.before_from, "commit": reused["commit"],
+                                                          "load_average": reused["load_average"]},
               "load_average": {"start": [round(x, 2) for x in load_start],
                                "end": [round(x, 2) for x in os.getloadavg()]},
               "command": " ".join([Path(sys.executable).name, *sys.argv])}

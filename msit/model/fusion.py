@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
-from msit.model.interest import attention_linear
+from msit.model.interest import attention_projections
 
 
 class Fusion(nn.Module):
@@ -23,7 +23,7 @@ class Fusion(nn.Module):
         elif self.kind == "gate":
             self.gate = nn.Linear(d, d)
         elif self.kind == "attention":
-            self.qkv = attention_linear(d, 3 * d)
+            (self.qkv,) = attention_projections(d, (3 * d,))
             self.out = nn.Linear(d, d)
             nn.init.zeros_(self.out.bias)
             self.dropout = Dropout(cfg.dropout)

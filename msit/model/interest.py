@@ -25,18 +25,25 @@ def time_gap_buckets(gaps: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return torch.log2(gaps.float().clamp(min=0) + 1).floor().long().clamp(max=n_buckets - 1)
 
 
-def attention_linear(n_in: int, n_out: int) -> nn.Linear:
-    """A projection of an attention layer, initialised as torch's MultiheadAttention does (Xavier, zero bias)."""
-    layer = nn.Linear(n_in, n_out)
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
+def attention_projections(d: int, widths: tuple[int, ...]) -> list[nn.Linear]:
+    """An attention layer's input projections (query, key, value: d -> each width), initialised as torch's
+    MultiheadAttention initialises its one stacked matrix: Xavier over all of them together, zero bias."""
+    stacked = torch.empty(sum(widths), d)
+    nn.init.xavier_uniform_(stacked)
+    layers = []
+    for weight in stacked.split(list(widths)):
+        layer = nn.Linear(d, len(weight))
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.zero_()
+        layers.append(layer)
+    return layers
 
 
 class HistoryEncoderLayer(nn.Module):
     """A pre-norm Transformer encoder layer on fused attention (`scaled_dot_product_attention`). Dropout acts
-    on the attention's and the feed-forward's outputs (as nanoGPT's blocks do), not on the B x heads x N x N
-    attention probabilities nor inside the feed-forward: on B x N tokens each dropout is a real cost."""
+    on the attention's output and in and after the feed-forward, as in torch's TransformerEncoderLayer, but not
+    on the B x heads x N x N attention probabilities."""
 
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
@@ -44,10 +51,10 @@ class HistoryEncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         # Three projections, not one of width 3d split in three: the split's views would be copied for the
         # fused kernel, and its gradient stacked back.
-        self.query, self.key, self.value = (attention_linear(d, d) for _ in range(3))
+        self.query, self.key, self.value = attention_projections(d, (d, d, d))
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.bias)
-        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), Dropout(dropout), nn.Linear(2 * d, d))
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

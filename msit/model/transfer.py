@@ -10,15 +10,14 @@ from torch import nn
 
 from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
-from msit.model.interest import attention_linear
+from msit.model.interest import attention_projections
 
 
 class TransferLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, self.heads = cfg.embed_dim, cfg.transfer_heads
-        self.query = attention_linear(d, d)
-        self.key_value = attention_linear(d, 2 * d)
+        self.query, self.key_value = attention_projections(d, (d, 2 * d))
         self.out = nn.Linear(d, d)
         nn.init.zeros_(self.out.bias)
         # Dropout on the attention's output, not on its weights: the weights are the explanation (and the
