@@ -18,18 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from before_after import checkout, git, run_json, use_code_on_path
+
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "13e09a2"  # main before issue 15
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def train_one(protocol: str, cache: Path, save: str | None) -> dict:
@@ -62,13 +59,8 @@ def train_one(protocol: str, cache: Path, save: str | None) -> dict:
 
 
 def run_side(code: Path, protocol: str, cache: Path, save: str | None = None) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", protocol, "--cache", str(cache)]
-    command += ["--save", save] if save else []
-    env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{code / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"training {protocol} with the code at {code} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--one", protocol, "--cache", str(cache), *(["--save", save] if save else [])]
+    return run_json(code, Path(__file__).resolve(), options, f"training {protocol}")
 
 
 def main() -> None:
@@ -84,7 +76,7 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        sys.path[:0] = os.environ["PYTHONPATH"].split(os.pathsep)  # that side's msit and quality.py, not this file's
+        use_code_on_path()  # that side's msit and quality.py
         print(json.dumps(train_one(args.one, Path(args.cache), args.save)))
         return
 
@@ -97,26 +89,21 @@ def main() -> None:
 
     for protocol in args.protocols:  # prepared once, before the sides run in parallel
         prepared_dir(protocol, cache)
-    with tempfile.TemporaryDirectory() as tmp:
-        worktree = Path(tmp) / "before"
-        git("worktree", "add", "--detach", str(worktree), before)
-        try:
-            done, reused = {}, None
-            if args.before_from:
-                reused = json.loads(Path(args.before_from).read_text())
-                if reused["before_commit"] != before:
-                    raise SystemExit(f"{args.before_from} measured before = {reused['before_commit']}, not {before}")
-                done = {("before", p): {"val_auc": r["before_val_auc"], "test_auc": r["before_test_auc"],
-                                        "best_epoch": r["before_best_epoch"], "train_s": r["before_train_s"]}
-                        for p, r in reused["protocols"].items() if p in args.protocols}
-            jobs = [(side, protocol) for side in ("before", "after") for protocol in args.protocols
-                    if (side, protocol) not in done]
-            with ThreadPoolExecutor(args.jobs) as pool:
-                done |= dict(zip(jobs, pool.map(lambda job: run_side(
-                    worktree if job[0] == "before" else ROOT, job[1], cache,
-                    args.save if job[0] == "after" else None), jobs), strict=True))
-        finally:
-            git("worktree", "remove", "--force", str(worktree))
+    with checkout(before) as worktree:
+        done, reused = {}, None
+        if args.before_from:
+            reused = json.loads(Path(args.before_from).read_text())
+            if reused["before_commit"] != before:
+                raise SystemExit(f"{args.before_from} measured before = {reused['before_commit']}, not {before}")
+            done = {("before", p): {"val_auc": r["before_val_auc"], "test_auc": r["before_test_auc"],
+                                    "best_epoch": r["before_best_epoch"], "train_s": r["before_train_s"]}
+                    for p, r in reused["protocols"].items() if p in args.protocols}
+        jobs = [(side, protocol) for side in ("before", "after") for protocol in args.protocols
+                if (side, protocol) not in done]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            done |= dict(zip(jobs, pool.map(lambda job: run_side(
+                worktree if job[0] == "before" else ROOT, job[1], cache,
+                args.save if job[0] == "after" else None), jobs), strict=True))
     protocols = {}
     for protocol in args.protocols:
         old, new = done[("before", protocol)], done[("after", protocol)]

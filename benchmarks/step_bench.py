@@ -23,20 +23,17 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from before_after import checkout, git, run_json, use_code_on_path
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("msit", "msit_no_transfer", "shared_bottom", "mmoe", "star")
 BEFORE = "13e09a2"  # main before issue 15 (fused attention, user side once)
 TRAIN_BATCH, INFER_BATCH = 1024, 4096
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def cpu_name() -> str:
@@ -99,14 +96,10 @@ def measure(prepared: Path, family: str, steps: int, warmup: int, profile: bool,
 
 
 def run_side(code: Path, prepared: Path, family: str, args, compile_step: bool = False) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--measure", family, "--prepared", str(prepared),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    command += ["--profile"] * (args.profile and family in ("msit", "star")) + ["--compile"] * compile_step
-    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring {family} with the code at {code} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    options = ["--measure", family, "--prepared", str(prepared), "--steps", str(args.steps), "--warmup",
+               str(args.warmup)]
+    options += ["--profile"] * (args.profile and family in ("msit", "star")) + ["--compile"] * compile_step
+    return run_json(code, Path(__file__).resolve(), options, f"measuring {family}")
 
 
 def main() -> None:
@@ -124,6 +117,7 @@ def main() -> None:
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
+        use_code_on_path()
         print(json.dumps(measure(Path(args.prepared), args.measure, args.steps, args.warmup, args.profile,
                                  args.compile)))
         return
@@ -135,31 +129,26 @@ def main() -> None:
     before = git("rev-parse", args.before)
     commit, clean = git("rev-parse", "HEAD"), not git("status", "--porcelain")
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        worktree = Path(tmp) / "before"
-        git("worktree", "add", "--detach", str(worktree), before)
-        try:
-            families = {}
-            for family in args.families:
-                old = run_side(worktree, prepared, family, args)
-                new = run_side(ROOT, prepared, family, args)
-                families[family] = {
-                    "train_samples_per_s": round(new["train_samples_per_s"], 1),
-                    "before_train_samples_per_s": round(old["train_samples_per_s"], 1),
-                    "train_speedup": round(new["train_samples_per_s"] / old["train_samples_per_s"], 2),
-                    "infer_rows_per_s": round(new["infer_rows_per_s"], 1),
-                    "before_infer_rows_per_s": round(old["infer_rows_per_s"], 1),
-                    "infer_speedup": round(new["infer_rows_per_s"] / old["infer_rows_per_s"], 2)}
-                if "profile_top_ops" in new:
-                    families[family] |= {"profile_top_ops": new["profile_top_ops"],
-                                         "before_profile_top_ops": old["profile_top_ops"]}
-                print(family, {k: v for k, v in families[family].items() if "profile" not in k}, flush=True)
-            if args.compile and "msit" in families:
-                compiled = run_side(ROOT, prepared, "msit", args, compile_step=True)
-                families["msit"]["compiled_train_samples_per_s"] = round(compiled["train_samples_per_s"], 1)
-                print("msit compiled", families["msit"]["compiled_train_samples_per_s"], flush=True)
-        finally:
-            git("worktree", "remove", "--force", str(worktree))
+    with checkout(before) as worktree:
+        families = {}
+        for family in args.families:
+            old = run_side(worktree, prepared, family, args)
+            new = run_side(ROOT, prepared, family, args)
+            families[family] = {
+                "train_samples_per_s": round(new["train_samples_per_s"], 1),
+                "before_train_samples_per_s": round(old["train_samples_per_s"], 1),
+                "train_speedup": round(new["train_samples_per_s"] / old["train_samples_per_s"], 2),
+                "infer_rows_per_s": round(new["infer_rows_per_s"], 1),
+                "before_infer_rows_per_s": round(old["infer_rows_per_s"], 1),
+                "infer_speedup": round(new["infer_rows_per_s"] / old["infer_rows_per_s"], 2)}
+            if "profile_top_ops" in new:
+                families[family] |= {"profile_top_ops": new["profile_top_ops"],
+                                     "before_profile_top_ops": old["profile_top_ops"]}
+            print(family, {k: v for k, v in families[family].items() if "profile" not in k}, flush=True)
+        if args.compile and "msit" in families:
+            compiled = run_side(ROOT, prepared, "msit", args, compile_step=True)
+            families["msit"]["compiled_train_samples_per_s"] = round(compiled["train_samples_per_s"], 1)
+            print("msit compiled", families["msit"]["compiled_train_samples_per_s"], flush=True)
     import torch
 
     report = {"families": families, "before_commit": before, "commit": commit, "tree_clean": clean,
