@@ -235,7 +235,7 @@ def test_the_scorer_health_check_scores_a_request(small_model, tmp_path):
                                         "max_batch_size": 8, "base_dir": str(tmp_path)})
     asyncio.run(replica.check_health())
     replica.scorer.model = None  # a model that cannot score
-    with pytest.raises(TypeError):
+    with pytest.raises(AttributeError, match="encode_user"):
         asyncio.run(replica.check_health())
 
 
