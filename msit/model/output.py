@@ -10,7 +10,7 @@ catalogue ranking encode each user once and score all of its candidates against 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -27,8 +27,11 @@ class ModelOutput:
 
     def one_candidate_each(self) -> ModelOutput:
         """(R, 1, ...) -> (R, ...): `forward`'s shapes, one candidate per row."""
-        return ModelOutput(*(value if value is None or f.name == "regularization" else value[:, 0]
-                             for f, value in ((f, getattr(self, f.name)) for f in fields(self))))
+        def first(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[:, 0]
+
+        return ModelOutput(first(self.logits), first(self.transfer_attention), first(self.behaviour_attention),
+                           self.regularization)
 
 
 def per_candidate(values: torch.Tensor, candidates: int) -> torch.Tensor:
