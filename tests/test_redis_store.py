@@ -175,7 +175,8 @@ def test_redis_down_gives_503_then_serving_recovers(small_model, memory, tmp_pat
                                     ("post", "/v1/recommend", {"user_id": user, "scenario": request["scenario"]})):
             response = getattr(client, method)(route, json=body)
             assert response.status_code == 503 and "history store" in response.json()["detail"], response.text
-        own = client.post("/v1/score", json={**request, "history": [{k: v for k, v in event.items() if k != "user_id"}]})
+        own_history = [{k: v for k, v in event.items() if k != "user_id"}]
+        own = client.post("/v1/score", json={**request, "history": own_history})
         assert own.status_code == 200  # a request with its own history is still scored
         health = client.get("/v1/health")
         assert health.status_code == 200 and health.json()["status"] == "degraded"
