@@ -19,6 +19,7 @@ demo: $(VENV)/.installed
 	$(BIN)/msit demo --out $(DEMO_DIR)
 
 test: $(VENV)/.installed
+	@command -v redis-server >/dev/null || { echo "make test: redis-server is missing (the history store tests run against a real Redis): apt-get install redis-server"; exit 1; }
 	$(BIN)/ruff check msit tests benchmarks train tune serve
 	$(BIN)/python -m pytest -q tests
 

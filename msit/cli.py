@@ -255,6 +255,7 @@ def start_serving(args: argparse.Namespace, model: str, data: str) -> str:
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s})
     serve.run(build({"model": model, "data": data, "max_candidates": args.max_candidates,
                      "max_history": args.max_history, "history_events_per_user": args.history_events_per_user,
+                     "history": args.history, "history_namespace": args.history_namespace,
                      "require_token": args.require_token,
                      "max_batch_size": args.max_batch_size, "num_gpus": args.num_gpus,
                      "autoscaling": {"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
@@ -286,6 +287,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history-events-per-user", type=int, default=None, metavar="K",
                    help="the history store keeps each user's latest K events (>= the model's history_length; "
                    "default: all of them)")
+    p.add_argument("--history", default=None, metavar="URL",
+                   help="users' histories in Redis (redis://HOST:PORT/DB; password from MSIT_REDIS_PASSWORD or "
+                   "MSIT_REDIS_PASSWORD_FILE), shared by all replicas and updated by POST /v1/events; fill it with "
+                   "`msit history load`. Default: in memory from --data, read-only")
+    p.add_argument("--history-namespace", default="msit",
+                   help="Redis key prefix of this deployment (the model's feature spec fingerprint follows it)")
     p.add_argument("--request-timeout-s", type=float, default=30.0,
                    help="a request still unanswered after this many seconds gets a 408 (default %(default)s)")
     p.add_argument("--require-token", action="store_true",
@@ -322,6 +329,25 @@ def _demo_request(url: str, prepared: Path) -> None:
                                          headers={"content-type": "application/json"})
         answer = urllib.request.urlopen(request, timeout=60).read().decode()
     print(json.dumps(json.loads(answer), indent=1), flush=True)
+
+
+def cmd_history_load(args: argparse.Namespace) -> None:
+    from msit.data.feature_spec import FeatureSpec
+    from msit.serving.history_store import InMemoryHistoryStore
+    from msit.serving.redis_store import RedisHistoryStore
+
+    spec = FeatureSpec.load(args.data)
+    if args.model:  # the deployment reads under its model's spec fingerprint, and encodes with its vocabularies
+        model_spec = FeatureSpec.load(args.model)
+        if model_spec.vocabularies != spec.vocabularies:
+            raise MsitError(f"{args.data} is not encoded with the vocabularies of {args.model}: prepare it with "
+                            f"`--encoding-from {args.model}`")
+        spec = model_spec
+    store = RedisHistoryStore(args.history, spec, events_per_user=args.events_per_user, namespace=args.namespace)
+    _log(f"reading the sequences of {args.data} (each user's latest {args.events_per_user} events)")
+    source = InMemoryHistoryStore.from_prepared(args.data, spec, events_per_user=args.events_per_user)
+    users = store.load(source, chunk=args.chunk, progress=not args.quiet)
+    _log(f"loaded {users} users ({source.events()} events) into {store.url} under {store.prefix}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -426,6 +452,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_overrides(p, "search")
     p.add_argument("--max-concurrent-trials", type=int, help="override: trials running at once")
     p.set_defaults(func=cmd_tune)
+
+    history = sub.add_parser("history", help="the serving history store (Redis)",
+                             description="Manage users' histories in a Redis history store (`msit serve --history`).")
+    history_sub = history.add_subparsers(dest="history_command", required=True)
+    p = history_sub.add_parser("load", help="bulk-load every user's sequence and features from a prepared directory",
+                               description="Write every user's sequence (the latest --events-per-user events) and side "
+                               "features from a prepared directory into Redis, in pipelined chunks. Each user's "
+                               "record is replaced, so running it again is safe (events posted since to those users "
+                               "are replaced too; users only Redis holds are kept).")
+    p.add_argument("--data", required=True, help="a directory made by `msit data prepare`")
+    p.add_argument("--history", required=True, metavar="URL", help="redis://HOST:PORT/DB (password from "
+                   "MSIT_REDIS_PASSWORD or MSIT_REDIS_PASSWORD_FILE)")
+    p.add_argument("--model", help="the model directory that will serve it (default: the prepared directory's "
+                   "encoding; give it when the model's feature spec differs, e.g. added context features)")
+    p.add_argument("--events-per-user", type=int, default=1000, metavar="K",
+                   help="each user's latest K events (>= the model's history_length; default %(default)s)")
+    p.add_argument("--namespace", default="msit", help="key prefix, as the deployment's history_namespace "
+                   "(default %(default)s)")
+    p.add_argument("--chunk", type=int, default=500, help="users per pipeline (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_history_load)
 
     p = sub.add_parser("serve", help="serve a model directory over HTTP on Ray Serve",
                        description="Deploy a model directory behind an autoscaling Ray Serve endpoint: POST "

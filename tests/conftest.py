@@ -58,3 +58,13 @@ def small_model(small_prepared, tmp_path_factory):
     fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
         TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
     return save_model_dir(tmp_path_factory.mktemp("model") / "model", model, config, spec), prepared
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server of the session's own (free port, 127.0.0.1, no persistence); fails if it is not installed."""
+    from tests.redis_helpers import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -49,7 +49,10 @@ def test_every_route(client, scorer, known):
 
     top = client.post("/v1/recommend", json={"user_id": known["user_id"], "scenario": known["scenario"], "k": 3})
     assert top.status_code == 200 and len(top.json()["items"]) == 3 and top.json()["catalogue_size"] > 3
-    assert client.get("/v1/health").json() == {"status": "ok", "model_version": scorer.version}
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["model_version"] == scorer.version
+    assert health["history_store"] == {"kind": "in-memory", "state": "ok", "users": len(scorer.store),
+                                       "writable": False}
     model = client.get("/v1/model").json()
     assert model["scenarios"] == scorer.spec.scenarios and model["counts"]["items"] > 0
     assert model["config"]["embed_dim"] == 16 and model["version"] == scorer.version

@@ -3,12 +3,15 @@ Ray Serve deployment (`msit.serving.deployment`) builds the same app on each rep
 
     POST /v1/score      scores of candidate items for a user in a scene (optionally explained)
     POST /v1/recommend  the top k of the scene's catalogue
-    GET  /v1/health     liveness
+    POST /v1/events     new events of users, appended to their sequences in the history store
+    GET  /v1/health     liveness, and the history store's state
     GET  /v1/model      model version, config, scenes, counts
 
 A client's mistake gets a 4xx naming the field (422), a missing or wrong token 401, a body over the
 limit 413; never a 5xx. A request the server fails to score gets a 500 of its own: the other requests of
-its batch are answered.
+its batch are answered. A history store that cannot be reached gets a 503 for the requests that need it
+(a request with its own `history` is still scored); events posted to a deployment whose store is
+read-only (the in-memory one) get a 409.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from msit.errors import ConfigError
+from msit.serving.history_store import Appended, HistoryUnavailable, ReadOnlyHistory
 from msit.serving.schemas import (
+    EventsRequest,
+    EventsResponse,
     RecommendRequest,
     RecommendResponse,
     ScoredItem,
@@ -47,6 +53,7 @@ class ApiSettings:
     auth_token: str | None = None  # bearer token required on every /v1 route; None: no auth
     max_body_bytes: int = 1_000_000
     max_history: int = 1000  # events in a request's `history`
+    max_events: int = 1000  # events in one POST /v1/events
 
 
 def token_from_env(required: bool = False) -> str | None:
@@ -73,6 +80,10 @@ class Backend(Protocol):
     async def score(self, request: dict) -> tuple[str, Scored | RequestError | ScoringError]: ...
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]: ...
+
+    async def ingest(self, events: list[dict]) -> Appended: ...
+
+    async def store_health(self) -> dict: ...
 
     async def current_version(self) -> str: ...
 
@@ -115,6 +126,14 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
     async def scoring_error(_: Request, error: ScoringError) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"internal error: {error}"})
 
+    @app.exception_handler(HistoryUnavailable)
+    async def store_unavailable(_: Request, error: HistoryUnavailable) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": str(error)}, headers={"Retry-After": "1"})
+
+    @app.exception_handler(ReadOnlyHistory)
+    async def read_only(_: Request, error: ReadOnlyHistory) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(error)})
+
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_: Request, __: Exception) -> JSONResponse:
         return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token"},
@@ -128,7 +147,7 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
             raise RequestError(("history",), f"at most {settings.max_history} history events per request, "
                                f"got {len(body.history)}")
         version, result = await backend.score(body.model_dump())
-        if isinstance(result, RequestError | ScoringError):
+        if isinstance(result, RequestError | ScoringError | HistoryUnavailable):
             raise result
         explanations = result.explanations or [None] * len(result.scores)
         # Built as plain JSON: validating a response the scorer just made (as response_model would) costs
@@ -143,9 +162,20 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
         return RecommendResponse(model_version=version, items=[ScoredItem(**i) for i in items],
                                  catalogue_size=size)
 
+    @app.post("/v1/events", response_model=EventsResponse, dependencies=[Depends(authorize)])
+    async def events(body: EventsRequest) -> EventsResponse:
+        if len(body.events) > settings.max_events:
+            raise RequestError(("events",), f"at most {settings.max_events} events per request, got {len(body.events)}")
+        appended = await backend.ingest([e.model_dump() for e in body.events])
+        return EventsResponse(applied=appended.applied, duplicates=appended.duplicates)
+
     @app.get("/v1/health", dependencies=[Depends(authorize)])
     async def health() -> dict:
-        return {"status": "ok", "model_version": await backend.current_version()}
+        """200 while the model scores: "degraded" when the history store is unavailable (requests that bring their
+        own history are still scored), so that a probe does not take every replica out for a store outage."""
+        store = await backend.store_health()
+        return {"status": "ok" if store["state"] == "ok" else "degraded",
+                "model_version": await backend.current_version(), "history_store": store}
 
     @app.get("/v1/model", dependencies=[Depends(authorize)])
     async def model() -> dict:
@@ -211,6 +241,12 @@ class LocalBackend:
 
     async def recommend(self, request: dict) -> tuple[str, list[dict], int]:
         return self.version, *self.scorer.recommend(request)
+
+    async def ingest(self, events: list[dict]) -> Appended:
+        return self.scorer.ingest(events)
+
+    async def store_health(self) -> dict:
+        return self.scorer.store_health()
 
     async def current_version(self) -> str:
         return self.version

@@ -8,7 +8,11 @@
   directory through `user_config`, request metrics on Ray's Prometheus endpoint. They autoscale and
   take the GPUs. A reload loads and self-tests the new model before swapping it in; if that fails,
   the old model keeps serving and `/v1/model` shows the error. Serve's health check scores a tiny
-  request on each replica.
+  request on each replica (without the history store: a Redis outage must not restart replicas).
+
+The history store is in memory by default (each scorer replica loads the prepared sequences, read-only)
+or, with `history: redis://HOST:PORT/DB`, one Redis every replica reads and `POST /v1/events` writes
+(`msit.serving.redis_store`; fill it first with `msit history load`).
 
 `build(args)` is the application builder named in serve/config.yaml (`serve run serve/config.yaml`)
 and used by `msit serve`.
@@ -35,7 +39,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from msit.config import absolute_path, from_dict
 from msit.errors import ConfigError
 from msit.serving.app import ApiSettings, create_app, token_from_env
-from msit.serving.history_store import InMemoryHistoryStore
+from msit.serving.history_store import Appended, HistoryUnavailable, InMemoryHistoryStore, ReadOnlyHistory
+from msit.serving.redis_store import DEFAULT_EVENTS_PER_USER, RedisHistoryStore, is_redis_url, redact
 from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
 
 logger = logging.getLogger("msit.serving")
@@ -65,6 +70,12 @@ class ServeArgs:
     # Events per user the history store keeps (the latest; None: all). At least the model's history_length, so that
     # a request "now" sees its whole window; fewer events only cut windows of requests timestamped in the past.
     history_events_per_user: int | None = None
+    # Where users' histories live: None (in memory, from `data`; read-only) or redis://HOST:PORT/DB (shared by the
+    # replicas, takes POST /v1/events; password from MSIT_REDIS_PASSWORD / MSIT_REDIS_PASSWORD_FILE). With Redis,
+    # history_events_per_user bounds each user's sequence there (default 1000).
+    history: str | None = None
+    history_namespace: str = "msit"  # Redis key prefix (with the feature spec's fingerprint): one per deployment
+    max_events: int = 1000  # events in one POST /v1/events (a 422 beyond)
     # Refuse to start without a bearer token (MSIT_SERVE_TOKEN / MSIT_SERVE_TOKEN_FILE): where auth is meant to
     # be on (deploy/rayservice.yaml), a missing Secret must not mean an open API.
     require_token: bool = False
@@ -116,7 +127,16 @@ class MsitScorer:
                 raise ConfigError(f"history_events_per_user {keep} is below the model's history_length "
                                   f"{scorer.config.history_length}: requests would be served shorter windows than "
                                   "training cut")
-            scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec, events_per_user=keep)
+            history = self.settings.get("history")
+            if is_redis_url(history):
+                keep = keep if keep is not None else DEFAULT_EVENTS_PER_USER
+                if keep < scorer.config.history_length:
+                    raise ConfigError(f"history_events_per_user {keep} is below the model's history_length "
+                                      f"{scorer.config.history_length}")
+                scorer.store = RedisHistoryStore(history, scorer.spec, events_per_user=keep,
+                                                 namespace=self.settings.get("history_namespace", "msit"))
+            else:
+                scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec, events_per_user=keep)
             scorer.self_test()
         except Exception as error:
             if self.scorer is None:  # nothing to keep serving: the replica fails to start, and says why
@@ -181,10 +201,19 @@ class MsitScorer:
 
     async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError | ScoringError]:
         scorer = self.scorer
+        try:  # off the loop: it reads the history store
+            return scorer.version, await asyncio.to_thread(scorer.recommend, request)
+        except (RequestError, ScoringError, HistoryUnavailable) as error:  # returned, not raised: it crosses the
+            return scorer.version, error                                   # handle as a value
+
+    async def ingest(self, events: list[dict]) -> Appended | RequestError | HistoryUnavailable | ReadOnlyHistory:
         try:
-            return scorer.version, scorer.recommend(request)
-        except (RequestError, ScoringError) as error:  # returned, not raised: it crosses the handle as a value
-            return scorer.version, error
+            return await asyncio.to_thread(self.scorer.ingest, events)
+        except (RequestError, HistoryUnavailable, ReadOnlyHistory) as error:
+            return error
+
+    async def store_health(self) -> dict:
+        return await asyncio.to_thread(self.scorer.store_health)
 
     async def check_health(self) -> None:
         """Serve's health check (every health_check_period_s): the model must still score a tiny request."""
@@ -217,7 +246,8 @@ class MsitApi:
     def __serve_build_asgi_app__(self):
         return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
                                             max_body_bytes=self.settings["max_body_bytes"],
-                                            max_history=self.settings["max_history"]))
+                                            max_history=self.settings["max_history"],
+                                            max_events=self.settings.get("max_events", 1000)))
 
     async def _call(self, method: str, *args):
         for attempt in range(RETRIES + 1):
@@ -244,6 +274,16 @@ class MsitApi:
             raise result
         return self.version, *result
 
+    async def ingest(self, events: list[dict]) -> Appended:
+        # A scorer replica that dies mid-batch gets the batch again from _call: give events ids to apply them once.
+        result = await self._call("ingest", events)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def store_health(self) -> dict:
+        return await self._call("store_health")
+
     async def current_version(self) -> str:
         self.version = await self._call("current_version")
         return self.version
@@ -255,6 +295,9 @@ class MsitApi:
 def build(args: dict[str, Any]) -> serve.Application:
     """The application: the HTTP ingress before autoscaling scorers, with GPUs where the cluster has them."""
     cfg = from_dict(ServeArgs, args, where="serve args")
+    if cfg.history not in (None, "memory") and not is_redis_url(cfg.history):
+        raise ConfigError(f"serve args: history {redact(cfg.history)!r}: expected redis://HOST:PORT/DB, or leave it "
+                          "out for the in-memory store")
     gpus = cfg.num_gpus
     if gpus is None:  # asking for a GPU on a cluster without one would leave the replica pending forever
         gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -262,6 +305,7 @@ def build(args: dict[str, Any]) -> serve.Application:
                 "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
                 "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
                 "max_history": cfg.max_history, "history_events_per_user": cfg.history_events_per_user,
+                "history": cfg.history, "history_namespace": cfg.history_namespace, "max_events": cfg.max_events,
                 "auth_token": token_from_env(required=cfg.require_token),
                 "base_dir": os.getcwd()}
     runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}

@@ -9,7 +9,12 @@ served request at an event's timestamp sees the window that event had in trainin
 `InMemoryHistoryStore` loads the prepared `sequences/` and `users.parquet` at start-up and keeps every
 user's sequence (or the last `events_per_user` events: at least the model's history length, so that
 requests "now" lose nothing) as flat arrays; a record is a view into them, nothing is copied per user.
-A Redis-backed store only has to implement `user`.
+It is read-only: events posted to `/v1/events` need a shared store (`msit.serving.redis_store`), since
+each replica holds its own copy.
+
+Beyond `user`, a store may offer `users` (many records in one round trip), `append` (new events,
+`NewEvents`) and `health` (its state for /v1/health). A store that cannot be reached raises
+`HistoryUnavailable` (a 503, never an empty history); one that takes no events raises `ReadOnlyHistory`.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.history import items_are_numbers
 from msit.data.prepared import SEQUENCES_DIR, load_sequences
 from msit.data.sequences import Sequences
 from msit.errors import MsitError
@@ -43,6 +50,42 @@ class UserRecord:
     labels: np.ndarray  # (E,) 0/1
     timestamps: np.ndarray  # (E,) seconds, non-decreasing
     features: dict[str, np.ndarray] = field(default_factory=dict)  # encoded user side features (absent: padding)
+
+
+class HistoryUnavailable(RuntimeError):
+    """The history store cannot be reached or failed: requests that need it get a 503 saying so."""
+
+
+class ReadOnlyHistory(RuntimeError):
+    """The deployment's history store takes no events (the in-memory one): a 409 for POST /v1/events."""
+
+
+@dataclass
+class NewEvents:
+    """One user's new events, validated and encoded, in any order (the store puts them in event order)."""
+
+    user_key: str
+    user_id: int  # encoded, for a user the store has never seen
+    item_ids: np.ndarray  # (E,) encoded
+    scene_ids: np.ndarray  # (E,)
+    labels: np.ndarray  # (E,)
+    timestamps: np.ndarray  # (E,)
+    item_keys: list[str]  # (E,) the raw (normalised) item keys: ties at one timestamp are broken by them
+    event_ids: list[str | None]  # (E,) for de-duplication (None: always applied)
+
+
+@dataclass
+class Appended:
+    applied: int = 0  # events added to users' sequences
+    duplicates: int = 0  # events skipped: their event id was seen before
+
+
+def items_numeric(spec: FeatureSpec) -> bool:
+    """How prepare broke ties between a user's events at one timestamp: by item key as numbers when every item key
+    of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary)."""
+    numeric = spec.source.get("items_numeric")
+    return bool(numeric) if numeric is not None else \
+        items_are_numbers(pa.array(spec.vocabularies["item_id"][2:], pa.string()))
 
 
 class HistoryStore(Protocol):
@@ -78,6 +121,17 @@ class InMemoryHistoryStore:
         return UserRecord(int(self._user_ids[row]), *(self._events[name][events] for name in
                                                       ("item_ids", "scene_ids", "labels", "timestamps")),
                           features={name: values[row] for name, values in self._features.items()})
+
+    def users(self, user_keys: list[str]) -> list[UserRecord | None]:
+        return [self.user(key) for key in user_keys]
+
+    def append(self, events: list[NewEvents]) -> Appended:
+        raise ReadOnlyHistory("this deployment's history store is read-only (in memory, loaded from the prepared "
+                              "data at start-up, one copy per replica); serve with --history redis://HOST:PORT/DB "
+                              "(serve/config.yaml `history`) to accept events")
+
+    def health(self) -> dict:
+        return {"kind": "in-memory", "state": "ok", "users": len(self), "writable": False}
 
     def __len__(self) -> int:
         return len(self._rows)

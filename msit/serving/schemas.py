@@ -40,6 +40,28 @@ class HistoryEvent(_Body):
     timestamp: Timestamp
 
 
+class Event(_Body):
+    """One event of a user, as a scene log row holds it: appended to the user's sequence in the history store."""
+    user_id: Id
+    item_id: Id
+    scenario: Text
+    label: Literal[0, 1]
+    timestamp: Timestamp
+    context: dict[Text, ContextValue] | None = Field(
+        None, description="validated as in a score request; not stored (a history holds no context)")
+    event_id: Id | None = Field(None, description="an event id seen before for this user is skipped (retries are "
+                                "safe)")
+
+
+class EventsRequest(_Body):
+    events: list[Event] = Field(description="at most the server's max_events; all applied, or none if one is bad")
+
+
+class EventsResponse(BaseModel):
+    applied: int
+    duplicates: int
+
+
 class ScoreRequest(_Body):
     user_id: Id
     scenario: Text = Field(description="the target scene")

@@ -8,6 +8,10 @@ store's copy of the prepared sequence), cuts the history window of the request's
 requests are scored in one forward pass, their windows cut in one call.
 A client's mistake raises `RequestError`, naming the field. In a batch, each request fails alone: a
 client's mistake or a fault of the server (`ScoringError`) is that request's result, never the others'.
+A history store that cannot be reached (`HistoryUnavailable`) fails the requests that need it (no
+`history` of their own); a request with its own history is still scored, its user side features then
+padding (the store holds them). `ingest` validates and encodes new events (`POST /v1/events`) and hands
+them to the store.
 """
 
 from __future__ import annotations
@@ -33,12 +37,21 @@ from msit.model.features import fields_of
 from msit.model.output import score_in_chunks
 from msit.model_dir import WEIGHTS_FILE, load_model_dir
 from msit.ranking import scene_catalogues
-from msit.serving.history_store import HistoryStore, UserRecord
+from msit.serving.history_store import (
+    Appended,
+    HistoryStore,
+    HistoryUnavailable,
+    NewEvents,
+    ReadOnlyHistory,
+    UserRecord,
+    items_numeric,
+)
 
 logger = logging.getLogger("msit.serving")
 TOP_HISTORY = 5  # past events listed per candidate in an explanation
 INT64_MAX = 2**63 - 1
 MAX_Z_SCORE = 1e6  # numeric context values: at most this many standard deviations from the training mean
+_READ = object()  # encode(): read the user's record from the store
 
 
 class RequestError(ValueError):
@@ -94,11 +107,7 @@ class Scorer:
         self._user_fields = [c for kind in ("categorical", "multi", "numeric")
                              for c in fields_of(self.spec, "user", kind)]
         self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
-        # How prepare broke ties between a user's events at one timestamp: by item key as numbers when every item
-        # key of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary).
-        numeric = self.spec.source.get("items_numeric")
-        self._items_numeric = bool(numeric) if numeric is not None else \
-            items_are_numbers(pa.array(self.spec.vocabularies["item_id"][2:], pa.string()))
+        self._items_numeric = items_numeric(self.spec)  # how prepare broke ties between a user's events
         self.catalogues = _catalogues(catalogue_from) if catalogue_from else {}
 
     # -- encoding ------------------------------------------------------------------------------------------------
@@ -189,8 +198,36 @@ class Scorer:
         return history_windows(sequences, torch.arange(len(encoded)), torch.tensor([e.now for e in encoded]),
                                self.config.history_length)
 
-    def encode(self, request: dict) -> _Encoded:
-        """Raises RequestError for a client's mistake; unknown ids are not mistakes (they are out-of-vocabulary)."""
+    def _record(self, user_key: str, request: dict, record=_READ) -> UserRecord | None:
+        """The user's record (`record`: already read, or the store's failure to read it). A store that cannot be
+        reached fails a request that needs it; one with its own history goes on without the record."""
+        if record is _READ:
+            try:
+                record = self.store.user(user_key) if self.store is not None else None
+            except HistoryUnavailable as error:
+                record = error
+        if isinstance(record, HistoryUnavailable):
+            if request.get("history") is None:
+                raise record
+            return None
+        return record
+
+    def _records(self, requests: list[dict]) -> list:
+        """Each request's user record, read in one round trip where the store can (`users`); a store failure is
+        every request's "record" (each then fails or goes on without it, `_record`)."""
+        if self.store is None:
+            return [None] * len(requests)
+        keys = [normalize_key(r["user_id"]) for r in requests]
+        try:
+            return self.store.users(keys) if hasattr(self.store, "users") else [self.store.user(k) for k in keys]
+        except HistoryUnavailable as error:
+            return [error] * len(requests)
+        except Exception:  # e.g. a user id that does not normalise: each request meets its own error in encode
+            return [_READ] * len(requests)
+
+    def encode(self, request: dict, record=_READ) -> _Encoded:
+        """Raises RequestError for a client's mistake; unknown ids are not mistakes (they are out-of-vocabulary).
+        `record`: the user's record if already read (None: the store has none), else it is read here."""
         candidates = request["candidates"]
         if not candidates:
             raise RequestError(("candidates",), "candidates is empty: give at least one item id")
@@ -199,7 +236,7 @@ class Scorer:
                                f"got {len(candidates)}")
         scene = self._scene(request["scenario"], ("scenario",))
         user_key = normalize_key(request["user_id"])
-        record = self.store.user(user_key) if self.store is not None else None
+        record = self._record(user_key, request, record)
         user_id = self._encode_ids("user_id", [user_key])[0]
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
@@ -247,7 +284,8 @@ class Scorer:
     def score(self, requests: list[dict]) -> list[Scored | RequestError | ScoringError]:
         """Each request's result: its scores, its RequestError, or a ScoringError. One bad request never fails
         the others: each is encoded alone, and if the merged forward pass fails, each request is scored alone."""
-        encoded = [_guarded(self.encode, request) for request in requests]
+        records = self._records(requests)
+        encoded = [_guarded(lambda pair: self.encode(*pair), pair) for pair in zip(requests, records, strict=True)]
         ready = [e for e in encoded if isinstance(e, _Encoded)]
         try:
             scored = self.score_encoded(ready)
@@ -263,7 +301,7 @@ class Scorer:
         items = self.spec.vocabularies["item_id"]
         request = {"user_id": "<msit-self-test>", "scenario": self.spec.scenarios[0],
                    "candidates": [items[2] if len(items) > 2 else "<msit-self-test>"], "timestamp": int(time.time())}
-        result = self.score_encoded([self.encode(request)])[0]
+        result = self.score_encoded([self.encode(request, record=None)])[0]  # not the store: it may be down
         if isinstance(result, ScoringError) or not all(0.0 <= s <= 1.0 for s in result.scores):
             raise ScoringError(f"the model's self-test failed: {result}")
 
@@ -296,14 +334,13 @@ class Scorer:
         """The top k of the scene's catalogue (items seen there in training); and the catalogue size."""
         scene = self._scene(request["scenario"], ("scenario",))
         catalogue = self.catalogues.get(scene, np.zeros(0, dtype=np.int64))
-        if request.get("exclude_seen", True) and self.store is not None:
-            record = self.store.user(normalize_key(request["user_id"]))
-            if record is not None:
-                catalogue = catalogue[~np.isin(catalogue, record.item_ids)]
+        record = self.store.user(normalize_key(request["user_id"])) if self.store is not None else None
+        if request.get("exclude_seen", True) and record is not None:
+            catalogue = catalogue[~np.isin(catalogue, record.item_ids)]
         if len(catalogue) == 0:
             return [], 0
         probe = {**request, "candidates": [0], "explain": False}  # encodes everything but the items
-        encoded = self.encode(probe)
+        encoded = self.encode(probe, record)
         encoded.item_ids = catalogue
         scored = self.score_encoded([encoded])[0]
         if isinstance(scored, ScoringError):
@@ -311,6 +348,52 @@ class Scorer:
         scores = np.asarray(scored.scores)
         top = np.argsort(-scores, kind="stable")[: request["k"]]
         return [{"item_id": str(self._items[catalogue[i]]), "score": float(scores[i])} for i in top], len(catalogue)
+
+    def ingest(self, events: list[dict]) -> Appended:
+        """Validate and encode every event (a RequestError names the first bad one: ("events", index, field)),
+        then append them to the store, grouped by user: nothing of a batch with a bad event is applied. Event ids
+        repeated within the batch count once; the store skips those it has seen."""
+        if self.store is None or not hasattr(self.store, "append"):
+            raise ReadOnlyHistory("this deployment has no history store that takes events; serve with "
+                                  "--history redis://HOST:PORT/DB")
+        users: dict[str, list[tuple]] = {}
+        seen_ids, duplicates = set(), 0
+        for i, event in enumerate(events):
+            where = ("events", i)
+            scene = self._scene(event["scenario"], (*where, "scenario"))
+            stamp = self._timestamp(event["timestamp"], (*where, "timestamp"))
+            try:
+                self._context(event.get("context") or {})  # validated; a sequence holds no context
+            except RequestError as error:
+                raise RequestError((*where, *error.field), error.message) from None
+            label = event["label"]
+            if label not in (0, 1) or isinstance(label, bool):
+                raise RequestError((*where, "label"), f"label must be 0 or 1, got {label!r:.40}")
+            event_id = event.get("event_id")
+            if event_id is not None:
+                event_id = str(event_id)
+                if (event["user_id"], event_id) in seen_ids:
+                    duplicates += 1
+                    continue
+                seen_ids.add((event["user_id"], event_id))
+            users.setdefault(normalize_key(event["user_id"]), []).append(
+                (normalize_key(event["item_id"]), scene, int(label), stamp, event_id))
+        if not users:
+            return Appended(0, duplicates)
+        user_ids = self._encode_normalized("user_id", list(users))
+        batch = []
+        for (user_key, rows), user_id in zip(users.items(), user_ids, strict=True):
+            item_keys, scenes, labels, stamps, ids = map(list, zip(*rows, strict=True))
+            batch.append(NewEvents(user_key, int(user_id), self._encode_normalized("item_id", item_keys),
+                                   np.array(scenes, np.int64), np.array(labels, np.int64), np.array(stamps, np.int64),
+                                   item_keys, ids))
+        appended = self.store.append(batch)
+        appended.duplicates += duplicates
+        return appended
+
+    def store_health(self) -> dict:
+        return self.store.health() if self.store is not None and hasattr(self.store, "health") else \
+            {"kind": "none", "state": "ok", "writable": False}
 
     def describe(self) -> dict:
         train = self.info.get("train", {})
@@ -321,6 +404,7 @@ class Scorer:
                            "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
                            "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
                 "history_length": self.config.history_length,
+                "history_store": self.store_health(),
                 "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
                 "feature_spec_fingerprint": self.spec.fingerprint()}
 
@@ -329,7 +413,7 @@ def _guarded(step, value):
     """step(value), or the request's error as its result: a RequestError as is, anything else a ScoringError."""
     try:
         return step(value)
-    except RequestError as error:
+    except (RequestError, HistoryUnavailable) as error:
         return error
     except Exception as error:
         logger.exception("a request failed to score")  # the traceback, not the request: no payload in logs
