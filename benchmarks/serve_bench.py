@@ -1,12 +1,20 @@
 """Serving throughput and latency: the Ray Serve endpoint under closed-loop load, against the same
-scorer in process, in one run; then one of two replicas is killed during a load run.
+scorer in process, in one run; then one of two replicas is killed during a load run; then the same endpoint
+reads its histories from Redis instead of memory, and takes events.
 
 The model is the ml100k_genre one (by default the best model of benchmarks/tune_ml100k.py). Each
 request scores 100 candidates for a test-split user. For each concurrency (1, 8, 32, 64), that many
 clients send a request, wait for its answer and send the next, for a fixed duration; latency
 percentiles, requests/s and errors are recorded. `inprocess_scores_per_s` is the scorer (encoding +
 forward pass) on batches of the same requests in this process, with the same torch thread count as a
-replica (1). Writes benchmarks/results/serve.json (serve_gpu.json with --device cuda).
+replica (1).
+
+The Redis part: a local redis-server (127.0.0.1, free port), bulk-loaded from the prepared directory as
+`msit history load` (run as a command), behind the same deployment; requests/s and latency at concurrency
+32 beside the in-memory store's run at 32 above, then `POST /v1/events` in batches of 100 (each event with
+an event id, of users with stored histories, later than anything stored) from 8 clients.
+
+Writes benchmarks/results/serve.json (serve_gpu.json with --device cuda).
 
     python benchmarks/serve_bench.py [--model DIR] [--data DIR] [--seconds 15]
 """
@@ -25,6 +33,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import torch
+from provenance import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -55,7 +64,30 @@ def inprocess_scores_per_s(scorer, requests: list[dict], batch: int, seconds: fl
     return scored / (time.perf_counter() - started)
 
 
-async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds: float) -> dict:
+def make_events(data: Path, spec, batches: int = 200, size: int = 100, seed: int = 0) -> list[dict]:
+    """Bodies for POST /v1/events: `size` events each, of users with stored histories, later than any stored."""
+    import pyarrow.parquet as pq
+
+    from msit.data.feature_spec import SEQUENCES_DIR
+
+    rng = np.random.default_rng(seed)
+    keys = pq.read_table(data / SEQUENCES_DIR, columns=["user_key"]).column("user_key").to_pylist()
+    items, scenes = spec.vocabularies["item_id"][2:], spec.scenarios
+    start = 2_000_000_000  # 2033: later than any stored event
+    bodies = []
+    for b in range(batches):
+        users, picked = rng.choice(keys, size), rng.choice(items, size)
+        bodies.append({"events": [
+            {"user_id": str(users[i]), "item_id": str(picked[i]), "scenario": scenes[rng.integers(len(scenes))],
+             "label": int(rng.integers(2)), "timestamp": start + b * size + i, "event_id": f"bench-{b}-{i}"}
+            for i in range(size)]})
+    return bodies
+
+
+async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds: float,
+                      path: str = "/v1/score") -> dict:
+    """`concurrency` clients, each sending the next body when its answer came; `units_per_s` counts
+    candidates scored (or events sent, for /v1/events)."""
     latencies, errors, error_kinds = [], 0, Counter()
     deadline = time.perf_counter() + seconds
 
@@ -67,7 +99,7 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
             i += concurrency
             started = time.perf_counter()
             try:
-                async with session.post(f"{url}/v1/score", json=body) as response:
+                async with session.post(f"{url}{path}", json=body) as response:
                     text = await response.read()
                     ok = response.status == 200
                     if not ok:
@@ -84,15 +116,17 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
         await asyncio.gather(*(client(i, session) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
+    units = len(requests[0]["events"] if path == "/v1/events" else requests[0]["candidates"])
     return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / elapsed,
-            "scores_per_s": len(latencies) * len(requests[0]["candidates"]) / elapsed,
+            ("events_per_s" if path == "/v1/events" else "scores_per_s"): len(latencies) * units / elapsed,
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
             "p99_ms": float(np.percentile(ms, 99)), "errors": errors, "error_kinds": dict(error_kinds)}
 
 
 def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_cpus: float = 1.0,
-           max_batch_size: int = 32) -> str:
-    """One ingress and `replicas` scorer replicas; on cuda the replicas share the machine's GPUs."""
+           max_batch_size: int = 32, history: str | None = None) -> str:
+    """One ingress and `replicas` scorer replicas; on cuda the replicas share the machine's GPUs.
+    `history`: a redis:// URL (default: in memory from `data`)."""
     from ray import serve
 
     from msit.serving.deployment import build
@@ -100,7 +134,7 @@ def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_c
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"model": str(model), "data": str(data), "num_cpus": num_cpus,
                      "num_gpus": gpus_per_replica(replicas) if device == "cuda" else 0,
-                     "max_batch_size": max_batch_size,
+                     "max_batch_size": max_batch_size, "history": history,
                      "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}),
               name="msit", route_prefix="/")
     return f"http://127.0.0.1:{port}"
@@ -130,6 +164,38 @@ def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float)
             "replicas_before": run_result["replicas_before"], "p99_ms": run_result["p99_ms"]}
 
 
+def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], args,
+               inmemory_at_32: dict) -> dict:
+    """The same one-replica endpoint with its histories in a local Redis: scores at concurrency 32, then events."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from ray import serve
+
+    from msit.serving.local_redis import LocalRedis
+
+    with tempfile.TemporaryDirectory() as directory, LocalRedis(Path(directory)) as redis_server:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "msit.cli", "history", "load", "--data", str(data), "--model",
+                        str(model), "--history", redis_server.url, "--quiet"], check=True, cwd=ROOT)
+        load_s = time.perf_counter() - started
+        url = deploy(model, data, port, replicas=1, device=args.device, history=redis_server.url)
+        asyncio.run(closed_loop(url, requests, 8, 3.0))  # warm-up, not recorded
+        scores = asyncio.run(closed_loop(url, requests, 32, args.seconds))
+        print({k: round(v, 1) if isinstance(v, float) else v for k, v in scores.items()}, flush=True)
+        events = asyncio.run(closed_loop(url, make_events(data, spec), 8, args.seconds, path="/v1/events"))
+        print({k: round(v, 1) if isinstance(v, float) else v for k, v in events.items()}, flush=True)
+        serve.shutdown()
+    return {"inmemory_rps": inmemory_at_32["rps"], "redis_rps": scores["rps"],
+            "redis_vs_inmemory": scores["rps"] / inmemory_at_32["rps"],
+            "events_per_s": events["events_per_s"], "errors": scores["errors"] + events["errors"],
+            "p50_ms": scores["p50_ms"], "p99_ms": scores["p99_ms"],
+            "inmemory_p50_ms": inmemory_at_32["p50_ms"], "inmemory_p99_ms": inmemory_at_32["p99_ms"],
+            "concurrency": 32, "events": {**events, "batch": 100}, "bulk_load_s": load_s,
+            "store": "local redis-server on 127.0.0.1 (no persistence), bulk-loaded by `msit history load`"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(CACHE / "tune_ml100k_genre" / "best"))
@@ -143,6 +209,7 @@ def main() -> None:
         parser.error(f"no model at {model}: run benchmarks/tune_ml100k.py first, or pass --model and --data")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     torch.set_num_threads(1)  # as a 1-CPU replica runs
+    provenance = stamp(args.device)
 
     from msit.data.feature_spec import FeatureSpec
     from msit.ray_env import init_ray
@@ -177,7 +244,11 @@ def main() -> None:
     serve.shutdown()
 
     at_32 = next(r for r in runs if r["concurrency"] == 32)
+    redis_part = redis_runs(model, data, spec, port, requests, args, inmemory_at_32=at_32)
+    print(f"redis: {redis_part}", flush=True)
+
     report = {
+        **provenance,
         "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
         "candidates_per_request": len(requests[0]["candidates"]), "seconds_per_run": args.seconds,
         "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device,
@@ -189,7 +260,7 @@ def main() -> None:
                     "replica_kill_num_cpus": 0.75},
         "runs": runs, "inprocess_scores_per_s": inprocess,
         "endpoint_vs_inprocess_at_32": at_32["scores_per_s"] / inprocess,
-        "replica_kill": replica_kill,
+        "replica_kill": replica_kill, "redis": redis_part,
         "machine": {"cores": os.cpu_count(), "device": torch.cuda.get_device_name() if args.device == "cuda"
                     else "CPU", "note": "load generator, Serve proxy and replicas share these cores"},
     }
