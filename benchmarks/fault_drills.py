@@ -14,9 +14,11 @@ on failure or timeout. Tiny synthetic data (`msit data synth` + `msit data prepa
   serve_replica_kill   one of two scorer replicas killed under load (ray.kill)
   serve_broken_model   a hot reload (user_config) onto a model whose model.safetensors is corrupt, under load
   serve_poison         malformed-but-parseable requests (lone surrogates, NaN, 2^63) among a loaded batch
-  (Redis stopped under load: not applicable, the online store has not landed.)
+  serve_redis_outage   the history store's redis-server stopped under load and started again (its append-only
+                       file kept): 503s only, own-history requests still scored, recovery without a restart
 
-Per drill: requests sent / failed (serving; failed = non-200 answers to well-formed requests),
+Per drill: requests sent / failed (serving; failed = non-200 answers to well-formed requests;
+the Redis outage: answers other than 200 or 503),
 epochs_lost (training: the interrupted epoch plus any checkpointed epoch the restart had to redo;
 1 = only the epoch since the last checkpoint), finished (training: the run exported a model, every epoch
 appears once in its history and the exported model's val AUC equals the best epoch's; serving: the
@@ -56,7 +58,8 @@ SETUP = {**SYNTH, "layout": 2}
 EPOCHS = 4
 KILL_AFTER_EPOCH = 2  # the kill lands while epoch 3 trains: checkpoint 2 exists, 3 does not
 TIMEOUTS = {"train_rank0_kill": 480, "train_rank1_kill": 480, "driver_kill": 600, "node_kill_train": 600,
-            "node_kill_serve": 420, "serve_replica_kill": 300, "serve_broken_model": 300, "serve_poison": 300}
+            "node_kill_serve": 420, "serve_replica_kill": 300, "serve_broken_model": 300, "serve_poison": 300,
+            "serve_redis_outage": 300}
 LOAD_SECONDS = 30.0
 CONCURRENCY = 8
 
@@ -727,6 +730,82 @@ def drill_node_kill_serve(work: Path) -> dict:
                       f"failed answers by kind: {result.get('error_kinds') or 'none'}"]}
 
 
+def drill_serve_redis_outage(work: Path) -> dict:
+    """Redis stopped under load and started again (its append-only file kept): requests that need the store get
+    503s, never other errors; a request with its own history is still scored; health says so; serving recovers
+    without a restart, and events posted before the outage are still there."""
+    import asyncio
+
+    import requests as http
+    from ray import serve
+    from serve_bench import closed_loop, deploy, make_events
+
+    from msit.data.feature_spec import FeatureSpec
+    from msit.ray_env import init_ray
+    from msit.serving.local_redis import LocalRedis
+
+    model, data, bodies = _serving(work)
+    spec = FeatureSpec.load(model)
+    redis_server = LocalRedis(work / "redis_outage", persist=True)
+    shutil.rmtree(redis_server.directory, ignore_errors=True)
+    redis_server.start()
+    init_ray(num_cpus=4, quiet=True)
+    try:
+        subprocess.run([PYTHON, "-m", "msit.cli", "history", "load", "--data", str(data), "--model", str(model),
+                        "--history", redis_server.url, "--quiet"], env=_env(), cwd=ROOT, check=True, timeout=300)
+        url = deploy(model, data, _port(), replicas=1, device="cpu", history=redis_server.url)
+        asyncio.run(closed_loop(url, bodies, CONCURRENCY, 3.0))  # warm-up, not counted
+        posted = make_events(data, spec, batches=1, size=20)[0]
+        before = http.post(f"{url}/v1/events", json=posted, timeout=30).json()
+        user = posted["events"][0]["user_id"]
+        own_history = {**bodies[0], "history": [{k: e[k] for k in ("item_id", "scenario", "label", "timestamp")}
+                                                for e in posted["events"][:5]]}
+        during: dict = {}
+
+        async def outage() -> dict:
+            load = asyncio.create_task(closed_loop(url, bodies, CONCURRENCY, LOAD_SECONDS))
+            await asyncio.sleep(LOAD_SECONDS / 3)
+            redis_server.stop()
+            await asyncio.sleep(2.0)
+            during["health"] = await asyncio.to_thread(lambda: http.get(f"{url}/v1/health", timeout=30).json())
+            during["own_history"] = await asyncio.to_thread(
+                lambda: http.post(f"{url}/v1/score", json=own_history, timeout=30).status_code)
+            during["events"] = await asyncio.to_thread(
+                lambda: http.post(f"{url}/v1/events", json=posted, timeout=30).status_code)
+            await asyncio.sleep(max(0.0, LOAD_SECONDS / 3 - 2.0))
+            redis_server.start()
+            return await load
+
+        result = asyncio.run(outage())
+        time.sleep(2.0)
+        after_health = http.get(f"{url}/v1/health", timeout=30).json()
+        ok, _ = _probe(url, bodies[0])
+        again = http.post(f"{url}/v1/events", json=posted, timeout=30).json()  # all duplicates if none was lost
+        recommend = http.post(f"{url}/v1/recommend", json={"user_id": user, "scenario": posted["events"][0][
+            "scenario"], "k": 5}, timeout=30).status_code
+    finally:
+        serve.shutdown()
+        redis_server.stop()
+    kinds = result.get("error_kinds") or {}
+    unavailable = sum(n for kind, n in kinds.items() if kind.startswith("503 "))
+    other = result["errors"] - unavailable
+    store_state = lambda health: (health.get("history_store") or {}).get("state")  # noqa: E731
+    finished = (other == 0 and unavailable > 0 and during["own_history"] == 200 and during["events"] == 503
+                and store_state(during["health"]) == "unavailable" and store_state(after_health) == "ok"
+                and ok == 5 and again == {"applied": 0, "duplicates": len(posted["events"])} and recommend == 200)
+    return {"requests": result["requests"], "failed": other, "epochs_lost": None, "finished": finished,
+            "unavailable_503": unavailable,
+            "notes": [f"redis-server stopped {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
+                      f"concurrency {CONCURRENCY} and started again (same append-only file) {LOAD_SECONDS / 3:.0f} s "
+                      f"later: {unavailable} answers were 503, {other} other errors",
+                      f"during the outage: health history_store {store_state(during['health'])!r}, a request with "
+                      f"its own history answered {during['own_history']}, POST /v1/events answered "
+                      f"{during['events']}",
+                      f"afterwards, with no restart: health {store_state(after_health)!r}, {ok}/5 probes answered "
+                      f"200; the {before.get('applied')} events posted before the outage sent again: {again}",
+                      f"failed answers by kind: {kinds or 'none'}"]}
+
+
 DRILLS: dict[str, Callable[[Path], dict]] = {
     "train_rank0_kill": lambda work: drill_train_rank_kill(work, "train_rank0_kill", 0),
     "train_rank1_kill": lambda work: drill_train_rank_kill(work, "train_rank1_kill", 1),
@@ -736,6 +815,7 @@ DRILLS: dict[str, Callable[[Path], dict]] = {
     "serve_replica_kill": drill_serve_replica_kill,
     "serve_broken_model": drill_serve_broken_model,
     "serve_poison": drill_serve_poison,
+    "serve_redis_outage": drill_serve_redis_outage,
 }
 
 
@@ -837,8 +917,8 @@ def main() -> None:
                     else len(DRILLS))
     report = {"drills": drills, "commit": commit, "clean": clean, "device": device_name("cpu"),
               "cores": os.cpu_count(), "command": command,
-              "notes": ["Redis stopped and restarted under load: not applicable, the online store has not landed",
-                        "requests/failed: serving drills (failed = non-200 answers to well-formed requests); "
+              "notes": ["requests/failed: serving drills (failed = non-200 answers to well-formed requests; in "
+                        "the Redis outage, answers other than 200 or 503); "
                         "epochs_lost: training drills (the interrupted epoch plus any checkpointed epoch redone; "
                         "1 = only the epoch since the last checkpoint)"]}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"
 RAYJOB = ROOT / "deploy" / "rayjob-train.yaml"
 RAYSERVICE = ROOT / "deploy" / "rayservice.yaml"
+REDIS = ROOT / "deploy" / "redis.yaml"
 SERVE_CONFIG = ROOT / "serve" / "config.yaml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 GPU = "nvidia.com/gpu"
@@ -342,6 +343,40 @@ def test_rayservice_token_comes_from_a_secret_on_every_pod():
         assert TOKEN_ENV in env, f"{container['name']} has no {TOKEN_ENV}"
         assert "value" not in env[TOKEN_ENV], f"{container['name']}: the token belongs in the Secret"
         assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET
+
+
+def test_rayservice_reads_the_redis_of_deploy_redis_yaml_with_its_secret():
+    """The history URL names redis.yaml's Service and port; the password reaches every pod from the Secret Redis
+    itself reads, and is in no manifest."""
+    from urllib.parse import urlsplit
+
+    from msit.serving.redis_store import is_redis_url
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all(REDIS.read_text())}
+    service, statefulset = docs["Service"], docs["StatefulSet"]
+    cfg = from_dict(ServeArgs, _serve_app()["args"])
+    assert is_redis_url(cfg.history), "deploy/rayservice.yaml: history must be the Redis of deploy/redis.yaml"
+    url = urlsplit(cfg.history)
+    assert url.password is None, "the Redis password belongs in the Secret, not in the URL"
+    assert url.hostname == service["metadata"]["name"], f"{url.hostname} is not redis.yaml's Service"
+    assert url.port == service["spec"]["ports"][0]["port"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "Redis must not be exposed outside the cluster"
+    assert cfg.history_events_per_user is not None and cfg.history_events_per_user >= 50
+
+    redis_container = statefulset["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(redis_container["command"] + redis_container["args"])
+    assert "--appendonly yes" in command, "posted events must survive a Redis restart (AOF)"
+    assert "--requirepass \"$REDIS_PASSWORD\"" in command and "noeviction" in command
+    redis_env = {e["name"]: e for e in redis_container["env"]}
+    secret = redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    for pod in _pod_specs(_rayservice()["spec"]["rayClusterConfig"]):
+        container = pod["containers"][0]
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "MSIT_REDIS_PASSWORD" in env, f"{container['name']} has no MSIT_REDIS_PASSWORD"
+        assert "value" not in env["MSIT_REDIS_PASSWORD"], f"{container['name']}: the password belongs in the Secret"
+        assert env["MSIT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+    for name, entry in redis_env.items():
+        assert "value" not in entry, f"deploy/redis.yaml {name}: the password belongs in the Secret"
 
 
 # --- both -----------------------------------------------------------------------------------------------------------

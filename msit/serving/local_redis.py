@@ -1,4 +1,4 @@
-"""A throwaway redis-server on this machine: 127.0.0.1, a free port, no persistence.
+"""A throwaway redis-server on this machine: 127.0.0.1, a free port, no persistence unless asked.
 
 For the tests, benchmarks and fault drills, which need a real Redis but must not depend on one running
 already. Production deployments run their own Redis (see deploy/README.md).
@@ -26,19 +26,21 @@ def free_port() -> int:
 
 
 class LocalRedis:
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = False):
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotAvailable("redis-server is not installed: `apt-get install redis-server` (Debian/Ubuntu) "
                                     "or `brew install redis`")
         self.binary, self.directory, self.port = binary, Path(directory), port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.persist = persist  # an append-only file in `directory`, fsynced per write: a restart keeps the data
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             *(["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]),
              "--dir", str(self.directory)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + timeout_s
