@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import load_average, stamp  # noqa: E402
+
 from msit.data import synth  # noqa: E402
 from msit.data.feature_spec import FeatureSpec  # noqa: E402
 from msit.data.prepare import PrepareConfig, prepare  # noqa: E402
@@ -41,12 +41,6 @@ from msit.ray_env import init_ray  # noqa: E402
 
 SYNTH = {"1000k": dict(users=25_000, items=20_000, events_per_user=40),
          "10000k": dict(users=250_000, items=100_000, events_per_user=40)}
-def cpu_name() -> str:
-    """As benchmarks/quality.py device_name("cpu") (not imported: that module needs the training stack)."""
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
-
 
 MIN_S, MAX_S = -2_208_988_800, 10_413_792_000  # 1900..2300, as msit.data.parse
 
@@ -254,12 +248,6 @@ def _synth(cache: Path, size: str) -> list[Path]:
     return sorted(path.glob("*.parquet"))
 
 
-def _git() -> tuple[str, bool]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return commit, not dirty
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "msit-bench"),
@@ -270,8 +258,7 @@ def main() -> None:
     parser.add_argument("--skip-ml100k", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data.json"))
     args = parser.parse_args()
-    commit, clean = _git()
-    load_start = os.getloadavg()
+    provenance = stamp("cpu")
     t0 = time.perf_counter()
     init_ray(num_cpus=2, quiet=True)
     ray_start_s = time.perf_counter() - t0
@@ -283,10 +270,8 @@ def main() -> None:
         files = _synth(Path(args.cache), size)
         runs.append(run(f"synth_{size}", files, SceneLogSpec.load(str(files[0].parent / "spec.yaml")), print))
 
-    report = {"runs": runs, "commit": commit, "tree_clean": clean, "device": f"CPU: {cpu_name()}",
-              "num_cpus": 2, "command": " ".join(["python", *sys.argv]), "ray_start_s": round(ray_start_s, 2),
-              "load_average": {"start": [round(x, 2) for x in load_start],
-                               "end": [round(x, 2) for x in os.getloadavg()]},
+    report = {"runs": runs, **provenance, "load_average_end": load_average(), "num_cpus": 2,
+              "ray_start_s": round(ray_start_s, 2),
               "note": "prepare_s: the whole `prepare` call (Ray already started; ray_start_s apart) including writing; "
                       "the reference writes nothing. The machine is shared: see load_average."}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,8 @@ epochs_lost (training: the interrupted epoch plus any checkpointed epoch the res
 1 = only the epoch since the last checkpoint), finished (training: the run exported a model, every epoch
 appears once in its history and the exported model's val AUC equals the best epoch's; serving: the
 endpoint answers afterwards with the expected model). Writes benchmarks/results/faults.json; with --only,
-merges into it, keeping the other drills' entries (each entry has its own commit).
+merges into it, keeping the other drills' entries (each entry has its own commit and tree_clean; the
+top-level stamp, benchmarks/provenance.py, is the run that last wrote the file).
 
     python benchmarks/fault_drills.py                       # all drills, ~15 min on an idle 2-core machine
     python benchmarks/fault_drills.py --only serve_poison,serve_broken_model
@@ -47,6 +48,8 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+
+from provenance import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".cache" / "fault_drills"
@@ -850,10 +853,6 @@ def run_child(name: str, work: Path, result_file: Path) -> None:
 
 # --- main ----------------------------------------------------------------------------------------------------------
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-
-
 def run_drill(name: str, work: Path) -> dict:
     result_file, groups = work / f"{name}.result.json", work / f"{name}.groups"
     result_file.unlink(missing_ok=True)
@@ -900,24 +899,25 @@ def main() -> None:
     unknown = [n for n in names if n not in DRILLS]
     if unknown:
         parser.error(f"unknown drill(s) {', '.join(unknown)}; known: {', '.join(DRILLS)}")
-    sys.path.insert(0, str(ROOT))
-    from quality import device_name
-
+    provenance = stamp("cpu")
+    sys.path.insert(0, str(ROOT))  # setup trains in this process: this checkout's msit, whatever is installed
     out = Path(args.out)
-    commit, clean = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no") == ""
-    command = shlex.join(["python", str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
     work.mkdir(parents=True, exist_ok=True)
     setup(work)
     entries = {}
     for name in names:
-        entries[name] = {**run_drill(name, work), "commit": commit, "clean": clean}
+        entries[name] = {**run_drill(name, work), "commit": provenance["commit"],
+                         "tree_clean": provenance["tree_clean"]}
     previous = json.loads(out.read_text()).get("drills", []) if out.is_file() and args.only else []
-    kept = [d for d in previous if d["name"] not in entries]
+    # an entry written before provenance.py names tree_clean `clean`
+    kept = [{**{k: v for k, v in d.items() if k != "clean"}, "tree_clean": d.get("tree_clean", d.get("clean"))}
+            for d in previous if d["name"] not in entries]
     drills = sorted([*kept, *entries.values()], key=lambda d: list(DRILLS).index(d["name"]) if d["name"] in DRILLS
                     else len(DRILLS))
-    report = {"drills": drills, "commit": commit, "clean": clean, "device": device_name("cpu"),
-              "cores": os.cpu_count(), "command": command,
-              "notes": ["requests/failed: serving drills (failed = non-200 answers to well-formed requests; in "
+    report = {"drills": drills, **provenance,
+              "notes": ["commit, tree_clean, command at the top: the run that last wrote this file; each drill's "
+                        "entry has the commit it ran on",
+                        "requests/failed: serving drills (failed = non-200 answers to well-formed requests; in "
                         "the Redis outage, answers other than 200 or 503); "
                         "epochs_lost: training drills (the interrupted epoch plus any checkpointed epoch redone; "
                         "1 = only the epoch since the last checkpoint)"]}

@@ -16,7 +16,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from quality import ROOT, TRAIN, as_record, device_name, model_config, run_one
+from provenance import stamp
+from quality import ROOT, TRAIN, as_record, model_config, run_one
 
 POINT = {"genre": {"lr": 4e-3, "dropout": 0.1}, "age": {"lr": 2e-3, "dropout": 0.1}}  # MSIT's, in quality.json
 VARIANTS = {  # ModelConfig overrides of quality.py's MSIT config
@@ -44,9 +45,10 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"), help="prepared data")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msit_variants.json"))
     args = parser.parse_args()
+    provenance = stamp(args.device)
     report = {"settings": {"base": as_record(model_config("msit", POINT["genre"])), "points": POINT, "train": TRAIN,
-                           "seed": 0, "device": device_name(args.device)},
-              "runs": []}
+                           "seed": 0, "device": provenance["device"]},
+              "runs": [], **provenance}
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, p, n, args.cache, args.device) for n in VARIANTS for p in POINT]
         for future in as_completed(futures):

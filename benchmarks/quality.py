@@ -7,7 +7,9 @@ loss / GAUC, overall and per scene) are recorded for every run but play no part 
 Writes benchmarks/results/quality.json ({protocol: {model: summary of the chosen point}}) and
 quality_runs.json (settings, every run with its per-epoch history) after every run, so an interrupted
 benchmark resumes where it stopped: runs already recorded with the same settings are skipped (the
-settings name the device, so a run on another device starts afresh).
+settings name the device, so a run on another device starts afresh). Each run records the commit it ran on;
+the files' top-level stamp (benchmarks/provenance.py) is the run that last wrote them, and each summary lists
+the commits of its runs.
 
     python benchmarks/quality.py [--seeds 3] [--protocols genre age] [--models msit star ...]
                                  [--device cpu|cuda] [--jobs N] [--threads T]
@@ -20,7 +22,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import platform
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import stamp, stamp_of
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
@@ -81,14 +83,6 @@ def prepared_dir(protocol: str, cache_dir: Path) -> Path:
     return out
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
-
-
 def summarize(runs: list[dict], search: dict[str, float]) -> dict:
     aucs = [r["test"]["overall"]["auc"] for r in runs]
     scenes = runs[0]["test"]["scenes"].keys()
@@ -121,7 +115,8 @@ def chosen_point(runs: list[dict], protocol: str, family: str) -> dict | None:
 
 
 def write_reports(report: dict, out: Path, runs_path: Path) -> None:
-    """quality.json: {protocol: {model: summary at its chosen point}}; quality_runs.json: settings and every run."""
+    """quality.json: {protocol: {model: summary at its chosen point}}, settings, stamp; quality_runs.json: settings,
+    stamp and every run."""
     summary: dict[str, dict] = {}
     for protocol, family in sorted({(r["protocol"], r["model"]) for r in report["runs"]}):
         point = chosen_point(report["runs"], protocol, family)
@@ -129,9 +124,11 @@ def write_reports(report: dict, out: Path, runs_path: Path) -> None:
             continue
         ours = [r for r in report["runs"] if (r["protocol"], r["model"]) == (protocol, family)]
         search = {point_key(r["point"]): r["val_auc"] for r in ours if r["seed"] == SEARCH_SEED}
-        summary.setdefault(protocol, {})[family] = summarize(
-            sorted((r for r in ours if r["point"] == point), key=lambda r: r["seed"]), search)
+        summary.setdefault(protocol, {})[family] = {
+            **summarize(sorted((r for r in ours if r["point"] == point), key=lambda r: r["seed"]), search),
+            "commits": sorted({r.get("commit", "not recorded") for r in ours})}
     summary["settings"] = report["settings"]
+    summary |= stamp_of(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
     runs_path.write_text(json.dumps(report, indent=1))
@@ -193,7 +190,8 @@ def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, 
 
 
 def run_all(tasks: list[tuple], report: dict, args, write) -> None:
-    """Run (protocol, family, seed, point) tasks in `args.jobs` processes, recording each as it finishes."""
+    """Run (protocol, family, seed, point) tasks in `args.jobs` processes, recording each as it finishes, with the
+    commit of this run (report's stamp: an earlier run's records keep theirs)."""
     if not tasks:
         return
     tasks = sorted(tasks, key=lambda t: t[1] in FAST_FAMILIES)  # the long runs first, so that none ends alone
@@ -202,7 +200,7 @@ def run_all(tasks: list[tuple], report: dict, args, write) -> None:
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         futures = [pool.submit(run_one, *task, args.cache, args.device, args.threads) for task in tasks]
         for future in as_completed(futures):
-            report["runs"].append(future.result())
+            report["runs"].append({**future.result(), "commit": report["commit"], "tree_clean": report["tree_clean"]})
             write()
 
 
@@ -225,6 +223,7 @@ def main() -> None:
         parser.error("--device cuda: torch sees no GPU on this machine")
     if args.jobs < 1 or args.seeds < 1:
         parser.error("--jobs and --seeds must be at least 1")
+    provenance = stamp(args.device)
     for protocol in args.protocols:  # once, here, rather than in every worker
         prepared_dir(protocol, Path(args.cache))
 
@@ -232,10 +231,11 @@ def main() -> None:
     runs_path = out.with_name("quality_runs.json")  # every run in full: settings, per-epoch history, test metrics
     report = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
     settings = {"model": MODEL, "architecture": ARCHITECTURE, "train": TRAIN, "search": SEARCH,
-                "search_seed": SEARCH_SEED, "device": device_name(args.device),
+                "search_seed": SEARCH_SEED, "device": provenance["device"],
                 "threads": args.threads if args.device == "cpu" else None, "torch": torch.__version__}
     if report.get("settings") != settings:
         report = {"settings": settings, "runs": []}
+    report |= provenance
     done = {(r["protocol"], r["model"], r["seed"], point_key(r["point"])) for r in report["runs"]}
 
     def write() -> None:

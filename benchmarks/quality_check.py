@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from before_after import checkout, git, run_json, use_code_on_path
+from before_after import checkout, run_json, use_code_on_path
+from provenance import git, load_average, stamp, stamp_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "13e09a2"  # main before issue 15
@@ -80,12 +80,11 @@ def main() -> None:
         print(json.dumps(train_one(args.one, Path(args.cache), args.save)))
         return
 
+    provenance = stamp("cpu")
     before = git("rev-parse", args.before)
-    commit, clean = git("rev-parse", "HEAD"), not git("status", "--porcelain")
-    load_start = os.getloadavg()
     cache = Path(args.cache)
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-    from quality import device_name, prepared_dir
+    from quality import prepared_dir
 
     for protocol in args.protocols:  # prepared once, before the sides run in parallel
         prepared_dir(protocol, cache)
@@ -114,13 +113,11 @@ def main() -> None:
                                "train_s": new["train_s"], "before_train_s": old["train_s"]}
         print(protocol, protocols[protocol], flush=True)
     report = {"model": "msit, quality.ARCHITECTURE, seed 0, at quality.json's chosen point", "protocols": protocols,
-              "before_commit": before, "commit": commit, "tree_clean": clean, "device": f"CPU: {device_name('cpu')}",
-              "threads": 1, "jobs": args.jobs,
-              "before_from": None if reused is None else {"file": args.before_from, "commit": reused["commit"],
-                                                          "load_average": reused["load_average"]},
-              "load_average": {"start": [round(x, 2) for x in load_start],
-                               "end": [round(x, 2) for x in os.getloadavg()]},
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+              "before_commit": before, **provenance, "load_average_end": load_average(), "threads": 1,
+              "jobs": args.jobs,
+              # the run that measured the before side (the file's own before_from if it took it from another)
+              "before_from": None if reused is None else
+              reused.get("before_from") or {"file": args.before_from, **stamp_of(reused)}}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

@@ -21,25 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from before_after import checkout, git, run_json, use_code_on_path
+from before_after import checkout, run_json, use_code_on_path
+from provenance import git, load_average, stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("msit", "msit_no_transfer", "shared_bottom", "mmoe", "star")
 BEFORE = "13e09a2"  # main before issue 15 (fused attention, user side once)
 TRAIN_BATCH, INFER_BATCH = 1024, 4096
-
-
-def cpu_name() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
 
 
 # -- one side's measurement (run in a subprocess with that side's code first on sys.path) ------------------------
@@ -122,13 +115,12 @@ def main() -> None:
                                  args.compile)))
         return
 
+    provenance = stamp("cpu")
     sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's msit, whatever is installed
     from quality import prepared_dir
 
     prepared = prepared_dir("genre", Path(args.cache))
     before = git("rev-parse", args.before)
-    commit, clean = git("rev-parse", "HEAD"), not git("status", "--porcelain")
-    load_start = os.getloadavg()
     with checkout(before) as worktree:
         families = {}
         for family in args.families:
@@ -151,13 +143,10 @@ def main() -> None:
             print("msit compiled", families["msit"]["compiled_train_samples_per_s"], flush=True)
     import torch
 
-    report = {"families": families, "before_commit": before, "commit": commit, "tree_clean": clean,
-              "device": f"CPU: {cpu_name()}", "threads": 1, "torch": torch.__version__,
-              "batch_size": {"train": TRAIN_BATCH, "infer": INFER_BATCH}, "steps": args.steps,
-              "warmup_steps": args.warmup, "data": "ml100k_genre train split, history length 50",
-              "load_average": {"start": [round(x, 2) for x in load_start],
-                               "end": [round(x, 2) for x in os.getloadavg()]},
-              "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    report = {"families": families, "before_commit": before, **provenance, "load_average_end": load_average(),
+              "threads": 1, "torch": torch.__version__, "batch_size": {"train": TRAIN_BATCH, "infer": INFER_BATCH},
+              "steps": args.steps, "warmup_steps": args.warmup,
+              "data": "ml100k_genre train split, history length 50"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -18,7 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from quality import ARCHITECTURE, MODEL, PROTOCOLS, ROOT, TRAIN, device_name, prepared_dir
+from provenance import stamp
+from quality import ARCHITECTURE, MODEL, PROTOCOLS, ROOT, TRAIN, prepared_dir
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings in parallel, one process each")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "text_features.json"))
     args = parser.parse_args()
+    provenance = stamp("cpu")
     chosen = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())
     tasks = [(p, f, chosen[p][f]["chosen"], text, str(with_text(p)))
              for p in args.protocols for f in args.models for text in (False, True)]
@@ -73,8 +75,7 @@ def main() -> None:
         runs = list(pool.map(run, *zip(*tasks, strict=True)))
     by = {(r["protocol"], r["model"], r["use_text"]): r["val_auc"] for r in runs}
     gains = {f"{p}/{f}": by[p, f, True] - by[p, f, False] for p in args.protocols for f in args.models}
-    Path(args.out).write_text(json.dumps({"device": device_name("cpu"), "seed": 0, "gain_from_text": gains,
-                                          "runs": runs}, indent=1))
+    Path(args.out).write_text(json.dumps({**provenance, "seed": 0, "gain_from_text": gains, "runs": runs}, indent=1))
     for key, gain in gains.items():
         print(f"{key:28s} val AUC {gain:+.4f} with text")
 

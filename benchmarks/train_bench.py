@@ -17,7 +17,9 @@ test AUC of each (`product_vs_benchmark_test_auc`).
 Mixing (`--parts mixing`): distinct users per batch of 1,024 rows on the Ray path (as a worker reads
 it: files in the epoch's random order, the local shuffle buffer) against a global shuffle.
 
-Writes benchmarks/results/train.json on CPU, train_gpu.json with --device cuda (named device).
+Writes benchmarks/results/train.json on CPU, train_gpu.json with --device cuda (named device). A run of some
+--parts keeps the other parts of the file, each with the stamp of the run that measured it
+(`parts_from_earlier_runs`); the top-level stamp (benchmarks/provenance.py) is this run's.
 
     python benchmarks/train_bench.py [--epochs 3] [--threads 1] [--device cpu|cuda] [--parts ...]
 """
@@ -28,15 +30,14 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from quality import device_name, prepared_dir, run_config
+from provenance import load_average, stamp, stamp_of
+from quality import prepared_dir, run_config
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
@@ -58,10 +59,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("msit", "shared_bottom")
 PARTS = ("throughput", "auc", "mixing")
 AUC_CONFIG = ROOT / "train" / "configs" / "ml100k_genre.yaml"
-
-
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def plain_run(prepared: Path, family: str, train_cfg: TrainConfig, device: str) -> list[dict]:
@@ -195,8 +192,10 @@ def keep_earlier_parts(report: dict, out: Path, parts: list[str]) -> None:
     for part in PARTS:
         if part not in parts and PART_KEYS[part] in earlier:
             report[PART_KEYS[part]] = earlier[PART_KEYS[part]]
+            # loadavg_start/_end: the names before provenance.py
             origin = earlier.get("parts_from_earlier_runs", {}).get(part) or \
-                {k: earlier.get(k) for k in ("commit", "tree_clean", "loadavg_start", "loadavg_end", "command")}
+                {**stamp_of(earlier), **{k: earlier[k] for k in ("load_average_end", "loadavg_start", "loadavg_end")
+                                         if k in earlier}}
             report.setdefault("parts_from_earlier_runs", {})[part] = origin
 
 
@@ -213,8 +212,7 @@ def main() -> None:
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("train_gpu.json" if args.device == "cuda"
                                                                  else "train.json"))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    load_start = os.getloadavg()
-    commit, clean = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no") == ""
+    provenance = stamp(args.device)
     torch.set_num_threads(args.threads)
     prepared = prepared_dir("genre", ROOT / "benchmarks" / ".cache")
     started = time.perf_counter()
@@ -235,9 +233,7 @@ def main() -> None:
     report |= {
         "data": "ml100k_genre.csv (train split)", "batch_size": "1024 global (each of W workers: 1024 // W)",
         "epochs_per_run": args.epochs, "steady_state": "epochs 2..N", "torch_threads_per_process": args.threads,
-        "commit": commit, "tree_clean": clean, "device": device_name(args.device),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        **provenance, "load_average_end": load_average(),
         "cluster_cpus": ray.cluster_resources().get("CPU"), "machine_cores": os.cpu_count(),
         "torch": torch.__version__, "ray": ray.__version__,
     }

@@ -14,7 +14,9 @@ same rows (that scene's 10% of training rows; histories hold every scene):
 Both select their epoch on the scene's val rows and report its test AUC.
 
 Writes benchmarks/results/transfer.json, transfer_runs.json (every run; an interrupted benchmark
-resumes, skipping runs recorded with the same settings) and transfer.png.
+resumes, skipping runs recorded with the same settings) and transfer.png. Each run records the commit it ran
+on; the files' top-level stamp (benchmarks/provenance.py) is the run that last wrote them, and transfer.json
+lists the commits of the runs it summarizes (`run_commits`).
 
     python benchmarks/transfer.py [--seeds 3] [--scenes drama light thrill] [--skip-new-scene] [--table]
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from provenance import stamp, stamp_of
 
 from msit.data.feature_spec import LAYOUT_VERSION, FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
@@ -121,7 +124,9 @@ def summarize(report: dict) -> dict:
                      for how, runs in hows.items() for key, field in (("auc", "auc"), ("s", "seconds"))}
                  | {"seeds": sorted({r["seed"] for runs in hows.values() for r in runs})}
                  for s, hows in new_scene.items()}
-    return {"sparse": sparse, "new_scene": new_scene, "settings": report["settings"]}
+    commits = sorted({r.get("commit", "not recorded") for r in [*report["sparse"], *report["new_scene"]]})
+    return {"sparse": sparse, "new_scene": new_scene, "settings": report["settings"], **stamp_of(report),
+            "run_commits": commits}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -188,6 +193,7 @@ def main() -> None:
     if args.table:
         print(markdown_tables(json.loads(Path(args.out).read_text())))
         return
+    provenance = stamp("cpu")
     torch.set_num_threads(args.threads)
     cache, out = Path(args.cache), Path(args.out)
     runs_path = out.with_name("transfer_runs.json")
@@ -196,6 +202,8 @@ def main() -> None:
     report = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
     if report.get("settings") != settings:
         report = {"settings": settings, "sparse": [], "new_scene": []}
+    report |= provenance
+    run_commit = {"commit": provenance["commit"], "tree_clean": provenance["tree_clean"]}
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +230,7 @@ def main() -> None:
                     print(f"[{tag}] test AUC " + ", ".join(f"{s} {m['auc']:.4f}" for s, m in test["scenes"].items()),
                           flush=True)
                     report["sparse"].append({"scene": scene, "fraction": fraction, "model": model, "seed": seed,
-                                             "test": test, **info})
+                                             "test": test, **info, **run_commit})
                     save()
 
     if not args.skip_new_scene:
@@ -242,7 +250,7 @@ def main() -> None:
                     result = train_on_ray(data, cache / "runs" / f"new_{scene}_{how}_{seed}", scene, seed, spec)
                     print(f"[new scene {scene} {how} seed {seed}] test AUC {result['auc']:.4f} "
                           f"in {result['seconds']:.0f} s", flush=True)
-                    report["new_scene"].append({"scene": scene, "how": how, "seed": seed, **result})
+                    report["new_scene"].append({"scene": scene, "how": how, "seed": seed, **result, **run_commit})
                     save()
     save()
     print(json.dumps({k: v for k, v in summarize(report).items() if k != "settings"}, indent=1))

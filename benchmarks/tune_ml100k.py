@@ -4,7 +4,8 @@ Prepares ../shared/data/ml100k_genre.csv (cached in benchmarks/.cache), runs the
 tune/configs/ml100k_genre.yaml (16 trials, ASHA) on a local Ray instance, evaluates the exported best
 model on the test split, and writes to benchmarks/results/: tune_ml100k_genre.csv (every trial),
 tune_ml100k_genre_heatmap.png and tune_ml100k_genre.json (best config, its val and test metrics).
-Rerunning with the same --name resumes an interrupted search.
+Rerunning with the same --name resumes an interrupted search (`resumed_search`: then trials finished
+before may have run on another commit than the stamp's).
 
     python benchmarks/tune_ml100k.py [--name msit-search-ml100k-genre] [--max-concurrent-trials 2]
 """
@@ -18,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+from provenance import stamp
 from quality import prepared_dir
 
 from msit.data.prepared import load_split
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--max-concurrent-trials", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    provenance = stamp("cuda" if torch.cuda.is_available() else "cpu")  # the config's use_gpu is auto
 
     cfg = TuneRunConfig.load(args.config)
     cfg.data = str(prepared_dir("genre", ROOT / "benchmarks" / ".cache"))
@@ -44,6 +48,9 @@ def main() -> None:
     cfg.run.name, cfg.run.storage_path = args.name, str(ROOT / "benchmarks" / ".cache" / "ray_results")
     cfg.search.max_concurrent_trials = args.max_concurrent_trials
     init_ray(quiet=True)
+    from ray import tune
+
+    resumed = tune.Tuner.can_restore(f"{cfg.run.storage_path}/{cfg.run.name}")  # as run_search decides
     started = time.perf_counter()
     best_dir = run_search(cfg, log=print)
     seconds = time.perf_counter() - started
@@ -55,7 +62,8 @@ def main() -> None:
     shutil.copy2(out / "trials.csv", RESULTS / "tune_ml100k_genre.csv")
     shutil.copy2(out / "heatmap.png", RESULTS / "tune_ml100k_genre_heatmap.png")
     search = json.loads((out / "search.json").read_text())
-    report = {"protocol": "ml100k_genre", "config": Path(args.config).name, "search": search,
+    report = {**provenance, "resumed_search": resumed, "protocol": "ml100k_genre", "config": Path(args.config).name,
+              "search": search,
               "best_model": {"family": loaded.config.family, "interest_heads": loaded.config.interest_heads,
                              "transfer_heads": loaded.config.transfer_heads, "fusion": loaded.config.fusion,
                              "embed_dim": loaded.config.embed_dim, "best_epoch": loaded.info["train"]["best_epoch"]},

@@ -1,10 +1,78 @@
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # The benchmark data lives in ../shared/data beside the repo (override with MSIT_SHARED_DATA).
 SHARED_DATA = Path(os.environ.get("MSIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# Markers (registered in pyproject.toml) that follow from the fixtures a test uses, directly or through others;
+# a module that starts Ray some other way marks itself (pytestmark = pytest.mark.ray).
+MARK_BY_FIXTURE = {"ray_session": "ray", "shared_data": "shared_data", "redis_server": "redis"}
+
+
+FORBID_RAY_TMPDIR = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--forbid-ray", action="store_true",
+                     help="fail a test not marked `ray` that starts Ray, in this process or in a subprocess "
+                          "(make test-fast)")
+
+
+def pytest_configure(config):
+    if config.getoption("--forbid-ray"):
+        # Ray keeps each local instance's session under $RAY_TMPDIR/ray; subprocesses inherit the variable.
+        config.stash[FORBID_RAY_TMPDIR] = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="msit-forbid-ray-")
+
+
+def pytest_unconfigure(config):
+    if FORBID_RAY_TMPDIR in config.stash:
+        shutil.rmtree(config.stash[FORBID_RAY_TMPDIR], ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, mark in MARK_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(mark)
+
+
+def _ray_sessions() -> set[str]:
+    root = Path(os.environ["RAY_TMPDIR"]) / "ray"
+    return {p.name for p in root.glob("session_*")} if root.is_dir() else set()
+
+
+def _ray_running_here() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()  # not imported: cannot have started
+
+
+RAY_BEFORE = pytest.StashKey[tuple[bool, set[str]]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up (a module fixture may start Ray for its first test)."""
+    item.stash[RAY_BEFORE] = _ray_running_here(), _ray_sessions() if item.config.getoption("--forbid-ray") else set()
+
+
+@pytest.fixture(autouse=True)
+def _starts_ray_only_if_marked(request):
+    """A test that is not marked `ray` fails if Ray starts during it or its fixtures (with --forbid-ray, also in a
+    subprocess). Without it, only until the first `ray` test has started the session's instance."""
+    yield
+    if request.node.get_closest_marker("ray"):
+        return
+    forbid = request.config.getoption("--forbid-ray")
+    running, sessions = request.node.stash[RAY_BEFORE]
+    if not running and _ray_running_here():
+        pytest.fail("started Ray in this process but is not marked `ray`", pytrace=False)
+    if forbid and _ray_sessions() - sessions:
+        pytest.fail(f"started Ray (a new session under {os.environ['RAY_TMPDIR']}) but is not marked `ray`",
+                    pytrace=False)
 
 
 @pytest.fixture(scope="session")

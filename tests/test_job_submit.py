@@ -15,6 +15,8 @@ import yaml
 from msit.model_dir import load_model_dir
 from msit.ray_env import free_ports
 
+pytestmark = pytest.mark.ray  # starts a Ray cluster of its own (`ray start --head`, its own temp dir)
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
