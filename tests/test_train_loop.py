@@ -191,10 +191,12 @@ def test_two_ranks_gather_every_val_row_and_a_global_batch_steps_like_one_proces
     model = tiny_model(dropout=0.0)
     whole = evaluate(model, val, spec, batch_size=64)  # every row, once
     assert out["gathered"]["overall"]["rows"] == len(val)
+    # A row scored in another batch can differ in its last float bits (batch-size-dependent kernels, seen on AMD
+    # EPYC), which moves a metric by ~1e-9, far less than a lost or doubled row would (rows are counted too).
     for part in ("auc", "logloss", "gauc"):
-        assert out["gathered"]["overall"][part] == pytest.approx(whole["overall"][part], abs=1e-9)
+        assert out["gathered"]["overall"][part] == pytest.approx(whole["overall"][part], abs=1e-6)
         assert {s: m[part] for s, m in out["gathered"]["scenes"].items()} == pytest.approx(
-            {s: m[part] for s, m in whole["scenes"].items()}, abs=1e-9)
+            {s: m[part] for s, m in whole["scenes"].items()}, abs=1e-6)
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2))
     train_step(model, next(tiny_split(seed=2).batches(32, 6)), optimizer)
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
