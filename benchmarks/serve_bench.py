@@ -11,7 +11,7 @@ replica (1).
 
 The Redis part: a local redis-server (127.0.0.1, free port), bulk-loaded from the prepared directory as
 `msit history load` (run as a command), behind the same deployment; requests/s and latency at concurrency
-32 beside the in-memory store's run at 32 above, then `POST /v1/events` in batches of 100 (each event with
+32, alternating with the in-memory store's (two runs each), then `POST /v1/events` in batches of 100 (each event with
 an event id, of users with stored histories, later than anything stored) from 8 clients.
 
 Writes benchmarks/results/serve.json (serve_gpu.json with --device cuda).
@@ -164,9 +164,12 @@ def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float)
             "replicas_before": run_result["replicas_before"], "p99_ms": run_result["p99_ms"]}
 
 
-def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], args,
-               inmemory_at_32: dict) -> dict:
-    """The same one-replica endpoint with its histories in a local Redis: scores at concurrency 32, then events."""
+REDIS_ROUNDS = 2  # in-memory and Redis deployments alternate, so that a drift in the machine's load hits both
+
+
+def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], args) -> dict:
+    """The one-replica endpoint with its histories in memory and in a local Redis, alternately, at concurrency 32
+    (`REDIS_ROUNDS` runs each; rps and latencies are their means); then events through the Redis one."""
     import subprocess
     import sys
     import tempfile
@@ -175,24 +178,40 @@ def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], a
 
     from msit.serving.local_redis import LocalRedis
 
+    def loaded(history: str | None) -> str:
+        url = deploy(model, data, port, replicas=1, device=args.device, history=history)
+        asyncio.run(closed_loop(url, requests, 8, 3.0))  # warm-up, not recorded
+        return url
+
+    runs: dict[str, list[dict]] = {"memory": [], "redis": []}
     with tempfile.TemporaryDirectory() as directory, LocalRedis(Path(directory)) as redis_server:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "msit.cli", "history", "load", "--data", str(data), "--model",
                         str(model), "--history", redis_server.url, "--quiet"], check=True, cwd=ROOT)
         load_s = time.perf_counter() - started
-        url = deploy(model, data, port, replicas=1, device=args.device, history=redis_server.url)
-        asyncio.run(closed_loop(url, requests, 8, 3.0))  # warm-up, not recorded
-        scores = asyncio.run(closed_loop(url, requests, 32, args.seconds))
-        print({k: round(v, 1) if isinstance(v, float) else v for k, v in scores.items()}, flush=True)
+        for _ in range(REDIS_ROUNDS):
+            for store, history in (("memory", None), ("redis", redis_server.url)):
+                url = loaded(history)
+                runs[store].append(asyncio.run(closed_loop(url, requests, 32, args.seconds)))
+                print(store, {k: round(v, 1) if isinstance(v, float) else v for k, v in runs[store][-1].items()},
+                      flush=True)
+                if store == "memory":
+                    serve.shutdown()
         events = asyncio.run(closed_loop(url, make_events(data, spec), 8, args.seconds, path="/v1/events"))
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in events.items()}, flush=True)
         serve.shutdown()
-    return {"inmemory_rps": inmemory_at_32["rps"], "redis_rps": scores["rps"],
-            "redis_vs_inmemory": scores["rps"] / inmemory_at_32["rps"],
-            "events_per_s": events["events_per_s"], "errors": scores["errors"] + events["errors"],
-            "p50_ms": scores["p50_ms"], "p99_ms": scores["p99_ms"],
-            "inmemory_p50_ms": inmemory_at_32["p50_ms"], "inmemory_p99_ms": inmemory_at_32["p99_ms"],
-            "concurrency": 32, "events": {**events, "batch": 100}, "bulk_load_s": load_s,
+
+    def mean(store: str, key: str) -> float:
+        return float(np.mean([r[key] for r in runs[store]]))
+
+    return {"inmemory_rps": mean("memory", "rps"), "redis_rps": mean("redis", "rps"),
+            "redis_vs_inmemory": mean("redis", "rps") / mean("memory", "rps"),
+            "events_per_s": events["events_per_s"],
+            "errors": sum(r["errors"] for rs in runs.values() for r in rs) + events["errors"],
+            "p50_ms": mean("redis", "p50_ms"), "p99_ms": mean("redis", "p99_ms"),
+            "inmemory_p50_ms": mean("memory", "p50_ms"), "inmemory_p99_ms": mean("memory", "p99_ms"),
+            "concurrency": 32, "rounds": REDIS_ROUNDS, "runs": runs, "events": {**events, "batch": 100},
+            "bulk_load_s": load_s,
             "store": "local redis-server on 127.0.0.1 (no persistence), bulk-loaded by `msit history load`"}
 
 
@@ -243,10 +262,10 @@ def main() -> None:
     print(f"replica kill: {replica_kill}", flush=True)
     serve.shutdown()
 
-    at_32 = next(r for r in runs if r["concurrency"] == 32)
-    redis_part = redis_runs(model, data, spec, port, requests, args, inmemory_at_32=at_32)
+    redis_part = redis_runs(model, data, spec, port, requests, args)
     print(f"redis: {redis_part}", flush=True)
 
+    at_32 = next(r for r in runs if r["concurrency"] == 32)
     report = {
         **provenance,
         "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
