@@ -19,7 +19,6 @@ No Ray here: Ray Train's loop calls `start_from` on each worker, and so can a un
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,32 +28,10 @@ from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
 from msit.errors import ConfigError, MsitError
-from msit.model_dir import WEIGHTS_FILE, load_model_config, load_model_spec, load_weights
+from msit.model.parameters import declared_names
+from msit.model_dir import WEIGHTS_FILE, load_model_spec, load_weights
 
 MODES = ("scene", "head", "full")
-
-# Parameters that train in "head" mode, by family (regular expressions on parameter names).
-HEAD_PARTS = {
-    "msit": (r"embed\.scene\.", r"interest\.empty$", r"scenes\.", r"transfer\.", r"predictor\."),
-    "shared_bottom": (r"inputs\.embed\.scene\.", r"towers\."),
-    "mmoe": (r"inputs\.embed\.scene\.", r"gates\.", r"towers\."),
-    "star": (r"inputs\.embed\.scene\.", r"norm\.scene_", r"layers\.\d+\.scene_", r"auxiliary\."),
-}
-HEAD_PARTS["msit_no_transfer"] = HEAD_PARTS["msit"]
-
-# Per-scene rows, by family: (pattern, how its leading dimension is indexed). "id": by scene id;
-# "slot": by scene id - 2; "tower": the parameter belongs to tower number <slot> (group 1 of the
-# pattern); "gate": MMoE's gate rows slot * experts ... (slot + 1) * experts.
-SCENE_ROWS = {
-    "msit": ((r"embed\.scene\.weight$", "id"), (r"interest\.empty$", "slot"),
-             (r"predictor\.scene_bias\.weight$", "id")),
-    "shared_bottom": ((r"inputs\.embed\.scene\.weight$", "id"), (r"towers\.towers\.(\d+)\.", "tower")),
-    "mmoe": ((r"inputs\.embed\.scene\.weight$", "id"), (r"towers\.towers\.(\d+)\.", "tower"),
-             (r"gates\.(weight|bias)$", "gate")),
-    "star": ((r"inputs\.embed\.scene\.weight$", "id"), (r"norm\.scene_", "slot"), (r"layers\.\d+\.scene_", "slot")),
-}
-SCENE_ROWS["msit_no_transfer"] = SCENE_ROWS["msit"]
-
 
 @dataclass
 class FinetuneSpec:
@@ -95,8 +72,8 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
                scenes: list[str] | None = None) -> StartSummary:
     """Load the learned weights of `spec.from_model` into `model` (built for `data_spec`, the extended
     encoding) and freeze what the mode does not train. `scenes`: the scenes scene mode fine-tunes
-    (default: the scenes new to the model)."""
-    config = load_model_config(spec.from_model)
+    (default: the scenes new to the model). The parts that train are those the model's family declares
+    (`head_parts`, `scene_parts`), found by what they are, not by parameter names."""
     summary = transplant(model, load_weights(Path(spec.from_model) / WEIGHTS_FILE))
     params = dict(model.named_parameters())
     # Rows that train, per parameter (a parameter not named here is frozen). Fresh rows of grown
@@ -105,13 +82,15 @@ def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
     if spec.mode == "full":
         rows = {name: _rows_from(p, 0) for name, p in params.items()}
     elif spec.mode == "head":
-        patterns = [re.compile(p) for p in HEAD_PARTS[config.family]]
-        rows |= {name: _rows_from(p, 0) for name, p in params.items() if any(pat.match(name) for pat in patterns)}
+        for names in declared_names(model, model.head_parts(), "head part").values():
+            rows |= {name: _rows_from(params[name], 0) for name in names}
     else:
         ids = scenes_to_tune(spec.from_model, data_spec, scenes)
-        for name, p in params.items():
-            mask = _scene_rows(name, p, config.family, ids, config.num_experts)
-            if mask is not None:
+        scene_parts = model.scene_parts()
+        found = declared_names(model, {label: part.part for label, part in scene_parts.items()}, "scene part")
+        for label, names in found.items():
+            for name in names:
+                mask = scene_parts[label].rows(params[name], ids)
                 rows[name] = rows[name] | mask if name in rows else mask
     train_only(model, rows)
     for name, p in params.items():
@@ -132,36 +111,11 @@ def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[s
     return ids
 
 
-def _no_rows(p: torch.Tensor) -> torch.Tensor:
-    """An all-False mask over the leading dimension of `p` (one row for a scalar)."""
-    return torch.zeros(p.shape[0] if p.ndim else 1, dtype=torch.bool)
-
-
 def _rows_from(p: torch.Tensor, first: int) -> torch.Tensor:
-    mask = _no_rows(p)
+    """A mask over the leading dimension of `p` (one row for a scalar), True from row `first` on."""
+    mask = torch.zeros(p.shape[0] if p.ndim else 1, dtype=torch.bool)
     mask[first:] = True
     return mask
-
-
-def _scene_rows(name: str, p: torch.Tensor, family: str, scene_ids: list[int], experts: int) -> torch.Tensor | None:
-    """The rows of parameter `name` that belong to these scenes, or None if it is not per scene."""
-    for pattern, kind in SCENE_ROWS[family]:
-        found = re.match(pattern, name)
-        if not found:
-            continue
-        mask = _no_rows(p)
-        slots = [i - 2 for i in scene_ids]
-        if kind == "id":
-            mask[scene_ids] = True
-        elif kind == "slot":
-            mask[slots] = True
-        elif kind == "tower":
-            mask[:] = int(found.group(1)) in slots
-        else:  # "gate"
-            for slot in slots:
-                mask[slot * experts:(slot + 1) * experts] = True
-        return mask
-    return None
 
 
 def train_only(model: nn.Module, rows: dict[str, torch.Tensor]) -> None:

@@ -21,6 +21,7 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit
 from msit.errors import ConfigError
 from msit.metrics import scene_metrics
+from msit.model.parameters import parameters_with_kinds
 
 Batch = dict[str, torch.Tensor]
 
@@ -106,14 +107,19 @@ def evaluate(model: nn.Module, data: EventSplit, spec: FeatureSpec, batch_size: 
                          spec.scene_names())
 
 
+def decays(p: nn.Parameter, kind: str) -> bool:
+    """Whether weight decay applies: to matmul weights of rank >= 2 only (nanoGPT's rule). Not to id and
+    scene tables (decay would shrink rare ids towards zero), norms, biases, nor tables of which fine-tuning
+    trains only some rows (`trained_rows`: decay would move the others)."""
+    return kind == "matmul" and p.ndim >= 2 and not hasattr(p, "trained_rows")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on embeddings, norms and biases: decay would shrink rare ids towards zero. Nor on
-    # tables of which fine-tuning trains only some rows (`trained_rows`): decay would move the others.
+    """AdamW, with weight decay by what each parameter is (`msit.model.parameters`), not by its name."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for _, p, kind in parameters_with_kinds(model):
         if p.requires_grad:
-            embedding = "embed" in name or "embedding" in name or hasattr(p, "trained_rows")
-            (decay if p.ndim >= 2 and not embedding else no_decay).append(p)
+            (decay if decays(p, kind) else no_decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 

@@ -16,9 +16,11 @@ from msit.data.spec import SceneLogSpec
 from msit.errors import ConfigError, MsitError
 from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
 from msit.metrics import auc
-from msit.model import ModelConfig, build_for_data
+from msit.model import FAMILIES, ModelConfig, build_for_data, build_model
+from msit.model.parameters import declared_names, part_parameters
 from msit.model_dir import load_model_dir, save_model_dir
 from msit.trainer import TrainConfig, fit, predict, select_scenes
+from tests.model_helpers import N_ITEMS, SCENES, item_table, tiny_spec
 
 QUIET = dict(log=lambda _: None)
 
@@ -77,6 +79,47 @@ def test_extended_vocabularies_keep_every_old_index_and_append_the_new(logs, old
 def test_extend_vocab_needs_encoding_from(tmp_path):
     with pytest.raises(ConfigError, match="encoding_from"):
         PrepareConfig(inputs=["x"], out=str(tmp_path), extend_vocab=True)
+
+
+def _tiny_model(family: str, text: bool) -> torch.nn.Module:
+    config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=6, use_text=text, text_dim=8)
+    return build_model(config, tiny_spec(), item_table(), np.zeros((N_ITEMS, 8), np.float32) if text else None,
+                       np.zeros((len(SCENES) + 2, 8), np.float32) if text else None)
+
+
+@pytest.mark.parametrize("text", [False, True], ids=["no text", "text"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_declares_fine_tuned_parts_that_exist_and_hold_its_parameters(family, text):
+    """The parts fine-tuning trains are declared by each family as its modules and parameters (so a renamed
+    module breaks the declaration here, instead of silently training nothing), and each holds parameters."""
+    model = _tiny_model(family, text)
+    params = {id(p) for p in model.parameters()}
+    head, scene = model.head_parts(), model.scene_parts()
+    assert "scene embedding" in head and "scene embedding" in scene
+    for label, part in [*head.items(), *((label, p.part) for label, p in scene.items())]:
+        held = part_parameters(part)
+        assert held and all(id(p) in params for p in held), label
+    assert (family == "msit") == ("transfer" in head)
+    if "msit" in family:
+        assert ("scene text projection" in head) == text
+
+    # Each scene's rows: some in every per-row part, and no row of one scene is another scene's.
+    scene_ids = range(2, len(SCENES) + 2)
+    for label, part in scene.items():
+        for p in part_parameters(part.part):
+            masks = torch.stack([part.rows(p, [i]) for i in scene_ids])
+            assert masks.sum(0).max() <= 1, label
+            assert part.scene_id is not None or masks.any(1).all(), label
+    towers = {part.scene_id for part in scene.values() if part.scene_id is not None}
+    assert not towers or set(scene_ids) <= towers  # a family with whole per-scene parts has one for every scene
+
+
+def test_a_declared_part_that_holds_no_parameter_is_an_error():
+    model = _tiny_model("msit", text=False)
+    assert declared_names(model, {"empty": model.interest.empty}, "head part") == {"empty": ["interest.empty"]}
+    for part in (model.scenes, torch.nn.Linear(2, 2)):  # no text projection without scene text; not the model's
+        with pytest.raises(MsitError, match="MSIT declares head part 'x', which holds no parameter of the model"):
+            declared_names(model, {"x": part}, "head part")
 
 
 def test_head_mode_trains_the_scene_specific_parts_whole_and_freezes_the_rest(old_model, extended):

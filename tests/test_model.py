@@ -170,6 +170,41 @@ def test_a_model_reads_windows_of_its_history_length_cut_from_the_sequences():
     assert not torch.equal(scores[0], scores[2])
 
 
+def test_msit_no_transfer_ignores_other_scenes_history_and_msit_reads_it():
+    """Change only the real history events of scenes other than each row's target scene (their items, labels,
+    time gaps, and which of the other scenes they are in): the ablation's scores stay, MSIT's move on exactly
+    the rows that have such events. The target scene's own events and the padding are left as they were."""
+    batch = random_batch(48, seed=5)
+    real = batch["history_item_ids"] != 0  # padding: item 0 and scene 0, never changed
+    other = real & (batch["history_scene_ids"] != batch["scene_id"][:, None])  # (B, N)
+    rows_with_other = other.any(1)
+    assert 8 <= int(rows_with_other.sum()) < 48  # some rows have other scenes' history, some do not
+
+    g = torch.Generator().manual_seed(6)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["history_item_ids"][other] = torch.randint(2, 40, (int(other.sum()),), generator=g)
+    changed["history_labels"][other] = 1 - batch["history_labels"][other]
+    changed["history_time_gaps"][other] = batch["history_time_gaps"][other] // 7 + 3
+    # The scene ids are 2, 3, 4: an event in scene s != target t moves to the third scene, 9 - s - t.
+    target = batch["scene_id"][:, None].expand_as(other)
+    changed["history_scene_ids"][other] = 9 - batch["history_scene_ids"][other] - target[other]
+    assert (changed["history_scene_ids"][other] != target[other]).all()
+    assert (changed["history_item_ids"][other] != batch["history_item_ids"][other]).any()
+
+    own = {k: v.clone() for k, v in batch.items()}  # the control: change the target scene's own events instead
+    own["history_item_ids"][real & ~other] = torch.randint(2, 40, (int((real & ~other).sum()),), generator=g)
+
+    with torch.no_grad():
+        ablation, msit = _model(family="msit_no_transfer").eval(), _model(family="msit").eval()
+        before, after, own_changed = (ablation(b).logits for b in (batch, changed, own))
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+        assert (own_changed - before).abs().max() > 1e-3  # it does read the target scene's own history
+
+        moved = (msit(changed).logits - msit(batch).logits).abs()
+    assert (moved[rows_with_other] > 1e-5).all()  # (the smallest move here is about 3e-4)
+    assert (moved[~rows_with_other] < 1e-6).all()
+
+
 def test_transfer_kl_regulariser_only_when_weighted():
     assert _model()(random_batch(4)).regularization is None
     model = _model(transfer_kl_weight=0.5, dropout=0.5).train()  # weights stay distributions in training too

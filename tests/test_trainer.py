@@ -1,16 +1,23 @@
 """The single-process trainer and `msit evaluate`, on a small prepared synthetic log."""
 
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from msit.cli import main
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import load_split
-from msit.model import ModelConfig, build_model, load_item_table
+from msit.errors import MsitError
+from msit.model import FAMILIES, ModelConfig, build_model, load_item_table
+from msit.model.baselines import _StarLinear
 from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, evaluate, fit, seed_everything
+from msit.trainer import TrainConfig, evaluate, fit, make_optimizer, seed_everything
+from tests.model_helpers import N_ITEMS, SCENES, item_table, tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +105,54 @@ def test_deterministic_kernels_by_default_on_the_cpu_only_and_compile_when_asked
         assert not any(k.startswith("_orig_mod") for k in model.state_dict())
     finally:
         seed_everything(0)  # deterministic again, as every other test expects
+
+
+def _tiny_model(family: str) -> nn.Module:
+    """A model of `family` with every optional part: numeric item features, item and scene text, scene bias."""
+    config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=6, use_text=True, text_dim=8)
+    return build_model(config, tiny_spec(), item_table(), np.zeros((N_ITEMS, 8), np.float32),
+                       np.zeros((len(SCENES) + 2, 8), np.float32))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_decay_goes_to_matmul_weights_and_never_to_tables_biases_or_norms(family):
+    model = _tiny_model(family)
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    groups = Counter(id(p) for group in (decay, no_decay) for p in group["params"])
+    assert set(groups) == {id(p) for p in model.parameters()} and set(groups.values()) == {1}  # each in one group
+    decayed = {id(p) for p in decay["params"]}
+
+    # Decayed: the weight of every nn.Linear (those under `embed.` too) and STAR's per-scene weight factors.
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    star = {id(m.scene_weight) for m in model.modules() if isinstance(m, _StarLinear)}
+    assert decayed == linear | star
+    embed = model.embed if "msit" in family else model.inputs.embed
+    assert {id(embed.text_projection.weight), id(embed.numeric["item"].weight)} <= decayed
+    # Never decayed: embedding tables (label, time gap, position, scene bias among them), biases, norms, vectors.
+    never = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    never += [m.bias for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None]
+    never += [p for m in model.modules() if isinstance(m, nn.LayerNorm | nn.BatchNorm1d) for p in m.parameters()]
+    never += [p for p in model.parameters() if p.ndim < 2]
+    if "msit" in family:
+        never += [model.interest.empty, model.predictor.scene_bias.weight, model.interest.position.weight]
+    if family == "star":
+        never += [model.norm.scene_gamma, model.norm.scene_beta, *(layer.scene_bias for layer in model.layers)]
+    assert never and not any(id(p) in decayed for p in never)
+
+
+def test_frozen_parameters_are_left_out_and_partly_trained_ones_are_not_decayed():
+    model = _tiny_model("msit")
+    frozen, partly = model.interest.query.weight, model.transfer.query.weight
+    frozen.requires_grad_(False)
+    partly.trained_rows = torch.arange(len(partly)) < 3
+    decay, no_decay = make_optimizer(model, TrainConfig()).param_groups
+    assert all(p is not frozen for p in decay["params"] + no_decay["params"])
+    assert any(p is partly for p in no_decay["params"]) and all(p is not partly for p in decay["params"])
+
+
+def test_a_parameter_of_no_declared_kind_is_an_error():
+    model = _tiny_model("msit")
+    model.interest.extra = nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(MsitError, match=r"InterestNetwork\.extra is an nn\.Parameter of no declared kind"):
+        make_optimizer(model, TrainConfig())

@@ -16,6 +16,7 @@ from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
 from msit.model.msit import target_slots
 from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import mlp
 
 
@@ -48,7 +49,16 @@ class _Inputs(nn.Module):
 
 
 class _Baseline(nn.Module):
-    """The interface every family shares (`msit.model.output`); a baseline defines `encode_user` and `logits`."""
+    """The interface every family shares (`msit.model.output`); a baseline defines `encode_user` and `logits`,
+    and adds its own per-scene parts to the parts fine-tuning trains (`head_parts`, `scene_parts`)."""
+
+    def head_parts(self) -> dict[str, Part]:
+        """What fine-tuning's head mode trains whole: the scene embedding and the family's per-scene parts."""
+        return {"scene embedding": self.inputs.embed.scene}
+
+    def scene_parts(self) -> dict[str, ScenePart]:
+        """The per-scene parts, whose tuned scenes' rows (or towers) fine-tuning's scene mode trains."""
+        return {"scene embedding": ScenePart(self.inputs.embed.scene)}
 
     def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
         return self.score(self.encode_user(batch), batch["item_id"][:, None], explain).one_candidate_each()
@@ -68,6 +78,10 @@ class _Towers(nn.Module):
         super().__init__()
         self.towers = nn.ModuleList(mlp([width, max(width // 2, 1), 1], dropout) for _ in range(n_slots))
 
+    def scene_parts(self) -> dict[str, ScenePart]:
+        """Tower s belongs to the scene of slot s (id s + 2; the last, for unknown scenes, to no real id)."""
+        return {f"tower {slot}": ScenePart(tower, scene_id=slot + 2) for slot, tower in enumerate(self.towers)}
+
     def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         every = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (B, slots)
         return every.gather(1, slots[:, None])[:, 0]
@@ -80,6 +94,12 @@ class SharedBottom(_Baseline):
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.bottom = nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
         self.towers = _Towers(len(spec.scenarios) + 1, cfg.mlp_dims[-1], cfg.dropout)
+
+    def head_parts(self) -> dict[str, Part]:
+        return {**super().head_parts(), "towers": self.towers}
+
+    def scene_parts(self) -> dict[str, ScenePart]:
+        return {**super().scene_parts(), **self.towers.scene_parts()}
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         return self.towers(self.bottom(x), slots)
@@ -97,6 +117,12 @@ class MMoE(_Baseline):
         self.towers = _Towers(n_slots, width, cfg.dropout)
         self.n_experts = cfg.num_experts
 
+    def head_parts(self) -> dict[str, Part]:
+        return {**super().head_parts(), "gates": self.gates, "towers": self.towers}
+
+    def scene_parts(self) -> dict[str, ScenePart]:  # the gates' rows: num_experts per scene slot
+        return {**super().scene_parts(), "gates": ScenePart(self.gates, 2, self.n_experts), **self.towers.scene_parts()}
+
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, w)
         gates = self.gates(x).view(len(x), -1, self.n_experts)  # (B, slots, E)
@@ -107,6 +133,9 @@ class MMoE(_Baseline):
 class _StarLinear(nn.Module):
     """STAR's star-topology layer: W = W_shared ⊙ W_scene, b = b_shared + b_scene. Applied to rows grouped by
     scene slot: one matrix product per slot with that slot's W, instead of a W built for every row."""
+
+    # W_scene is a factor of the matrix, decayed as the matrix is; b_scene is a bias (one row per slot).
+    parameter_kinds = {"scene_weight": "matmul", "scene_bias": "bias"}
 
     def __init__(self, n_slots: int, n_in: int, n_out: int):
         super().__init__()
@@ -122,6 +151,8 @@ class _StarLinear(nn.Module):
 
 class _PartitionedNorm(nn.Module):
     """STAR's partitioned normalisation: batch statistics, then shared x per-scene scale and shift."""
+
+    parameter_kinds = {"gamma": "norm", "beta": "norm", "scene_gamma": "norm", "scene_beta": "norm"}
 
     def __init__(self, n_slots: int, width: int):
         super().__init__()
@@ -145,6 +176,19 @@ class STAR(_Baseline):
         self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
         self.dropout = Dropout(cfg.dropout)
         self.auxiliary = mlp([2 * d, d, 1], cfg.dropout)  # the auxiliary network on scene + context
+
+    def _per_scene(self) -> dict[str, nn.Parameter]:
+        """The star weights: each parameter's rows are one per scene slot."""
+        parts = {"norm scene scale": self.norm.scene_gamma, "norm scene shift": self.norm.scene_beta}
+        for i, layer in enumerate(self.layers):
+            parts |= {f"layer {i} scene weight": layer.scene_weight, f"layer {i} scene bias": layer.scene_bias}
+        return parts
+
+    def head_parts(self) -> dict[str, Part]:
+        return {**super().head_parts(), **self._per_scene(), "auxiliary": self.auxiliary}
+
+    def scene_parts(self) -> dict[str, ScenePart]:
+        return {**super().scene_parts(), **{name: ScenePart(p, 2) for name, p in self._per_scene().items()}}
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         # Rows sorted by slot once, for every layer; one count per slot read back (the only device sync).

@@ -74,6 +74,8 @@ class InterestNetwork(nn.Module):
     the target item as query gives one interest vector. A scene with no history gets a learned
     "empty" vector."""
 
+    parameter_kinds = {"empty": "table"}  # one row per scene slot, looked up for a scene with no history
+
     def __init__(self, cfg: ModelConfig, n_scenes: int, history_length: int):
         super().__init__()
         d, self.heads = cfg.embed_dim, cfg.interest_heads

@@ -16,6 +16,7 @@ from msit.model.features import FeatureEmbedder
 from msit.model.fusion import Fusion
 from msit.model.interest import InterestNetwork
 from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import Predictor
 from msit.model.scene import SceneEncoder
 from msit.model.transfer import InterestTransfer
@@ -40,6 +41,23 @@ class MSIT(nn.Module):
         self.fusion = Fusion(cfg)
         self.transfer = InterestTransfer(cfg) if self.transfer_on else None
         self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab_size)
+
+    def head_parts(self) -> dict[str, Part]:
+        """The scene-specific parts of MODEL.md, which fine-tuning's head mode trains whole."""
+        parts: dict[str, Part] = {"scene embedding": self.embed.scene, "empty interest": self.interest.empty,
+                                  "predictor": self.predictor}
+        if self.scenes.text is not None:
+            parts["scene text projection"] = self.scenes.text
+        if self.transfer is not None:
+            parts["transfer"] = self.transfer
+        return parts
+
+    def scene_parts(self) -> dict[str, ScenePart]:
+        """The per-scene tables, whose tuned scenes' rows fine-tuning's scene mode trains."""
+        parts = {"scene embedding": ScenePart(self.embed.scene), "empty interest": ScenePart(self.interest.empty, 2)}
+        if self.predictor.scene_bias is not None:
+            parts["scene bias"] = ScenePart(self.predictor.scene_bias)
+        return parts
 
     def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
         """One candidate per row, the row's own item: logits (B,), transfer (B, S), behaviour (B, S, N)."""

@@ -40,6 +40,8 @@ class TransferLayer(nn.Module):
 
 
 class InterestTransfer(nn.Module):
+    parameter_kinds = {"is_target": "bias"}  # added to the target scene's key
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.embed_dim
