@@ -458,9 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     history_sub = history.add_subparsers(dest="history_command", required=True)
     p = history_sub.add_parser("load", help="bulk-load every user's sequence and features from a prepared directory",
                                description="Write every user's sequence (the latest --events-per-user events) and side "
-                               "features from a prepared directory into Redis, in pipelined chunks. Each user's "
-                               "record is replaced, so running it again is safe (events posted since to those users "
-                               "are replaced too; users only Redis holds are kept).")
+                               "features from a prepared directory into Redis, in pipelined chunks. Events posted "
+                               "to /v1/events since the snapshot are kept (merged in event order, with their event "
+                               "ids), as are users only Redis holds: running it again is safe and loses nothing.")
     p.add_argument("--data", required=True, help="a directory made by `msit data prepare`")
     p.add_argument("--history", required=True, metavar="URL", help="redis://HOST:PORT/DB (password from "
                    "MSIT_REDIS_PASSWORD or MSIT_REDIS_PASSWORD_FILE)")

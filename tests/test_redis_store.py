@@ -58,10 +58,33 @@ def test_bulk_load_matches_the_in_memory_store_user_for_user(replicas, memory, s
     for key, record in zip(keys, store.users(keys), strict=True):
         assert record is not None and _same(record, memory.user(key)), key
     assert sorted(store.scan_users()) == sorted(keys) and store.user("nobody") is None
-    # Loading again replaces, never duplicates.
+    # Loading again changes nothing, never duplicates.
     RedisHistoryStore(redis_server.url, FeatureSpec.load(small_model[0]), EVENTS_PER_USER,
                       namespace=loaded).load(memory, progress=False)
     assert _same(store.user(keys[0]), memory.user(keys[0]))
+
+
+def test_loading_again_keeps_the_events_posted_since_the_snapshot(small_model, redis_server, memory):
+    model_dir, _ = small_model
+    spec = FeatureSpec.load(model_dir)
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    store = RedisHistoryStore(redis_server.url, spec, EVENTS_PER_USER, namespace=namespace)
+    store.load(memory, progress=False)
+    user, items = list(memory)[3], spec.vocabularies["item_id"]
+    snapshot = memory.user(user)
+    # One event after the snapshot, one in the middle of it (a late event), both with ids.
+    middle = int(snapshot.timestamps[len(snapshot.timestamps) // 2])
+    posted = [NewEvents(user, snapshot.user_id, np.array([4, 6]), np.array([2, 3]), np.array([1, 0]),
+                        np.array([int(snapshot.timestamps[-1]) + 10, middle]), [str(items[4]), str(items[6])],
+                        ["late-1", "late-2"])]
+    assert store.append(posted).applied == 2
+    with_posted = store.user(user)
+    assert len(with_posted.item_ids) == min(len(snapshot.item_ids) + 2, EVENTS_PER_USER)
+
+    assert store.load(memory, chunk=7, progress=False) == len(memory)  # the snapshot again
+    assert _same(store.user(user), with_posted), "the load dropped or moved events posted since the snapshot"
+    assert _same(store.user(list(memory)[0]), memory.user(list(memory)[0]))  # the others are the snapshot's
+    assert store.append(posted).duplicates == 2  # their event ids were kept too
 
 
 def _raw_history(scorer: Scorer, record) -> list[dict]:

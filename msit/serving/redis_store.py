@@ -267,24 +267,62 @@ class RedisHistoryStore:
     # -- bulk load ----------------------------------------------------------------------------------------------
 
     def load(self, source: InMemoryHistoryStore, chunk: int = 500, progress: bool = True) -> int:
-        """Replace each of `source`'s users (sequence, features, event ids) by its record there, `chunk` users
-        per pipeline (each a MULTI/EXEC: a reader sees a user's old record or the new one). Users only Redis
-        holds are kept. Returns the users written."""
+        """Write each of `source`'s users (sequence and side features) into Redis, `chunk` users per round trip.
+        Nothing posted meanwhile is lost: events Redis holds that `source` lacks (posted to /v1/events since the
+        snapshot) are merged into the snapshot's sequence in event order, event ids are kept, users only Redis
+        holds are left as they are, and each sequence is written with the appends' compare-and-set (a user
+        appended to during the load is merged again). So loading again is safe and changes nothing. A reader
+        may see a user's new sequence a moment before their new side features. Returns the users written."""
         from tqdm import tqdm
 
         keys = list(source)
         try:
             with tqdm(total=len(keys), desc="users", unit="user", disable=not progress) as bar:
                 for start in range(0, len(keys), chunk):
-                    pipe = self.client.pipeline(transaction=True)
-                    for key in keys[start:start + chunk]:
-                        pipe.delete(self.record_key(key), self.ids_key(key))
-                        pipe.hset(self.record_key(key), mapping=self._fields(source.user(key)))
-                    pipe.execute()
+                    pending = keys[start:start + chunk]
+                    for _ in range(WRITE_ATTEMPTS):
+                        pending = self._load_round(source, pending)
+                        if not pending:
+                            break
+                    else:
+                        raise HistoryUnavailable(f"the history store (Redis at {self.url}): {len(pending)} users "
+                                                 f"could not be loaded in {WRITE_ATTEMPTS} attempts (concurrent "
+                                                 f"writers); run the load again")
                     bar.update(len(keys[start:start + chunk]))
         except redis.RedisError as error:
             raise self._unavailable(error, "loading histories") from None
         return len(keys)
+
+    def _load_round(self, source: InMemoryHistoryStore, keys: list[str]) -> list[str]:
+        """One read-merge-write round of a load; returns the users whose record changed meanwhile."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(self.record_key(key), [b"e", b"t"])
+        writes = []
+        for key, (stored, token) in zip(keys, pipe.execute(), strict=True):
+            fields = self._fields(source.user(key))
+            snapshot = np.frombuffer(fields.pop(b"e"), EVENT)
+            events = self._with_posted_events(key, snapshot, np.frombuffer(stored or b"", EVENT))
+            writes.append((key, token or b"", fields, events))
+        pipe = self.client.pipeline(transaction=False)
+        for key, token, fields, events in writes:
+            self._cas(keys=[self.record_key(key), self.ids_key(key)],
+                      args=[token, fields[b"t"], events.tobytes(), fields[b"u"], self.event_ids_per_user], client=pipe)
+            pipe.hset(self.record_key(key), mapping={k: v for k, v in fields.items() if k != b"t"})  # u, f:*
+        answers = pipe.execute()[0::2]
+        return [key for (key, _, fields, _), (status, current) in zip(writes, answers, strict=True)
+                if not (status == 1 or current == fields[b"t"])]
+
+    def _with_posted_events(self, user_key: str, snapshot: np.ndarray, stored: np.ndarray) -> np.ndarray:
+        """The snapshot's sequence with the stored events it does not hold merged in (the latest events_per_user)."""
+        known = {event.tobytes() for event in snapshot}
+        extra = stored[np.array([event.tobytes() not in known for event in stored], dtype=bool)] if len(stored) \
+            else stored
+        if not len(extra):
+            return snapshot[-self.events_per_user:]
+        posted = NewEvents(user_key, 0, extra["item"], extra["scene"], extra["label"], extra["timestamp"],
+                           [str(k) for k in self._items[extra["item"]]], [None] * len(extra))
+        return merge_events(snapshot, posted, self._items, self._items_numeric, self.events_per_user)
 
     def scan_users(self) -> Iterator[str]:
         """Every user key the store holds under this prefix (SCAN: does not block Redis)."""
