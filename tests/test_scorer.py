@@ -266,3 +266,44 @@ def test_request_ids_are_normalised_as_prepare_normalises_them(scorer, small_mod
     scored = scorer.score([{**base, "user_id": u, "candidates": [i]} for u, i in spellings])
     assert all(s.oov_ids == 0 for s in scored)
     assert len({s.scores[0] for s in scored}) == 1
+
+
+def test_serving_encodes_raw_values_as_prepare_encoded_them(ray_session, tmp_path):
+    """Booleans, integer-looking floats and ids in whitespace, as Parquet holds them: a request that spells them
+    as a client would gets the codes prepare wrote for them (ids, a categorical and a multi-valued context)."""
+    from msit.data.prepare import PrepareConfig, prepare
+    from msit.data.spec import FeatureGroup, SceneLogSpec
+    from msit.model import ModelConfig, build_for_data
+    from msit.model_dir import save_model_dir
+
+    n = 10  # events per user
+    users = {" alice ": (True, "x| y"), "1 ": (False, "y")}  # user -> (flag, tags), one context per user
+    log = pd.DataFrame([{"user_id": user, "item_id": float(7 + i % 3), "scenario": f"s{i % 2}", "label": i % 2,
+                         "timestamp": 1_000 + 10 * i, "split": "train" if i < n - 2 else ("val", "test")[i - n + 2],
+                         "flag": flag, "tags": tags}
+                        for user, (flag, tags) in users.items() for i in range(n)])
+    (tmp_path / "log").mkdir()
+    log.to_parquet(tmp_path / "log" / "part-0.parquet")
+    spec = SceneLogSpec(context=FeatureGroup(categorical=["flag"], multi={"tags": "|"}))
+    prepared = tmp_path / "prepared"
+    prepare(PrepareConfig(inputs=[str(tmp_path / "log")], out=str(prepared), spec=spec), log=lambda _: None)
+    feature_spec = FeatureSpec.load(prepared)
+    config = ModelConfig(embed_dim=8, mlp_dims=(8,))
+    model_dir = save_model_dir(tmp_path / "model", build_for_data(config, prepared, feature_spec), config, feature_spec)
+    scorer = Scorer(model_dir)
+
+    events = pd.concat([pd.read_parquet(prepared / split) for split in ("train", "val", "test")])
+    user_codes = pd.read_parquet(prepared / "users.parquet").set_index("user_key").user_id
+    item_codes = pd.read_parquet(prepared / "items.parquet").set_index("item_key").item_id
+    assert sorted(user_codes.index) == ["1", "alice"] and sorted(item_codes.index) == ["7", "8", "9"]
+    for raw_user, request_user, (flag, tags) in [(" alice ", "alice", users[" alice "]), ("1 ", True, users["1 "])]:
+        rows = events[events.user_id == user_codes[raw_user.strip()]]
+        for context in ({"flag": flag, "tags": tags}, {"flag": flag, "tags": tags.split("|")}):
+            request = {"user_id": request_user, "scenario": "s0", "candidates": [7, 7.0, "7.0", " 7 ", 8.0],
+                       "context": context, "timestamp": 2_000}
+            encoded = scorer.encode(request, record=None)
+            assert encoded.shared["user_id"] == user_codes[raw_user.strip()] and encoded.oov_ids == 0
+            assert encoded.item_ids.tolist() == [item_codes["7"]] * 4 + [item_codes["8"]]
+            assert (rows.flag == encoded.shared["flag"]).all()
+            assert all(list(t) == encoded.shared["tags"].tolist() for t in rows.tags)
+    assert events.flag.nunique() == 2 and events.tags.map(tuple).nunique() == 2  # the two users differ
