@@ -74,11 +74,11 @@ class MSIT(nn.Module):
         item, target_scene = item.flatten(0, 1), per_candidate(user["target_scene"], C)  # (M, d) each
         scene_ids = per_candidate(user[SCENE_ID], C)  # (M,)
         slots = scene_slots(scene_ids, self.n_scenes)  # (M,): n_scenes for a scene the model does not know
-        known = slots < self.n_scenes
 
         if self.transfer_on:
             transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (M, S)
         else:  # ablation: only the target scene's own interest (none for an unknown scene), no transfer
+            known = slots < self.n_scenes
             own_slot = torch.where(known, slots, torch.zeros_like(slots))
             own = fused[torch.arange(len(slots), device=slots.device), own_slot]
             transferred = torch.where(known[:, None], own, torch.zeros_like(own))
