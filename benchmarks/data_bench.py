@@ -36,6 +36,7 @@ from msit.data import synth  # noqa: E402
 from msit.data.feature_spec import FeatureSpec  # noqa: E402
 from msit.data.prepare import PrepareConfig, prepare  # noqa: E402
 from msit.data.prepared import event_columns, load_sequences, load_split  # noqa: E402
+from msit.data.schema import FIRST_REAL, OOV  # noqa: E402
 from msit.data.spec import SceneLogSpec, infer_spec  # noqa: E402
 from msit.ray_env import init_ray  # noqa: E402
 
@@ -128,8 +129,8 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
         counts = np.bincount(codes[train & (codes >= 0)], minlength=len(values))
         ranked = np.lexsort((values.astype(str), -counts))
         ranked = ranked[counts[ranked] > 0]
-        index = np.ones(len(values), dtype=np.int32)
-        index[ranked] = np.arange(2, len(ranked) + 2)
+        index = np.full(len(values), OOV, dtype=np.int32)
+        index[ranked] = np.arange(FIRST_REAL, len(ranked) + FIRST_REAL)
         return index
 
     index = {name: vocabulary(*pair) for name, pair in {**ids, **cats}.items()}
@@ -142,8 +143,8 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
         counts = np.bincount(token_codes, weights=weights, minlength=len(token_values))
         ranked = np.lexsort((np.asarray(token_values, dtype=str), -counts))
         ranked = ranked[counts[ranked] > 0]
-        token_index = np.ones(len(token_values), dtype=np.int32)
-        token_index[ranked] = np.arange(2, len(ranked) + 2)
+        token_index = np.full(len(token_values), OOV, dtype=np.int32)
+        token_index[ranked] = np.arange(FIRST_REAL, len(ranked) + FIRST_REAL)
         tokens[c] = (lists, token_values, token_index)
     stats = {c: (np.nanmean(x[train]), np.nanstd(x[train])) for c, x in numeric.items()}
     lap("vocabularies")

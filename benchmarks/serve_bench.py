@@ -43,14 +43,15 @@ def make_requests(data: Path, spec, count: int = 200, candidates: int = 100, see
     import pyarrow.parquet as pq
 
     from msit.data.feature_spec import SEQUENCES_DIR
+    from msit.data.schema import real_values, scene_slot
 
     rng = np.random.default_rng(seed)
     test = pq.read_table(data / "test", columns=["sequence_row", "scene_id"]).to_pandas()
     keys = pq.read_table(data / SEQUENCES_DIR, columns=["sequence_row", "user_key"]).to_pandas()
     test = test.merge(keys, on="sequence_row", how="left", validate="many_to_one")  # the raw user id of each row
-    items = spec.vocabularies["item_id"][2:]
+    items = real_values(spec.vocabularies["item_id"])
     rows = test.sample(count, random_state=seed)
-    return [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2],
+    return [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)],
              "candidates": [str(i) for i in rng.choice(items, candidates, replace=False)]} for r in rows.itertuples()]
 
 
@@ -69,10 +70,11 @@ def make_events(data: Path, spec, batches: int = 200, size: int = 100, seed: int
     import pyarrow.parquet as pq
 
     from msit.data.feature_spec import SEQUENCES_DIR
+    from msit.data.schema import real_values
 
     rng = np.random.default_rng(seed)
     keys = pq.read_table(data / SEQUENCES_DIR, columns=["user_key"]).column("user_key").to_pylist()
-    items, scenes = spec.vocabularies["item_id"][2:], spec.scenarios
+    items, scenes = real_values(spec.vocabularies["item_id"]), spec.scenarios
     start = 2_000_000_000  # 2033: later than any stored event
     bodies = []
     for b in range(batches):

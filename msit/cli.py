@@ -312,12 +312,13 @@ def _demo_request(url: str, prepared: Path) -> None:
     import pyarrow.parquet as pq
 
     from msit.data.prepared import SEQUENCES_DIR
+    from msit.data.schema import real_values
 
     # A user with a stored sequence, and the first three known items.
     user = pq.read_table(prepared / SEQUENCES_DIR, columns=["user_key"]).column(0)[0].as_py()
     spec = json.loads((prepared / "feature_spec.json").read_text())
     body = json.dumps({"user_id": user, "scenario": spec["scenarios"][0],
-                       "candidates": spec["vocabularies"]["item_id"][2:5], "explain": True})
+                       "candidates": real_values(spec["vocabularies"]["item_id"])[:3], "explain": True})
     command = ["curl", "-sS", "-X", "POST", f"{url}/v1/score", "-H", "content-type: application/json", "-d", body]
     print(f"\n$ curl -sS -X POST {url}/v1/score -H 'content-type: application/json' -d '{body}'", flush=True)
     if shutil.which("curl"):

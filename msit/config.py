@@ -63,10 +63,6 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") 
         raise ConfigError(f"{where}: {e}") from None
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 def absolute_path(path: str) -> str:
     """Local paths made absolute (Ray workers and replicas run in another working directory); URIs unchanged."""
     return path if "://" in path else str(Path(path).resolve())

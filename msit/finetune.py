@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.schema import scene_id
 from msit.errors import ConfigError, MsitError
 from msit.model.parameters import declared_names
 from msit.model_dir import WEIGHTS_FILE, load_model_spec, load_weights
@@ -104,7 +105,7 @@ def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[s
     """Scene ids whose rows scene mode trains: `scenes`, or else the scenes new to the model."""
     if scenes:
         return data_spec.scene_ids(scenes)
-    ids = list(range(len(load_model_spec(model_dir).scenarios) + 2, len(data_spec.scenarios) + 2))
+    ids = [scene_id(slot) for slot in range(len(load_model_spec(model_dir).scenarios), len(data_spec.scenarios))]
     if not ids:
         raise ConfigError(f"scene mode has no scene to fine-tune: the data has no scene new to {model_dir}; "
                           "name the scenes to fine-tune (--scenes) or use --mode head or full")

@@ -13,16 +13,17 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
-from msit.data.prepared import Batch, EventSplit, model_batch
+from msit.data.prepared import EventSplit, model_batch
+from msit.data.schema import FIRST_REAL, Batch, scene_id
 from msit.metrics import ranking_metrics
 from msit.model.output import score_in_chunks
 
 
 def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
-    """Scene id -> the known items (id >= 2) seen in that scene in the training split (its event rows)."""
+    """Scene id -> the known items (not PAD or OOV) seen in that scene in the training split (its event rows)."""
     events = train.events if isinstance(train, EventSplit) else train
     scenes, items = events["scene_id"].numpy(), events["item_id"].numpy()
-    return {int(s): np.unique(items[(scenes == s) & (items >= 2)]) for s in np.unique(scenes)}
+    return {int(s): np.unique(items[(scenes == s) & (items >= FIRST_REAL)]) for s in np.unique(scenes)}
 
 
 @torch.no_grad()
@@ -38,8 +39,9 @@ def catalogue_ranking(model: nn.Module, data: EventSplit, catalogues: dict[int, 
     users, scenes = events["user_id"].numpy(), events["scene_id"].numpy()
     labels, items = events["label"].numpy(), events["item_id"].numpy()
     out = {}
-    for index, name in enumerate(spec.scenarios):
-        scene, catalogue = index + 2, catalogues.get(index + 2, np.zeros(0, dtype=np.int64))
+    for slot, name in enumerate(spec.scenarios):
+        scene = scene_id(slot)
+        catalogue = catalogues.get(scene, np.zeros(0, dtype=np.int64))
         rows = np.flatnonzero((scenes == scene) & (labels == 1))
         query_users = np.unique(users[rows])
         if len(catalogue) == 0 or len(query_users) == 0:

@@ -30,8 +30,8 @@ import torch
 from tqdm import tqdm
 
 from msit.data.prepared import EventSplit, load_split
+from msit.data.schema import HISTORY_LENGTH, HISTORY_SCENE_IDS, SCENE_ID, scene_slots
 from msit.metrics import auc, scene_metrics
-from msit.model.msit import target_slots
 from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
 
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
@@ -79,8 +79,8 @@ def run_model(model: torch.nn.Module, data: EventSplit, n_scenes: int,
         if output.transfer_attention is None:
             has_attention = False
             continue
-        slots = target_slots(batch["scene_id"].cpu(), n_scenes)  # row of the matrix; -1: padding / unknown scene
-        known = slots >= 0
+        slots = scene_slots(batch[SCENE_ID].cpu(), n_scenes)  # row of the matrix; n_scenes: an unknown scene
+        known = slots < n_scenes
         sums.index_add_(0, slots[known], output.transfer_attention.detach().cpu().double()[known])
         counts += torch.bincount(slots[known], minlength=n_scenes).double()
     probs = torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
@@ -114,7 +114,7 @@ def target_scene_history(scene_ids: torch.Tensor, history_scene_ids: torch.Tenso
 
 def target_scene_counts(data: EventSplit, history_length: int) -> np.ndarray:
     """(R,) per row of the split: how many events of its window of `history_length` were in its own scene."""
-    counts = [target_scene_history(b["scene_id"], b["history_scene_ids"], b["history_length"])
+    counts = [target_scene_history(b[SCENE_ID], b[HISTORY_SCENE_IDS], b[HISTORY_LENGTH])
               for b in data.batches(BATCH_SIZE, history_length)]
     return torch.cat(counts).numpy() if counts else np.zeros(0, dtype=np.int64)
 

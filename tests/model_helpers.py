@@ -4,21 +4,34 @@ import numpy as np
 import torch
 
 from msit.data.feature_spec import FeatureSpec, FieldInfo
+from msit.data.schema import (
+    FIRST_REAL,
+    HISTORY_ITEM_IDS,
+    HISTORY_LABELS,
+    HISTORY_LENGTH,
+    HISTORY_SCENE_IDS,
+    HISTORY_TIME_GAPS,
+    ITEM_ID,
+    LABEL,
+    RESERVED,
+    SCENE_ID,
+    USER_ID,
+)
 
 N_USERS, N_ITEMS, HISTORY = 30, 40, 6  # HISTORY: the window width of random_batch
 SCENES = ["feed", "search", "shop"]
 
 
 def tiny_spec() -> FeatureSpec:
-    vocab = lambda prefix, n: ["<pad>", "<oov>", *[f"{prefix}{i}" for i in range(n - 2)]]  # noqa: E731
+    vocab = lambda prefix, n: [*RESERVED, *[f"{prefix}{i}" for i in range(n - FIRST_REAL)]]  # noqa: E731
     fields = {
         "user_id": FieldInfo("user", "id", N_USERS), "item_id": FieldInfo("item", "id", N_ITEMS),
-        "scene_id": FieldInfo("scene", "id", len(SCENES) + 2), "gender": FieldInfo("user", "categorical", 4),
+        "scene_id": FieldInfo("scene", "id", len(SCENES) + FIRST_REAL), "gender": FieldInfo("user", "categorical", 4),
         "category": FieldInfo("item", "categorical", 6), "price": FieldInfo("item", "numeric", mean=0.0, std=1.0),
         "tags": FieldInfo("item", "multi", 7, sep="|", max_len=3), "hour": FieldInfo("context", "categorical", 26),
     }
     vocabularies = {"user_id": vocab("u", N_USERS), "item_id": vocab("i", N_ITEMS),
-                    "scenario": ["<pad>", "<oov>", *SCENES], "gender": vocab("g", 4), "category": vocab("c", 6),
+                    "scenario": [*RESERVED, *SCENES], "gender": vocab("g", 4), "category": vocab("c", 6),
                     "tags": vocab("t", 7), "hour": vocab("h", 26)}
     return FeatureSpec(scenarios=SCENES, fields=fields, vocabularies=vocabularies, row_counts={})
 
@@ -38,15 +51,15 @@ def random_batch(size: int = 16, seed: int = 0, history_lengths=None) -> dict[st
     real = torch.arange(HISTORY)[None, :] < lengths[:, None]
     pad = lambda t: torch.where(real, t, torch.zeros_like(t))  # noqa: E731
     return {
-        "user_id": torch.randint(1, N_USERS, (size,), generator=g),
-        "item_id": torch.randint(2, N_ITEMS, (size,), generator=g),
-        "scene_id": torch.randint(2, len(SCENES) + 2, (size,), generator=g),
-        "label": torch.randint(0, 2, (size,), generator=g),
+        USER_ID: torch.randint(1, N_USERS, (size,), generator=g),
+        ITEM_ID: torch.randint(FIRST_REAL, N_ITEMS, (size,), generator=g),
+        SCENE_ID: torch.randint(FIRST_REAL, len(SCENES) + FIRST_REAL, (size,), generator=g),
+        LABEL: torch.randint(0, 2, (size,), generator=g),
         "gender": torch.randint(0, 4, (size,), generator=g),
         "hour": torch.randint(0, 26, (size,), generator=g),
-        "history_item_ids": pad(torch.randint(1, N_ITEMS, (size, HISTORY), generator=g)),
-        "history_scene_ids": pad(torch.randint(2, len(SCENES) + 2, (size, HISTORY), generator=g)),
-        "history_labels": pad(torch.randint(0, 2, (size, HISTORY), generator=g)),
-        "history_time_gaps": pad(torch.randint(1, 10**7, (size, HISTORY), generator=g)),
-        "history_length": lengths,
+        HISTORY_ITEM_IDS: pad(torch.randint(1, N_ITEMS, (size, HISTORY), generator=g)),
+        HISTORY_SCENE_IDS: pad(torch.randint(FIRST_REAL, len(SCENES) + FIRST_REAL, (size, HISTORY), generator=g)),
+        HISTORY_LABELS: pad(torch.randint(0, 2, (size, HISTORY), generator=g)),
+        HISTORY_TIME_GAPS: pad(torch.randint(1, 10**7, (size, HISTORY), generator=g)),
+        HISTORY_LENGTH: lengths,
     }

@@ -6,6 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from msit.data.history import event_order
+from msit.data.schema import (
+    HISTORY_ITEM_IDS,
+    HISTORY_LABELS,
+    HISTORY_LENGTH,
+    HISTORY_SCENE_IDS,
+    HISTORY_TIME_GAPS,
+)
 
 
 def _group_starts(keys: list[np.ndarray]) -> np.ndarray:
@@ -31,9 +38,9 @@ def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[st
     def gather(values: np.ndarray) -> np.ndarray:
         return np.where(real, values[past], 0).astype(np.int64)
 
-    events["history_item_ids"] = gather(events["item_id"])
-    events["history_scene_ids"] = gather(events["scene_id"])
-    events["history_labels"] = gather(events["label"])
-    events["history_time_gaps"] = np.where(real, ts[:, None] - ts[past], 0).astype(np.int64)
-    events["history_length"] = real.sum(axis=1).astype(np.int64)
+    events[HISTORY_ITEM_IDS] = gather(events["item_id"])
+    events[HISTORY_SCENE_IDS] = gather(events["scene_id"])
+    events[HISTORY_LABELS] = gather(events["label"])
+    events[HISTORY_TIME_GAPS] = np.where(real, ts[:, None] - ts[past], 0).astype(np.int64)
+    events[HISTORY_LENGTH] = real.sum(axis=1).astype(np.int64)
     return events

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from msit.data.history import NO_TRAIN, assign_split, items_are_numbers, sorted_event_order, user_runs
-from msit.data.sequences import HISTORY_FIELDS, Sequences, history_windows
+from msit.data.schema import WINDOW_FIELDS
+from msit.data.sequences import Sequences, history_windows
 
 
 def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[str, np.ndarray]:
@@ -21,7 +22,7 @@ def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[st
                                       events["label"], events["timestamp"])
     windows = history_windows(sequences, torch.from_numpy(user_index), torch.from_numpy(events["timestamp"]),
                               history_length, positions=torch.from_numpy(position))
-    return events | {k: windows[k].numpy() for k in (*HISTORY_FIELDS, "history_length")}
+    return events | {k: windows[k].numpy() for k in WINDOW_FIELDS}
 
 
 def _events(rows):

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msit.data.sequences import HISTORY_FIELDS, Sequences, history_windows
+from msit.data.schema import WINDOW_FIELDS
+from msit.data.sequences import Sequences, history_windows
 from msit.errors import MsitError
 from msit.model import ModelConfig, build_model
 from msit.model_dir import save_model_dir
@@ -93,7 +94,7 @@ def test_served_windows_are_the_window_function_on_the_stores_rows(scorer, store
     known = [i for i, (user, _) in enumerate(REQUESTS) if user in USERS]
     rows = torch.tensor([list(USERS).index(REQUESTS[i][0]) for i in known])
     expected = history_windows(_sequences(USERS), rows, torch.tensor([REQUESTS[i][1] for i in known]), N)
-    for name in (*HISTORY_FIELDS, "history_length"):
+    for name in WINDOW_FIELDS:
         assert served[name][known].tolist() == expected[name].tolist(), name
     assert served["history_item_ids"][1].tolist() == [7, 2, 0, 0]  # at t=300: 200 and 100
     assert served["history_item_ids"][2].tolist() == [9, 3, 7, 2]  # at t=301: the tie most recent first, 9 after 3
@@ -118,7 +119,7 @@ def test_a_request_history_in_any_order_gets_the_stores_window_and_scores(scorer
         requests = [{**base, "timestamp": t}] + [{**base, "timestamp": t, "history": list(rng.permutation(history))}
                                                  for _ in range(4)]
         windows = scorer.windows([scorer.encode(r) for r in requests])
-        for name in (*HISTORY_FIELDS, "history_length"):
+        for name in WINDOW_FIELDS:
             assert all(torch.equal(windows[name][0], windows[name][i]) for i in range(1, 5)), (t, name)
         scores = [s.scores for s in scorer.score(requests)]
         assert all(s == pytest.approx(scores[0], abs=1e-6) for s in scores[1:])

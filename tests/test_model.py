@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from msit.data.schema import OOV, PAD, scene_id, scene_slots
 from msit.errors import ConfigError, MsitError
 from msit.model import FAMILIES, FUSIONS, ModelConfig, build_model
 from msit.model_dir import load_model_dir, save_model_dir
@@ -131,6 +132,12 @@ def test_unknown_scene_and_unknown_ids_still_score():
     batch["item_id"][:] = 1
     for family in FAMILIES:
         assert torch.isfinite(_model(family=family).eval()(batch).logits).all()
+
+
+def test_one_slot_rule_for_unknown_scenes():
+    """Padding, OOV and a scene id past the model's scenes take slot S, one past the known ones (every family)."""
+    ids = torch.tensor([PAD, OOV, *(scene_id(s) for s in range(len(SCENES))), scene_id(len(SCENES))])
+    assert scene_slots(ids, len(SCENES)).tolist() == [3, 3, 0, 1, 2, 3]
 
 
 def test_same_seed_same_model_and_scores():

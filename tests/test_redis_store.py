@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.schema import scene_slot
 from msit.serving.app import ApiSettings, LocalBackend, create_app
 from msit.serving.history_store import InMemoryHistoryStore, NewEvents
 from msit.serving.redis_store import RedisHistoryStore, redact
@@ -89,7 +90,8 @@ def test_loading_again_keeps_the_events_posted_since_the_snapshot(small_model, r
 
 def _raw_history(scorer: Scorer, record) -> list[dict]:
     items = scorer.spec.vocabularies["item_id"]
-    return [{"item_id": items[i], "scenario": scorer.spec.scenarios[s - 2], "label": int(label), "timestamp": int(t)}
+    return [{"item_id": items[i], "scenario": scorer.spec.scenarios[scene_slot(s)], "label": int(label),
+             "timestamp": int(t)}
             for i, s, label, t in zip(record.item_ids, record.scene_ids, record.labels, record.timestamps, strict=True)]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import SEQUENCES_DIR, load_split
+from msit.data.schema import scene_slot
 from msit.model_dir import load_model_config, load_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
@@ -50,7 +51,7 @@ def test_scores_equal_the_offline_model_on_the_same_rows(scorer, small_model):
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
     rows = _test_rows(small_model)
-    requests = [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2], "candidates": [r.item_key],
+    requests = [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)], "candidates": [r.item_key],
                  "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
     served = [s.scores[0] for s in scorer.score(requests)]
 
@@ -68,7 +69,7 @@ def test_a_history_in_the_request_is_used_as_given(scorer, small_model):
                 "timestamp": int(row.timestamp - gap)}
                for i, s, lab, gap in zip(row.history_item_ids, row.history_scene_ids, row.history_labels,
                                          row.history_time_gaps, strict=True)][: row.history_length]
-    base = {"user_id": row.user_key, "scenario": scenes[row.scene_id - 2], "candidates": [row.item_key],
+    base = {"user_id": row.user_key, "scenario": scenes[scene_slot(row.scene_id)], "candidates": [row.item_key],
             "timestamp": int(row.timestamp), "context": _context(spec, row)}
     from_store, given, shuffled, none = scorer.score([base, {**base, "history": history},
                                                       {**base, "history": history[::-1]}, {**base, "history": []}])
@@ -80,7 +81,7 @@ def test_explanations_are_distributions_over_scenes_and_past_events(scorer, smal
     _, prepared = small_model
     spec = FeatureSpec.load(prepared)
     row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 6)
-    result, = scorer.score([{"user_id": row.user_key, "scenario": spec.scenarios[row.scene_id - 2],
+    result, = scorer.score([{"user_id": row.user_key, "scenario": spec.scenarios[scene_slot(row.scene_id)],
                              "candidates": [row.item_key, "never-seen-item"], "timestamp": int(row.timestamp),
                              "explain": True}])
     assert len(result.explanations) == 2
@@ -158,7 +159,7 @@ def test_a_poisoned_request_fails_alone_and_the_others_get_the_offline_scores(sc
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
     rows = _test_rows(small_model, count=6)
-    good = [{"user_id": r.user_key, "scenario": spec.scenarios[r.scene_id - 2], "candidates": [r.item_key],
+    good = [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)], "candidates": [r.item_key],
              "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
     base, scene = good[0], spec.scenarios[0]
     poisoned = [
@@ -261,8 +262,49 @@ def test_request_ids_are_normalised_as_prepare_normalises_them(scorer, small_mod
     spec = FeatureSpec.load(prepared)
     row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 3 and r.item_id >= 2)
     user, item = int(row.user_key), int(row.item_key)
-    base = {"scenario": spec.scenarios[row.scene_id - 2], "timestamp": int(row.timestamp)}
+    base = {"scenario": spec.scenarios[scene_slot(row.scene_id)], "timestamp": int(row.timestamp)}
     spellings = [(user, item), (str(user), str(item)), (float(user), float(item)), (f" {user}.0 ", f" {item} ")]
     scored = scorer.score([{**base, "user_id": u, "candidates": [i]} for u, i in spellings])
     assert all(s.oov_ids == 0 for s in scored)
     assert len({s.scores[0] for s in scored}) == 1
+
+
+def test_serving_encodes_raw_values_as_prepare_encoded_them(ray_session, tmp_path):
+    """Booleans, integer-looking floats and ids in whitespace, as Parquet holds them: a request that spells them
+    as a client would gets the codes prepare wrote for them (ids, a categorical and a multi-valued context)."""
+    from msit.data.prepare import PrepareConfig, prepare
+    from msit.data.spec import FeatureGroup, SceneLogSpec
+    from msit.model import ModelConfig, build_for_data
+    from msit.model_dir import save_model_dir
+
+    n = 10  # events per user
+    users = {" alice ": (True, "x| y"), "1 ": (False, "y")}  # user -> (flag, tags), one context per user
+    log = pd.DataFrame([{"user_id": user, "item_id": float(7 + i % 3), "scenario": f"s{i % 2}", "label": i % 2,
+                         "timestamp": 1_000 + 10 * i, "split": "train" if i < n - 2 else ("val", "test")[i - n + 2],
+                         "flag": flag, "tags": tags}
+                        for user, (flag, tags) in users.items() for i in range(n)])
+    (tmp_path / "log").mkdir()
+    log.to_parquet(tmp_path / "log" / "part-0.parquet")
+    spec = SceneLogSpec(context=FeatureGroup(categorical=["flag"], multi={"tags": "|"}))
+    prepared = tmp_path / "prepared"
+    prepare(PrepareConfig(inputs=[str(tmp_path / "log")], out=str(prepared), spec=spec), log=lambda _: None)
+    feature_spec = FeatureSpec.load(prepared)
+    config = ModelConfig(embed_dim=8, mlp_dims=(8,))
+    model_dir = save_model_dir(tmp_path / "model", build_for_data(config, prepared, feature_spec), config, feature_spec)
+    scorer = Scorer(model_dir)
+
+    events = pd.concat([pd.read_parquet(prepared / split) for split in ("train", "val", "test")])
+    user_codes = pd.read_parquet(prepared / "users.parquet").set_index("user_key").user_id
+    item_codes = pd.read_parquet(prepared / "items.parquet").set_index("item_key").item_id
+    assert sorted(user_codes.index) == ["1", "alice"] and sorted(item_codes.index) == ["7", "8", "9"]
+    for raw_user, request_user, (flag, tags) in [(" alice ", "alice", users[" alice "]), ("1 ", True, users["1 "])]:
+        rows = events[events.user_id == user_codes[raw_user.strip()]]
+        for context in ({"flag": flag, "tags": tags}, {"flag": flag, "tags": tags.split("|")}):
+            request = {"user_id": request_user, "scenario": "s0", "candidates": [7, 7.0, "7.0", " 7 ", 8.0],
+                       "context": context, "timestamp": 2_000}
+            encoded = scorer.encode(request, record=None)
+            assert encoded.shared["user_id"] == user_codes[raw_user.strip()] and encoded.oov_ids == 0
+            assert encoded.item_ids.tolist() == [item_codes["7"]] * 4 + [item_codes["8"]]
+            assert (rows.flag == encoded.shared["flag"]).all()
+            assert all(list(t) == encoded.shared["tags"].tolist() for t in rows.tags)
+    assert events.flag.nunique() == 2 and events.tags.map(tuple).nunique() == 2  # the two users differ

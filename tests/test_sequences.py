@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from msit.data.sequences import HISTORY_FIELDS, Sequences, history_windows, window_ends
+from msit.data.schema import WINDOW_FIELDS
+from msit.data.sequences import Sequences, history_windows, window_ends
 from tests.reference_histories import add_histories
 
 
@@ -37,7 +38,7 @@ def test_windows_equal_the_per_row_histories_with_and_without_positions():
         searched = history_windows(sequences, rows, cutoffs, n)
         positions = window_ends(sequences, rows, cutoffs) - sequences.offsets[rows]
         given = history_windows(sequences, rows, cutoffs, n, positions=positions)
-        for name in (*HISTORY_FIELDS, "history_length"):
+        for name in WINDOW_FIELDS:
             np.testing.assert_array_equal(searched[name].numpy(), expected[name], err_msg=f"{name}, N={n}")
             np.testing.assert_array_equal(given[name].numpy(), expected[name], err_msg=f"{name}, N={n}")
 

@@ -21,7 +21,7 @@ def test_inference_finds_roles_user_and_item_features_and_leaves_context_out(syn
     assert spec.item.numeric == ["price"]
     assert spec.item.multi == {"tags": "|"}
     assert spec.item.text == ["title"]
-    assert spec.context.is_empty()
+    assert spec.context.columns() == []
     assert any(n.startswith("hour:") and "context" in n for n in notes)
     assert any(n.startswith("device:") for n in notes)
 

@@ -17,14 +17,14 @@ import torch
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import SEQUENCES_DIR, load_sequences, load_split
-from msit.data.sequences import HISTORY_FIELDS
+from msit.data.schema import WINDOW_FIELDS
 from msit.model import ModelConfig, build_for_data
 from msit.model_dir import load_model_config, save_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import Scorer
 
 N = 6  # the model's history_length: below most users' event counts, above the short users'
-WINDOW = (*HISTORY_FIELDS, "history_length")
+WINDOW = WINDOW_FIELDS
 
 
 def tied_log(seed: int = 3) -> pd.DataFrame:

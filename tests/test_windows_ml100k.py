@@ -11,7 +11,7 @@ import torch
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import event_columns, load_sequences, load_split
-from msit.data.sequences import HISTORY_FIELDS
+from msit.data.schema import HISTORY_FIELDS, WINDOW_FIELDS
 from tests.reference_histories import add_histories
 
 N = 50
@@ -40,7 +40,7 @@ def _windows(out, spec) -> pd.DataFrame:
         events = load_split(out, split, spec, sequences)
         batches = list(events.batches(batch_size=4096, history_length=N))
         columns = {name: torch.cat([b[name] for b in batches]).numpy()
-                   for name in ("item_id", "scene_id", "label", *HISTORY_FIELDS, "history_length")}
+                   for name in ("item_id", "scene_id", "label", *WINDOW_FIELDS)}
         frame = pd.DataFrame({k: list(v) if v.ndim == 2 else v for k, v in columns.items()})
         frame["user_key"] = user_key[events.events["sequence_row"].numpy()]
         frame["timestamp"] = events.events["timestamp"].numpy()

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msit.data.schema import scene_id
 from msit.data.vocab import Vocabulary
 from msit.errors import MsitError
 
@@ -34,7 +35,7 @@ class FieldInfo:
 
 @dataclass
 class FeatureSpec:
-    scenarios: list[str]  # scene names; scene_id = position + 2 (0 padding, 1 unknown scene)
+    scenarios: list[str]  # scene names, by slot: scene id `schema.scene_id(position)`
     fields: dict[str, FieldInfo]  # processed column -> what it holds
     vocabularies: dict[str, list[str]]  # vocab name -> values in index order (incl. <pad>, <oov>)
     row_counts: dict[str, Any]  # input, bad rows dropped per reason, train / val / test
@@ -47,14 +48,14 @@ class FeatureSpec:
 
     def scene_names(self) -> dict[int, str]:
         """Scene id -> scene name, for every known scene."""
-        return {i + 2: name for i, name in enumerate(self.scenarios)}
+        return {scene_id(slot): name for slot, name in enumerate(self.scenarios)}
 
     def scene_ids(self, names: list[str]) -> list[int]:
         """The scene ids of scene names; an unknown name is an error that lists the known ones."""
         unknown = [n for n in names if n not in self.scenarios]
         if unknown:
             raise MsitError(f"unknown scene(s) {unknown}; the data has {self.scenarios}")
-        return [self.scenarios.index(n) + 2 for n in names]
+        return [scene_id(self.scenarios.index(n)) for n in names]
 
     def fingerprint(self) -> str:
         """Identifies the encoding: two specs with one fingerprint map every raw value to the same index."""

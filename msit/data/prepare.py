@@ -40,6 +40,7 @@ from msit.data import notes as note_on
 from msit.data import sources as src
 from msit.data.feature_spec import FEATURE_SPEC_FILE, SEQUENCES_DIR, FeatureSpec, FieldInfo
 from msit.data.history import items_are_numbers, run_starts, sorted_event_order, split_codes, user_runs
+from msit.data.schema import real_count, real_values
 from msit.data.spec import SceneLogSpec, infer_spec, resolve_roles
 from msit.data.validate import (
     SPLITS,
@@ -222,11 +223,11 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
             log("      " + ", ".join(f"{name}: +{len(encoders.vocabularies[name]) - len(values):,}"
                                      for name, values in reused.vocabularies.items()))
         stats = split_stats(counts)
-        for text in [*note_on.scenes(stats.scenes, encoders.vocabularies["scenario"].values[2:]),
+        for text in [*note_on.scenes(stats.scenes, real_values(encoders.vocabularies["scenario"].values)),
                      *note_on.users_without_train(stats.users_without_train, stats.events_without_train,
                                                   cfg.split_ratios)]:
             note(text)
-    if len(encoders.vocabularies["item_id"]) <= 2:
+    if not real_count(encoders.vocabularies["item_id"].values):
         raise DataValidationError("the training split is empty: no rows have split == 'train'")
     for col, n in encoders.multi_truncated.items():
         if n:
@@ -472,7 +473,7 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
         for col in group.text:
             fields[col] = FieldInfo(role, "text")
     return FeatureSpec(
-        scenarios=vocabs["scenario"].values[2:],
+        scenarios=list(real_values(vocabs["scenario"].values)),
         fields=fields,
         vocabularies={name: v.values for name, v in vocabs.items()},
         row_counts={"input": total_rows, "bad_rows_dropped": report.per_reason(),

@@ -32,10 +32,10 @@ import pyarrow.parquet as pq
 import torch
 
 from msit.data.feature_spec import SEQUENCES_DIR, FeatureSpec
+from msit.data.schema import Batch
 from msit.data.sequences import SEQUENCE_FIELDS, Sequences, history_windows
 from msit.errors import MsitError
 
-Batch = dict[str, torch.Tensor]
 WINDOW_COLUMNS = ("timestamp", "sequence_row", "position")  # what the event rows carry to cut their windows
 
 

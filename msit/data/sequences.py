@@ -5,13 +5,7 @@ ties by item (`history.event_order`). `Sequences` holds every user's sequence as
 offsets (TorchRec's jagged layout): user row u owns `[offsets[u], offsets[u + 1])`.
 
 The history window of an event with cutoff time t is the user's last N events *strictly before t*,
-most recent first, padded with 0 at the end: the model's history contract,
-
-    history_item_ids   (B, N) int64   item index of each past event (0 = padding)
-    history_scene_ids  (B, N) int64   scene index
-    history_labels     (B, N) int64   0/1 label of the past event (0 also in padding: use history_length)
-    history_time_gaps  (B, N) int64   seconds between the past event and t (> 0)
-    history_length     (B,)   int64   how many of the N slots are real
+most recent first, padded with 0 at the end: the model's history contract (`msit.data.schema.WINDOW_FIELDS`).
 
 `history_windows` is the one function that cuts them, for training, evaluation, reports,
 fine-tuning and serving alike, vectorised on whatever device the sequences live on.
@@ -24,7 +18,15 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-HISTORY_FIELDS = ("history_item_ids", "history_scene_ids", "history_labels", "history_time_gaps")
+from msit.data.schema import (
+    HISTORY_FIELDS,
+    HISTORY_ITEM_IDS,
+    HISTORY_LABELS,
+    HISTORY_LENGTH,
+    HISTORY_SCENE_IDS,
+    HISTORY_TIME_GAPS,
+)
+
 SEQUENCE_FIELDS = ("item_ids", "scene_ids", "labels", "timestamps")  # list columns of sequences/, in this order
 SEQUENCE_DTYPES = {"item_ids": torch.int32, "scene_ids": torch.int16, "labels": torch.int8,
                    "timestamps": torch.int64}
@@ -112,13 +114,13 @@ def history_windows(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Ten
 
     if len(sequences.timestamps) == 0:  # no user has an event (a serving request without history)
         zeros = torch.zeros_like(past)
-        return {**dict.fromkeys(HISTORY_FIELDS, zeros), "history_length": zeros.sum(dim=1)}
+        return {**dict.fromkeys(HISTORY_FIELDS, zeros), HISTORY_LENGTH: zeros.sum(dim=1)}
 
     def gather(values: torch.Tensor) -> torch.Tensor:
         return torch.where(real, values[past].to(torch.int64), 0)
 
-    return {"history_item_ids": gather(sequences.item_ids),
-            "history_scene_ids": gather(sequences.scene_ids),
-            "history_labels": gather(sequences.labels),
-            "history_time_gaps": torch.where(real, cutoffs[:, None] - sequences.timestamps[past], 0),
-            "history_length": real.sum(dim=1)}
+    return {HISTORY_ITEM_IDS: gather(sequences.item_ids),
+            HISTORY_SCENE_IDS: gather(sequences.scene_ids),
+            HISTORY_LABELS: gather(sequences.labels),
+            HISTORY_TIME_GAPS: torch.where(real, cutoffs[:, None] - sequences.timestamps[past], 0),
+            HISTORY_LENGTH: real.sum(dim=1)}

@@ -51,9 +51,6 @@ class FeatureGroup:
     def columns(self) -> list[str]:
         return [*self.categorical, *self.numeric, *self.multi, *self.text]
 
-    def is_empty(self) -> bool:
-        return not self.columns()
-
 
 @dataclass
 class SceneLogSpec:

@@ -1,7 +1,7 @@
 """Vocabularies and encoding: every categorical value becomes an integer index.
 
-Index 0 is padding (also a missing value), 1 is out-of-vocabulary: anything not seen at least
-`min_count` times in the training split, at evaluation and serving time alike. Numeric features
+Index PAD is padding (also a missing value), OOV is out-of-vocabulary (msit.data.schema): anything not seen
+at least `min_count` times in the training split, at evaluation and serving time alike. Numeric features
 are standardised with training mean and std; multi-valued features become fixed-length index
 arrays padded with 0.
 """
@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from msit.data.history import NO_TRAIN
+from msit.data.schema import FIRST_REAL, OOV, PAD, RESERVED, real_values
 from msit.data.spec import SceneLogSpec
 
-PAD, OOV = 0, 1
-RESERVED = ["<pad>", "<oov>"]
 _NUM = "__num__"  # prefix of the count rows that carry numeric sums
 _LEN = "__len__"  # prefix of the count rows that carry multi-valued lengths
 _ALL = "__all__"  # prefix of the count rows over every split (not only training): the scenes
@@ -38,19 +37,33 @@ class Vocabulary:
         """Values seen at least `min_count` times, most frequent first (or sorted by name)."""
         kept = [v for v, n in counts.items() if n >= min_count]
         kept.sort(key=(lambda v: v) if by_name else (lambda v: (-counts[v], v)))
-        return cls(values=RESERVED + kept)
+        return cls(values=[*RESERVED, *kept])
 
     def __len__(self) -> int:
         return len(self.values)
 
     def index(self) -> pd.Index:
-        return pd.Index(self.values[len(RESERVED):])
+        return pd.Index(real_values(self.values))
 
-    def encode(self, keys: pd.Series | np.ndarray, index: pd.Index | None = None) -> np.ndarray:
+    def encode(self, keys: pd.Series | np.ndarray | list, index: pd.Index | None = None) -> np.ndarray:
+        """int64 indices of normalised keys (`parse.keys`): None -> PAD, not in the vocabulary -> OOV. `index`: this
+        vocabulary's `index()`, kept by a caller that encodes many times (it holds the hash table)."""
         keys = pd.Series(keys, dtype=object)
-        found = (self.index() if index is None else index).get_indexer(keys)
-        codes = np.where(found >= 0, found + len(RESERVED), OOV)
+        found = (self.index() if index is None else index).get_indexer(keys.tolist())  # as the index's dtype
+        codes = np.where(found >= 0, found + FIRST_REAL, OOV)
         return np.where(keys.isna().to_numpy(), PAD, codes).astype(np.int64)
+
+
+def standardised(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """A numeric feature's model input: float32 (x - training mean) / training std; missing (NaN) -> 0."""
+    return np.nan_to_num((values - stats["mean"]) / stats["std"], nan=0.0).astype(np.float32)
+
+
+def encode_multi_value(value: str | None, sep: str, vocabulary: Vocabulary, width: int,
+                       index: pd.Index | None = None) -> np.ndarray:
+    """(width,) int64: one normalised (`parse.keys`) multi-valued feature value as `encode_table` encodes it."""
+    tokens = multi_tokens(pa.array([value], pa.string()), sep)[0].to_pylist()[:width]
+    return np.pad(vocabulary.encode(tokens, index), (0, width - len(tokens)))
 
 
 def multi_tokens(values: pa.Array | pa.ChunkedArray, sep: str) -> tuple[pa.Array, np.ndarray]:
@@ -187,7 +200,7 @@ class Encoders:
         vocabularies = {}
         for col, vocab in self.vocabularies.items():
             known = set(vocab.values)
-            added = [v for v in fresh.vocabularies[col].values[len(RESERVED):] if v not in known]
+            added = [v for v in real_values(fresh.vocabularies[col].values) if v not in known]
             vocabularies[col] = Vocabulary(vocab.values + added)
         by_field = _counts_by_field(counts)
         truncated = {col: _truncated(by_field, col, width) for col, width in self.multi_max_len.items()}
@@ -218,7 +231,7 @@ _VALUE_CACHE: dict[str, dict[str, pa.Array]] = {}
 def _values(encoders: Encoders) -> dict[str, pa.Array]:
     values = _VALUE_CACHE.get(encoders.token)
     if values is None:
-        values = _VALUE_CACHE[encoders.token] = {n: pa.array(v.values[len(RESERVED):], pa.string())
+        values = _VALUE_CACHE[encoders.token] = {n: pa.array(real_values(v.values), pa.string())
                                                  for n, v in encoders.vocabularies.items()}
     return values
 
@@ -228,7 +241,7 @@ def encode_keys(keys: pa.Array | pa.ChunkedArray, values: pa.Array) -> np.ndarra
     not found -> OOV. int32, vectorised (a hash lookup in Arrow)."""
     keys = _plain(keys).cast(pa.string())
     found = pc.index_in(keys, value_set=values)
-    codes = pc.fill_null(pc.add(found, len(RESERVED)), OOV).to_numpy(zero_copy_only=False).astype(np.int32)
+    codes = pc.fill_null(pc.add(found, FIRST_REAL), OOV).to_numpy(zero_copy_only=False).astype(np.int32)
     codes[~np.asarray(keys.is_valid().to_numpy(zero_copy_only=False), dtype=bool)] = PAD
     return codes
 
@@ -249,7 +262,7 @@ def encode_table(table: pa.Table, encoders: Encoders, spec: SceneLogSpec, column
         elif col in encoders.numeric_stats:
             s = encoders.numeric_stats[col]
             x = _plain(table[col]).to_numpy(zero_copy_only=False).astype(np.float64)
-            out[name] = pa.array(np.nan_to_num((x - s["mean"]) / s["std"], nan=0.0).astype(np.float32))
+            out[name] = pa.array(standardised(x, s))
         elif col in values:
             codes = encode_keys(table[col], values[col])
             out[name] = pa.array(codes.astype(np.int16) if name == "scene_id" else codes)

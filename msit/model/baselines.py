@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.schema import FIRST_REAL, HISTORY_ITEM_IDS, HISTORY_LABELS, ITEM_ID, SCENE_ID, scene_id, scene_slots
 from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
-from msit.model.msit import target_slots
 from msit.model.output import ModelOutput, UserSide, per_candidate
 from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import mlp
@@ -31,15 +31,14 @@ class _Inputs(nn.Module):
         self.n_scenes = len(spec.scenarios)
 
     def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
-        items = batch["history_item_ids"]
+        items = batch[HISTORY_ITEM_IDS]
         real = (items != 0).unsqueeze(-1).float()
-        past = self.embed.item_repr(items) + self.label(batch["history_labels"].clamp(0, 1))
-        slots = target_slots(batch["scene_id"], self.n_scenes)
+        past = self.embed.item_repr(items) + self.label(batch[HISTORY_LABELS].clamp(0, 1))
         return {"user": self.embed.user_repr(batch),
-                "scene": self.embed.scene(batch["scene_id"]) + self.embed.context_repr(batch),
+                "scene": self.embed.scene(batch[SCENE_ID]) + self.embed.context_repr(batch),
                 "history": (past * real).sum(1) / real.sum(1).clamp(min=1.0),
-                "slot": torch.where(slots >= 0, slots, torch.full_like(slots, self.n_scenes)),  # unknown -> last
-                "scene_id": batch["scene_id"]}
+                "slot": scene_slots(batch[SCENE_ID], self.n_scenes),  # an unknown scene: the last slot's tower
+                SCENE_ID: batch[SCENE_ID]}
 
     def per_candidate(self, user: UserSide, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         C = item_ids.shape[1]
@@ -61,7 +60,7 @@ class _Baseline(nn.Module):
         return {"scene embedding": ScenePart(self.inputs.embed.scene)}
 
     def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
-        return self.score(self.encode_user(batch), batch["item_id"][:, None], explain).one_candidate_each()
+        return self.score(self.encode_user(batch), batch[ITEM_ID][:, None], explain).one_candidate_each()
 
     def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
         return self.inputs.encode_user(batch)
@@ -79,8 +78,8 @@ class _Towers(nn.Module):
         self.towers = nn.ModuleList(mlp([width, max(width // 2, 1), 1], dropout) for _ in range(n_slots))
 
     def scene_parts(self) -> dict[str, ScenePart]:
-        """Tower s belongs to the scene of slot s (id s + 2; the last, for unknown scenes, to no real id)."""
-        return {f"tower {slot}": ScenePart(tower, scene_id=slot + 2) for slot, tower in enumerate(self.towers)}
+        """Tower s belongs to the scene of slot s (the last, for unknown scenes, to no real id)."""
+        return {f"tower {slot}": ScenePart(tower, scene_id=scene_id(slot)) for slot, tower in enumerate(self.towers)}
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         every = torch.cat([tower(x) for tower in self.towers], dim=-1)  # (B, slots)
@@ -121,7 +120,8 @@ class MMoE(_Baseline):
         return {**super().head_parts(), "gates": self.gates, "towers": self.towers}
 
     def scene_parts(self) -> dict[str, ScenePart]:  # the gates' rows: num_experts per scene slot
-        return {**super().scene_parts(), "gates": ScenePart(self.gates, 2, self.n_experts), **self.towers.scene_parts()}
+        return {**super().scene_parts(), "gates": ScenePart(self.gates, FIRST_REAL, self.n_experts),
+                **self.towers.scene_parts()}
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, w)
@@ -188,7 +188,7 @@ class STAR(_Baseline):
         return {**super().head_parts(), **self._per_scene(), "auxiliary": self.auxiliary}
 
     def scene_parts(self) -> dict[str, ScenePart]:
-        return {**super().scene_parts(), **{name: ScenePart(p, 2) for name, p in self._per_scene().items()}}
+        return {**super().scene_parts(), **{name: ScenePart(p, FIRST_REAL) for name, p in self._per_scene().items()}}
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         # Rows sorted by slot once, for every layer; one count per slot read back (the only device sync).
@@ -204,7 +204,7 @@ class STAR(_Baseline):
                 groups = [self.dropout(nn.functional.gelu(h)) for h in groups]
         out = torch.empty(len(x), device=x.device, dtype=groups[0].dtype)
         out[order] = torch.cat(groups)[:, 0]
-        aux = self.auxiliary(torch.cat([user["scene"], self.inputs.embed.scene(user["scene_id"])], -1))[:, 0]
+        aux = self.auxiliary(torch.cat([user["scene"], self.inputs.embed.scene(user[SCENE_ID])], -1))[:, 0]
         return out + per_candidate(aux, candidates)
 
 

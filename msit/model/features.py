@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.schema import FIRST_REAL, SCENE_ID, USER_ID
 from msit.model.config import ModelConfig
 
 
@@ -23,9 +24,9 @@ def fields_of(spec: FeatureSpec, role: str, kind: str) -> list[str]:
 
 
 def load_item_table(prepared_dir: str | Path, spec: FeatureSpec) -> dict[str, np.ndarray]:
-    """Item features as arrays indexed by item id. Rows 0 (padding) and 1 (out-of-vocabulary) are 0."""
+    """Item features as arrays indexed by item id. Rows PAD and OOV are 0."""
     items = pd.read_parquet(Path(prepared_dir) / "items.parquet")
-    items = items[items["item_id"] >= 2]
+    items = items[items["item_id"] >= FIRST_REAL]
     n = spec.fields["item_id"].vocab_size
     table = {}
     for col in fields_of(spec, "item", "categorical") + fields_of(spec, "item", "numeric"):
@@ -123,8 +124,8 @@ class FeatureEmbedder(nn.Module):
         return out
 
     def user_repr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, d)
-        return self.user(batch["user_id"]) + self._side("user", batch, batch["user_id"])
+        return self.user(batch[USER_ID]) + self._side("user", batch, batch[USER_ID])
 
     def context_repr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, d); zeros without context
-        return self._side("context", batch, batch["scene_id"])
+        return self._side("context", batch, batch[SCENE_ID])
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from msit.data.schema import HISTORY_ITEM_IDS, HISTORY_LABELS, HISTORY_SCENE_IDS, HISTORY_TIME_GAPS, known_scene_ids
 from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
@@ -91,18 +92,18 @@ class InterestNetwork(nn.Module):
         self.out = nn.Linear(d, d)
         self.empty = nn.Parameter(torch.zeros(n_scenes, d))
         nn.init.normal_(self.empty, std=0.02)
-        self.register_buffer("scene_ids", torch.arange(n_scenes) + 2, persistent=False)  # slot s <-> scene id s+2
+        self.register_buffer("scene_ids", known_scene_ids(n_scenes), persistent=False)  # slot s -> its id
 
     def encode(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> UserSide:
         """The encoded history of each row, as the pooling's keys and values, and which scene each event is in."""
-        items, scenes = batch["history_item_ids"], batch["history_scene_ids"]  # (R, N)
+        items, scenes = batch[HISTORY_ITEM_IDS], batch[HISTORY_SCENE_IDS]  # (R, N)
         R, N = items.shape
         # scene + label + time gap of each token as one lookup in the small table of their sums (one gather and
         # one gradient scatter over the R x N tokens instead of three).
         G = self.gap_buckets
         context = (embed.scene.weight[:, None, None] + self.label.weight[None, :, None]
                    + self.gap.weight[None, None]).flatten(0, 2)  # (scenes x 2 x G, d)
-        index = (scenes * 2 + batch["history_labels"].clamp(0, 1)) * G + time_gap_buckets(batch["history_time_gaps"], G)
+        index = (scenes * 2 + batch[HISTORY_LABELS].clamp(0, 1)) * G + time_gap_buckets(batch[HISTORY_TIME_GAPS], G)
         tokens = embed.item_repr(items) + F.embedding(index, context) + self.position.weight[:N]
 
         # Self-attention within a scene only (padding is scene 0, so it never mixes with real tokens);

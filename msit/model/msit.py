@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
+from msit.data.schema import FIRST_REAL, ITEM_ID, SCENE_ID, scene_slots
 from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 from msit.model.fusion import Fusion
@@ -20,12 +21,6 @@ from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import Predictor
 from msit.model.scene import SceneEncoder
 from msit.model.transfer import InterestTransfer
-
-
-def target_slots(scene_ids: torch.Tensor, n_scenes: int) -> torch.Tensor:
-    """Scene id -> slot among the S known scenes (id 2 is slot 0); -1 for padding or an unknown scene."""
-    slots = scene_ids - 2
-    return torch.where((slots >= 0) & (slots < n_scenes), slots, torch.full_like(slots, -1))
 
 
 class MSIT(nn.Module):
@@ -54,20 +49,21 @@ class MSIT(nn.Module):
 
     def scene_parts(self) -> dict[str, ScenePart]:
         """The per-scene tables, whose tuned scenes' rows fine-tuning's scene mode trains."""
-        parts = {"scene embedding": ScenePart(self.embed.scene), "empty interest": ScenePart(self.interest.empty, 2)}
+        parts = {"scene embedding": ScenePart(self.embed.scene),
+                 "empty interest": ScenePart(self.interest.empty, FIRST_REAL)}  # by slot: slot 0 is id FIRST_REAL
         if self.predictor.scene_bias is not None:
             parts["scene bias"] = ScenePart(self.predictor.scene_bias)
         return parts
 
     def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
         """One candidate per row, the row's own item: logits (B,), transfer (B, S), behaviour (B, S, N)."""
-        return self.score(self.encode_user(batch), batch["item_id"][:, None], explain).one_candidate_each()
+        return self.score(self.encode_user(batch), batch[ITEM_ID][:, None], explain).one_candidate_each()
 
     def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
         return {**self.interest.encode(self.embed, batch),  # the encoded history window, as keys and values
                 "user": self.embed.user_repr(batch),  # (R, d)
                 "target_scene": self.scenes.target(self.embed, batch),  # g^t (R, d), with its context
-                "scene_id": batch["scene_id"]}  # (R,)
+                SCENE_ID: batch[SCENE_ID]}  # (R,)
 
     def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
         """item_ids (R, C): C candidates for each user-side row."""
@@ -76,15 +72,17 @@ class MSIT(nn.Module):
         interest, behaviour_attention = self.interest.pool(user, item, explain)  # h^s (R, C, S, d), (R, C, S, N)
         fused = self.fusion(interest, self.scenes.every_scene(self.embed)).flatten(0, 1)  # f^s (M = R C, S, d)
         item, target_scene = item.flatten(0, 1), per_candidate(user["target_scene"], C)  # (M, d) each
-        scene_ids = per_candidate(user["scene_id"], C)  # (M,)
-        slots = target_slots(scene_ids, self.n_scenes)
+        scene_ids = per_candidate(user[SCENE_ID], C)  # (M,)
+        slots = scene_slots(scene_ids, self.n_scenes)  # (M,): n_scenes for a scene the model does not know
 
         if self.transfer_on:
             transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (M, S)
-        else:  # ablation: only the target scene's own interest, no transfer
-            own = fused[torch.arange(len(slots), device=slots.device), slots.clamp(min=0)]
-            transferred = torch.where((slots >= 0)[:, None], own, torch.zeros_like(own))
-            transfer_attention = nn.functional.one_hot(slots.clamp(min=0), self.n_scenes).float()
+        else:  # ablation: only the target scene's own interest (none for an unknown scene), no transfer
+            known = slots < self.n_scenes
+            own_slot = torch.where(known, slots, torch.zeros_like(slots))
+            own = fused[torch.arange(len(slots), device=slots.device), own_slot]
+            transferred = torch.where(known[:, None], own, torch.zeros_like(own))
+            transfer_attention = nn.functional.one_hot(own_slot, self.n_scenes).float()
 
         logits = self.predictor([transferred, per_candidate(user["user"], C), item, target_scene], scene_ids)
         return ModelOutput(logits.view(R, C), transfer_attention.view(R, C, -1), behaviour_attention,

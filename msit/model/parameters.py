@@ -56,8 +56,8 @@ Part = nn.Module | nn.Parameter
 class ScenePart:
     """A part that holds rows of its own for each scene (`msit.finetune`'s scene mode trains the tuned
     scenes' rows). The leading dimension of each of its parameters holds `rows_per_scene` rows per
-    scene, scene id `first_id`'s first: 0 for a table indexed by scene id, 2 for one indexed by scene
-    slot (id 2 is slot 0). Or, with `scene_id` set, the whole part belongs to that one scene."""
+    scene, scene id `first_id`'s first: 0 for a table indexed by scene id, FIRST_REAL for one indexed by scene
+    slot (msit.data.schema). Or, with `scene_id` set, the whole part belongs to that one scene."""
 
     part: Part
     first_id: int = 0

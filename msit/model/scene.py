@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from msit.data.schema import SCENE_ID, known_scene_ids
 from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 
@@ -13,7 +14,7 @@ from msit.model.features import FeatureEmbedder
 class SceneEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, n_scenes: int, scene_text: np.ndarray | None = None):
         super().__init__()
-        self.register_buffer("scene_ids", torch.arange(n_scenes) + 2, persistent=False)
+        self.register_buffer("scene_ids", known_scene_ids(n_scenes), persistent=False)  # slot s -> its id
         self.text = None
         if scene_text is not None:  # frozen embeddings of scene descriptions, (scene vocab, text_dim)
             self.register_buffer("scene_text", torch.as_tensor(scene_text).float())
@@ -27,4 +28,4 @@ class SceneEncoder(nn.Module):
         return self._scene(embed, self.scene_ids)
 
     def target(self, embed: FeatureEmbedder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._scene(embed, batch["scene_id"]) + embed.context_repr(batch)  # (R, d): g^t with context
+        return self._scene(embed, batch[SCENE_ID]) + embed.context_repr(batch)  # (R, d): g^t with context

@@ -51,7 +51,7 @@ class InterestTransfer(nn.Module):
 
     def forward(self, fused: torch.Tensor, target_scene: torch.Tensor, target_item: torch.Tensor,
                 target_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # fused (M, S, d); target_scene g^t, target_item (M, d); target_slot (M,) index into S, -1 if unknown
+        # fused (M, S, d); target_scene g^t, target_item (M, d); target_slot (M,): S for an unknown scene (scene_slots)
         S = fused.shape[1]
         is_target = (torch.arange(S, device=fused.device)[None, :] == target_slot[:, None]).to(fused.dtype)
         keys = fused + is_target[..., None] * self.is_target

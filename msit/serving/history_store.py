@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from msit.data.feature_spec import FeatureSpec
 from msit.data.history import items_are_numbers
 from msit.data.prepared import SEQUENCES_DIR, load_sequences
+from msit.data.schema import real_values
 from msit.data.sequences import Sequences
 from msit.errors import MsitError
 from msit.model.features import fields_of
@@ -85,7 +86,7 @@ def items_numeric(spec: FeatureSpec) -> bool:
     of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary)."""
     numeric = spec.source.get("items_numeric")
     return bool(numeric) if numeric is not None else \
-        items_are_numbers(pa.array(spec.vocabularies["item_id"][2:], pa.string()))
+        items_are_numbers(pa.array(real_values(spec.vocabularies["item_id"]), pa.string()))
 
 
 class HistoryStore(Protocol):

@@ -24,15 +24,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from msit.data.history import items_are_numbers, sorted_event_order
 from msit.data.parse import normalize_key, normalize_keys
+from msit.data.schema import (
+    HISTORY_ITEM_IDS,
+    HISTORY_LENGTH,
+    HISTORY_SCENE_IDS,
+    OOV,
+    PAD,
+    SCENE_ID,
+    USER_ID,
+    real_count,
+    real_values,
+    scene_slot,
+)
 from msit.data.sequences import Sequences, history_windows
-from msit.data.vocab import OOV, PAD
+from msit.data.vocab import encode_multi_value, standardised
 from msit.model.features import fields_of
 from msit.model.output import score_in_chunks
 from msit.model_dir import WEIGHTS_FILE, load_model_dir
@@ -101,7 +112,8 @@ class Scorer:
         self.store, self.max_candidates = store, max_candidates
         self.model_dir = str(model_dir)
         self.version = hashlib.sha256((Path(model_dir) / WEIGHTS_FILE).read_bytes()).hexdigest()[:12]
-        self._index = {name: pd.Index(values[2:]) for name, values in self.spec.vocabularies.items()}
+        self._vocabularies = {name: self.spec.vocabulary(name) for name in self.spec.vocabularies}
+        self._index = {name: vocabulary.index() for name, vocabulary in self._vocabularies.items()}  # hash tables, once
         self._items = np.asarray(self.spec.vocabularies["item_id"], dtype=object)
         self.scenes = {name: i for i, name in self.spec.scene_names().items()}
         self._user_fields = [c for kind in ("categorical", "multi", "numeric")
@@ -112,12 +124,21 @@ class Scorer:
 
     # -- encoding ------------------------------------------------------------------------------------------------
 
+    # Raw values go through the data layer's own functions, as prepare encodes them: `parse.normalize_keys` (its
+    # `keys` spelling), then the vocabulary's `encode` (the reserved ids of msit.data.schema).
+
     def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
         return self._encode_normalized(vocab, normalize_keys(list(keys)))
 
     def _encode_normalized(self, vocab: str, keys: list[str | None]) -> np.ndarray:
-        found = self._index[vocab].get_indexer(keys)
-        return np.where(found >= 0, found + 2, OOV).astype(np.int64)
+        """User or item ids. An id is never missing in prepared data (prepare drops such rows): a request's empty
+        id is one the model does not know, OOV rather than padding."""
+        codes = self._vocabularies[vocab].encode(keys, self._index[vocab])
+        return np.where(codes == PAD, OOV, codes)
+
+    def _encode_feature(self, name: str, values: list) -> np.ndarray:
+        """Categorical feature values: a missing or empty one is padding, as in prepare."""
+        return self._vocabularies[name].encode(normalize_keys(list(values)), self._index[name])
 
     def _scene(self, name: Any, where: tuple) -> int:
         if name not in self.scenes:
@@ -134,12 +155,12 @@ class Scorer:
             value = context.get(name)
             if info.type == "numeric":
                 out[name] = self._standardised(name, info, value)
-            elif info.type == "multi":
-                tokens = [] if value is None else value if isinstance(value, list) else str(value).split(info.sep)
-                ids = self._encode_ids(name, tokens)[: info.max_len]
-                out[name] = np.pad(ids, (0, info.max_len - len(ids)))
+            elif info.type == "multi":  # a list is one value's tokens, as prepare reads a Parquet list column
+                joined = info.sep.join(value) if isinstance(value, list) else value
+                out[name] = encode_multi_value(normalize_key(joined), info.sep, self._vocabularies[name],
+                                               info.max_len, self._index[name])
             else:
-                out[name] = np.int64(PAD if value is None else self._encode_ids(name, [value])[0])
+                out[name] = np.int64(self._encode_feature(name, [value])[0])
         return out
 
     @staticmethod
@@ -159,7 +180,7 @@ class Scorer:
             raise RequestError(("context", name), f"context feature {name!r} must be a finite number within "
                                f"{MAX_Z_SCORE:g} standard deviations of its training mean (mean {info.mean:g}, "
                                f"std {info.std:g}), got {value!r:.40}")
-        return np.float32(z)
+        return standardised(np.array([float(value)]), {"mean": info.mean, "std": info.std or 1.0})[0]
 
     @staticmethod
     def _timestamp(value: Any, where: tuple) -> int:
@@ -241,7 +262,7 @@ class Scorer:
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
         sequence = self._sequence(request, record)
-        shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene),
+        shared = {USER_ID: np.int64(user_id), SCENE_ID: np.int64(scene),
                   **self._context(request.get("context") or {})}
         for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
             info = self.spec.fields[name]
@@ -300,16 +321,16 @@ class Scorer:
         score that is not a probability. Run before a reloaded model is served, and by the health check."""
         items = self.spec.vocabularies["item_id"]
         request = {"user_id": "<msit-self-test>", "scenario": self.spec.scenarios[0],
-                   "candidates": [items[2] if len(items) > 2 else "<msit-self-test>"], "timestamp": int(time.time())}
+                   "candidates": real_values(items)[:1] or ["<msit-self-test>"], "timestamp": int(time.time())}
         result = self.score_encoded([self.encode(request, record=None)])[0]  # not the store: it may be down
         if isinstance(result, ScoringError) or not all(0.0 <= s <= 1.0 for s in result.scores):
             raise ScoringError(f"the model's self-test failed: {result}")
 
     def _history_keys(self, windows: dict[str, torch.Tensor], j: int) -> list[tuple[str, str]]:
         """(item id, scenario) of each real slot of request j's window, most recent first."""
-        k = int(windows["history_length"][j])
-        items, scenes = windows["history_item_ids"][j, :k].tolist(), windows["history_scene_ids"][j, :k].tolist()
-        return [(str(self._items[i]), self.spec.scenarios[s - 2]) for i, s in zip(items, scenes, strict=True)]
+        k = int(windows[HISTORY_LENGTH][j])
+        items, scenes = windows[HISTORY_ITEM_IDS][j, :k].tolist(), windows[HISTORY_SCENE_IDS][j, :k].tolist()
+        return [(str(self._items[i]), self.spec.scenarios[scene_slot(s)]) for i, s in zip(items, scenes, strict=True)]
 
     def _explain(self, output, j: int, count: int, history_keys: list[tuple[str, str]]) -> list[dict]:
         """Per candidate of request j: the transfer attention over scenes, and the past events that weighed most."""
@@ -404,8 +425,8 @@ class Scorer:
         train = self.info.get("train", {})
         return {"version": self.version, "model_dir": self.model_dir, "family": self.config.family,
                 "config": asdict(self.config), "scenarios": self.spec.scenarios,
-                "counts": {"users": len(self.spec.vocabularies["user_id"]) - 2,
-                           "items": len(self.spec.vocabularies["item_id"]) - 2,
+                "counts": {"users": real_count(self.spec.vocabularies["user_id"]),
+                           "items": real_count(self.spec.vocabularies["item_id"]),
                            "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
                            "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
                 "history_length": self.config.history_length,

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from msit.data.feature_spec import FeatureSpec, write_json_atomic
+from msit.data.schema import FIRST_REAL, real_values  # PAD and OOV have no text of their own
 from msit.errors import MsitError
 from msit.text.encoder import (
     RECIPE,
@@ -34,7 +35,6 @@ EMBEDDINGS_FILE = "text_embeddings.parquet"
 EMBEDDINGS_META_FILE = "text_embeddings.json"
 FORMAT_VERSION = 1
 JOINER = ". "
-FIRST_REAL = 2  # in every vocabulary 0 is padding and 1 is out-of-vocabulary: neither has text of its own
 ROWS_PER_BLOCK = 4096  # Ray Data block size: enough blocks to spread over an actor pool, few enough to be cheap
 _FINGERPRINT_KEY = b"msit.fingerprint"
 
@@ -201,10 +201,10 @@ def embed_scene_descriptions(prepared_dir: str | Path, encoder_path: str | Path 
     spec = FeatureSpec.load(prepared_dir)
     scenes = spec.vocabularies["scenario"]
     descriptions: dict[str, str] = (spec.source.get("spec") or {}).get("scene_descriptions") or {}
-    unknown = sorted(set(descriptions) - set(scenes[FIRST_REAL:]))
+    unknown = sorted(set(descriptions) - set(real_values(scenes)))
     if unknown:
         log(f"note: scene_descriptions names scenes that are not in the data, ignored: {', '.join(unknown)}")
-    texts = [None] * FIRST_REAL + [descriptions.get(scene) for scene in scenes[FIRST_REAL:]]
+    texts = [None] * FIRST_REAL + [descriptions.get(scene) for scene in real_values(scenes)]
     if all(is_empty_text(t) for t in texts):
         return np.zeros((len(scenes), encoder_dim(encoder_path)), dtype=np.float32)
     return TextEncoder(encoder_path, max_length=max_length).encode(texts)
