@@ -202,7 +202,7 @@ def local_batch_size(batch_size: int, workers: int) -> int:
     return batch_size // workers
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
     """One rank of a Ray Train run: the epoch loop of `msit.train_loop`, with Ray at its edges (the dataset
     shards in, `ray.train.report` with a checkpoint out, resume from `ray.train.get_checkpoint`)."""
     cfg: TrainRunConfig = config["cfg"]
@@ -398,7 +398,7 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, dict]:
     try:
         state = json.loads(path.read_text())
         for key in ("epoch", "best_val_auc", "best_epoch", "history"):
-            state[key]  # noqa: B018  (a KeyError names the key)
+            state[key]  # a KeyError names the key
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MsitError(f"{path}: not a training state ({type(e).__name__}: {e})") from None
     path = directory / OPTIMIZER_FILE
@@ -435,7 +435,7 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) 
             # Mid-epoch means after the last epoch's checkpoint is safe: Train V2's controller takes a report in
             # at its next poll of the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and a
             # batch prefetched while validating can reach this line within milliseconds of that report.
-            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
         os._exit(1)
 
 

@@ -162,7 +162,7 @@ def test_redis_down_gives_503_then_serving_recovers(small_model, memory, tmp_pat
         model_dir, _ = small_model
         RedisHistoryStore(server.url, FeatureSpec.load(model_dir), EVENTS_PER_USER).load(memory, progress=False)
         scorer, client = _replica(small_model, server.url, "msit")
-        user = list(memory)[0]
+        user = next(iter(memory))
         request = {"user_id": user, "scenario": scorer.spec.scenarios[0],
                    "candidates": scorer.spec.vocabularies["item_id"][2:5], "timestamp": 10**9}
         event = {"user_id": user, "item_id": request["candidates"][0], "scenario": request["scenario"], "label": 1,

@@ -137,7 +137,7 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     return result
 
 
-def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:
+def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:  # noqa: C901  (to split)
     steps = _Steps(6, log)
 
     def note(text: str) -> None:

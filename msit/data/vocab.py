@@ -208,7 +208,7 @@ def encoders_from_feature_spec(spec) -> Encoders:
     vocabularies = {name: Vocabulary(values) for name, values in spec.vocabularies.items()}
     stats = {c: {"mean": f.mean, "std": f.std} for c, f in spec.fields.items() if f.type == "numeric"}
     max_len = {c: f.max_len for c, f in spec.fields.items() if f.type == "multi"}
-    return Encoders(vocabularies, stats, max_len, {c: 0 for c in max_len})
+    return Encoders(vocabularies, stats, max_len, dict.fromkeys(max_len, 0))
 
 
 # Vocabulary values as Arrow arrays per fitted Encoders object, built once per Ray worker process, not per batch.

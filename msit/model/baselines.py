@@ -7,6 +7,9 @@ the inputs. Each scene (plus one slot for an unknown scene) has its own tower or
 
 from __future__ import annotations
 
+import itertools
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -135,7 +138,7 @@ class _StarLinear(nn.Module):
     scene slot: one matrix product per slot with that slot's W, instead of a W built for every row."""
 
     # W_scene is a factor of the matrix, decayed as the matrix is; b_scene is a bias (one row per slot).
-    parameter_kinds = {"scene_weight": "matmul", "scene_bias": "bias"}
+    parameter_kinds: ClassVar[dict[str, str]] = {"scene_weight": "matmul", "scene_bias": "bias"}
 
     def __init__(self, n_slots: int, n_in: int, n_out: int):
         super().__init__()
@@ -152,7 +155,8 @@ class _StarLinear(nn.Module):
 class _PartitionedNorm(nn.Module):
     """STAR's partitioned normalisation: batch statistics, then shared x per-scene scale and shift."""
 
-    parameter_kinds = {"gamma": "norm", "beta": "norm", "scene_gamma": "norm", "scene_beta": "norm"}
+    parameter_kinds: ClassVar[dict[str, str]] = {"gamma": "norm", "beta": "norm",
+                                                 "scene_gamma": "norm", "scene_beta": "norm"}
 
     def __init__(self, n_slots: int, width: int):
         super().__init__()
@@ -173,7 +177,7 @@ class STAR(_Baseline):
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.norm = _PartitionedNorm(n_slots, 4 * d)
         sizes = [4 * d, *cfg.mlp_dims, 1]
-        self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in itertools.pairwise(sizes))
         self.dropout = Dropout(cfg.dropout)
         self.auxiliary = mlp([2 * d, d, 1], cfg.dropout)  # the auxiliary network on scene + context
 

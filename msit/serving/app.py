@@ -100,7 +100,7 @@ def _field_error(error: RequestError) -> JSONResponse:
         {"loc": ["body", *map(_printable, error.field)], "msg": _printable(error.message), "type": "value_error"}]})
 
 
-def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
+def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:  # noqa: C901  (one nested handler per route)
     app = FastAPI(title="msit", description="Multi-scenario interest transfer: scoring and recommendations.",
                   version="1")
 

@@ -179,7 +179,7 @@ class MsitScorer:
         scorer = self.scorer  # one model for the whole pass, even if a reload swaps it meanwhile
         try:
             results = await asyncio.to_thread(scorer.score, merged)  # off the loop, which keeps receiving
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (whatever it is, every waiting caller gets it)
             for _, answer in taken:
                 answer.set_exception(error)
             return

@@ -222,7 +222,7 @@ class Scorer:
             return self.store.users(keys) if hasattr(self.store, "users") else [self.store.user(k) for k in keys]
         except HistoryUnavailable as error:
             return [error] * len(requests)
-        except Exception:  # e.g. a user id that does not normalise: each request meets its own error in encode
+        except Exception:  # noqa: BLE001  (e.g. a user id that does not normalise: each request meets its own error in encode)
             return [_READ] * len(requests)
 
     def encode(self, request: dict, record=_READ) -> _Encoded:
@@ -407,7 +407,7 @@ class Scorer:
                 "counts": {"users": len(self.spec.vocabularies["user_id"]) - 2,
                            "items": len(self.spec.vocabularies["item_id"]) - 2,
                            "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
-                           "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
+                           "catalogue": {s: len(self.catalogues.get(i, [])) for s, i in self.scenes.items()}},
                 "history_length": self.config.history_length,
                 "history_store": self.store_health(),
                 "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
