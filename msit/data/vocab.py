@@ -34,7 +34,7 @@ class Vocabulary:
     values: list[str]
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int], min_count: int = 1, by_name: bool = False) -> Vocabulary:
+    def from_counts(cls, counts: dict[str, float], min_count: int = 1, by_name: bool = False) -> Vocabulary:
         """Values seen at least `min_count` times, most frequent first (or sorted by name)."""
         kept = [v for v, n in counts.items() if n >= min_count]
         kept.sort(key=(lambda v: v) if by_name else (lambda v: (-counts[v], v)))

@@ -8,7 +8,7 @@ the inputs. Each scene (plus one slot for an unknown scene) has its own tower or
 from __future__ import annotations
 
 import itertools
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
 from msit.model.msit import target_slots
-from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.output import Model, ModelOutput, UserSide, per_candidate
 from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import mlp
 
@@ -51,9 +51,11 @@ class _Inputs(nn.Module):
         return x, per_candidate(user["slot"], C)
 
 
-class _Baseline(nn.Module):
+class _Baseline(Model):
     """The interface every family shares (`msit.model.output`); a baseline defines `encode_user` and `logits`,
     and adds its own per-scene parts to the parts fine-tuning trains (`head_parts`, `scene_parts`)."""
+
+    inputs: _Inputs
 
     def head_parts(self) -> dict[str, Part]:
         """What fine-tuning's head mode trains whole: the scene embedding and the family's per-scene parts."""
@@ -72,6 +74,9 @@ class _Baseline(nn.Module):
     def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
         x, slots = self.inputs.per_candidate(user, item_ids)
         return ModelOutput(self.logits(x, slots, user, item_ids.shape[1]).view(item_ids.shape))
+
+    def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class _Towers(nn.Module):
@@ -184,7 +189,7 @@ class STAR(_Baseline):
     def _per_scene(self) -> dict[str, nn.Parameter]:
         """The star weights: each parameter's rows are one per scene slot."""
         parts = {"norm scene scale": self.norm.scene_gamma, "norm scene shift": self.norm.scene_beta}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(list[_StarLinear], self.layers)):
             parts |= {f"layer {i} scene weight": layer.scene_weight, f"layer {i} scene bias": layer.scene_bias}
         return parts
 

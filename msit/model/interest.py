@@ -75,6 +75,8 @@ class InterestNetwork(nn.Module):
     the target item as query gives one interest vector. A scene with no history gets a learned
     "empty" vector."""
 
+    scene_ids: torch.Tensor  # a buffer
+
     # one row per scene slot, looked up for a scene with no history
     parameter_kinds: ClassVar[dict[str, str]] = {"empty": "table"}
 

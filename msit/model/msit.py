@@ -15,7 +15,7 @@ from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 from msit.model.fusion import Fusion
 from msit.model.interest import InterestNetwork
-from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.output import Model, ModelOutput, UserSide, per_candidate
 from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import Predictor
 from msit.model.scene import SceneEncoder
@@ -28,7 +28,7 @@ def target_slots(scene_ids: torch.Tensor, n_scenes: int) -> torch.Tensor:
     return torch.where((slots >= 0) & (slots < n_scenes), slots, torch.full_like(slots, -1))
 
 
-class MSIT(nn.Module):
+class MSIT(Model):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
                  item_text: np.ndarray | None = None, scene_text: np.ndarray | None = None):
         super().__init__()
@@ -40,7 +40,7 @@ class MSIT(nn.Module):
         self.scenes = SceneEncoder(cfg, self.n_scenes, scene_text)
         self.fusion = Fusion(cfg)
         self.transfer = InterestTransfer(cfg) if self.transfer_on else None
-        self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab_size)
+        self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab)
 
     def head_parts(self) -> dict[str, Part]:
         """The scene-specific parts of MODEL.md, which fine-tuning's head mode trains whole."""
@@ -79,7 +79,7 @@ class MSIT(nn.Module):
         scene_ids = per_candidate(user["scene_id"], C)  # (M,)
         slots = target_slots(scene_ids, self.n_scenes)
 
-        if self.transfer_on:
+        if self.transfer is not None:  # built exactly when transfer_on
             transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (M, S)
         else:  # ablation: only the target scene's own interest, no transfer
             own = fused[torch.arange(len(slots), device=slots.device), slots.clamp(min=0)]

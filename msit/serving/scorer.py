@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -83,13 +84,22 @@ class Scored:
 @dataclass
 class _Encoded:
     """One request, encoded: what every candidate row shares, the user's sequence, and the candidates."""
-    shared: dict[str, np.ndarray]  # user, scene and context features of one row
+    shared: dict[str, np.ndarray | np.generic]  # user, scene and context features of one row
     sequence: tuple[np.ndarray, ...]  # (E,) each: item, scene, label, timestamp of the user's events, event order
     now: int  # the request's moment: its window holds the events strictly before it
     item_ids: np.ndarray  # (C,)
     oov_ids: int
     ids: int
     explain: bool
+
+
+def _key(value: Any) -> str:
+    """`normalize_key` of an id the request schemas require (`schemas.Id`, never null), so never None."""
+    return cast(str, normalize_key(value))
+
+
+def _keys(values: list) -> list[str]:
+    return cast(list[str], normalize_keys(values))
 
 
 class Scorer:
@@ -115,7 +125,7 @@ class Scorer:
     def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
         return self._encode_normalized(vocab, normalize_keys(list(keys)))
 
-    def _encode_normalized(self, vocab: str, keys: list[str | None]) -> np.ndarray:
+    def _encode_normalized(self, vocab: str, keys: Sequence[str | None]) -> np.ndarray:
         found = self._index[vocab].get_indexer(keys)
         return np.where(found >= 0, found + 2, OOV).astype(np.int64)
 
@@ -124,20 +134,20 @@ class Scorer:
             raise RequestError(where, f"unknown scenario {name!r}; the model knows {list(self.scenes)}")
         return self.scenes[name]
 
-    def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray | np.generic]:
         unknown = sorted(set(context) - set(self._context_fields))
         if unknown:
             raise RequestError(("context", unknown[0]), f"unknown context feature {unknown[0]!r}; the model "
                                f"reads {sorted(self._context_fields) or 'no context features'}")
-        out = {}
+        out: dict[str, np.ndarray | np.generic] = {}
         for name, info in self._context_fields.items():
             value = context.get(name)
             if info.type == "numeric":
                 out[name] = self._standardised(name, info, value)
             elif info.type == "multi":
                 tokens = [] if value is None else value if isinstance(value, list) else str(value).split(info.sep)
-                ids = self._encode_ids(name, tokens)[: info.max_len]
-                out[name] = np.pad(ids, (0, info.max_len - len(ids)))
+                ids = self._encode_ids(name, tokens)[: info.width]
+                out[name] = np.pad(ids, (0, info.width - len(ids)))
             else:
                 out[name] = np.int64(PAD if value is None else self._encode_ids(name, [value])[0])
         return out
@@ -217,7 +227,7 @@ class Scorer:
         every request's "record" (each then fails or goes on without it, `_record`)."""
         if self.store is None:
             return [None] * len(requests)
-        keys = [normalize_key(r["user_id"]) for r in requests]
+        keys = [_key(r["user_id"]) for r in requests]
         try:
             return self.store.users(keys) if hasattr(self.store, "users") else [self.store.user(k) for k in keys]
         except HistoryUnavailable as error:
@@ -235,17 +245,17 @@ class Scorer:
             raise RequestError(("candidates",), f"at most {self.max_candidates} candidates per request, "
                                f"got {len(candidates)}")
         scene = self._scene(request["scenario"], ("scenario",))
-        user_key = normalize_key(request["user_id"])
+        user_key = _key(request["user_id"])
         record = self._record(user_key, request, record)
         user_id = self._encode_ids("user_id", [user_key])[0]
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
         sequence = self._sequence(request, record)
-        shared = {"user_id": np.int64(user_id), "scene_id": np.int64(scene),
+        shared: dict[str, np.ndarray | np.generic] = {"user_id": np.int64(user_id), "scene_id": np.int64(scene),
                   **self._context(request.get("context") or {})}
         for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
             info = self.spec.fields[name]
-            default = np.zeros(info.max_len, np.int64) if info.type == "multi" else \
+            default = np.zeros(info.width, np.int64) if info.type == "multi" else \
                 np.float32(0.0) if info.type == "numeric" else np.int64(PAD)
             shared[name] = record.features.get(name, default) if record is not None else default
         item_ids = self._encode_ids("item_id", candidates)
@@ -272,7 +282,7 @@ class Scorer:
         output = score_in_chunks(self.model, self.model.encode_user(batch), torch.as_tensor(item_ids).to(self.device),
                                  explain)
         scores = torch.sigmoid(output.logits.float()).cpu().numpy()  # (R, C)
-        out = []
+        out: list[Scored | ScoringError] = []
         for j, (e, count) in enumerate(zip(encoded, counts, strict=True)):
             if not np.isfinite(scores[j, :count]).all():  # never a `score: null`; and it fails this request only
                 out.append(ScoringError("the model gave a non-finite score for this request"))
@@ -320,7 +330,8 @@ class Scorer:
             output.behaviour_attention[j, :count].float().cpu().numpy()  # (C, S, N)
         explanations = []
         for c in range(count):
-            item = {"transfer_attention": {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}}
+            weights_by_scene = {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}
+            item: dict[str, Any] = {"transfer_attention": weights_by_scene}
             if behaviour is not None:
                 # An event's weight: its scene's transfer weight x its weight within that scene's interest.
                 weights = (transfer[c][:, None] * behaviour[c]).sum(0)[: len(history_keys)]
@@ -334,7 +345,7 @@ class Scorer:
         """The top k of the scene's catalogue (items seen there in training); and the catalogue size."""
         scene = self._scene(request["scenario"], ("scenario",))
         catalogue = self.catalogues.get(scene, np.zeros(0, dtype=np.int64))
-        record = self.store.user(normalize_key(request["user_id"])) if self.store is not None else None
+        record = self.store.user(_key(request["user_id"])) if self.store is not None else None
         if request.get("exclude_seen", True) and record is not None:
             catalogue = catalogue[~np.isin(catalogue, record.item_ids)]
         if len(catalogue) == 0:
@@ -371,8 +382,8 @@ class Scorer:
             event_id = event.get("event_id")
             rows.append((scene, int(label), stamp, None if event_id is None else str(event_id)))
         # Ids normalised and encoded once for the batch (per event, this was most of an ingest's time).
-        user_keys = normalize_keys([event["user_id"] for event in events])
-        item_keys = normalize_keys([event["item_id"] for event in events])
+        user_keys = _keys([event["user_id"] for event in events])
+        item_keys = _keys([event["item_id"] for event in events])
         item_ids = self._encode_normalized("item_id", item_keys)
         by_user: dict[str, list[int]] = {}
         seen_ids, duplicates = set(), 0
@@ -406,7 +417,7 @@ class Scorer:
                 "config": asdict(self.config), "scenarios": self.spec.scenarios,
                 "counts": {"users": len(self.spec.vocabularies["user_id"]) - 2,
                            "items": len(self.spec.vocabularies["item_id"]) - 2,
-                           "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
+                           "history_users": len(self.store) if isinstance(self.store, Sized) else None,
                            "catalogue": {s: len(self.catalogues.get(i, [])) for s, i in self.scenes.items()}},
                 "history_length": self.config.history_length,
                 "history_store": self.store_health(),
