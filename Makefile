@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
-# mypy checks the packages [tool.mypy] names in pyproject.toml (about 50 s cold, a few seconds with its cache).
+# mypy checks what [tool.mypy] names in pyproject.toml (msit) (about 50 s cold, a few seconds with its cache).
 # The quick check while working: lint and the tests that need neither Ray nor Redis (tests/conftest.py marks
 # them); --forbid-ray fails any of these that starts Ray after all, in the test process or a subprocess.
 test-fast: $(VENV)/.installed

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from msit.model.parameters import Part, ScenePart
+
 # Per-row tensors of the user side, first dimension R; which ones is each family's own business.
 UserSide = dict[str, torch.Tensor]
 
@@ -44,6 +46,12 @@ class Model(nn.Module):
         raise NotImplementedError
 
     def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
+        raise NotImplementedError
+
+    def head_parts(self) -> dict[str, Part]:  # what fine-tuning's head mode trains whole
+        raise NotImplementedError
+
+    def scene_parts(self) -> dict[str, ScenePart]:  # the per-scene parts fine-tuning's scene mode trains
         raise NotImplementedError
 
 
