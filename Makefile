@@ -21,16 +21,20 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	@command -v redis-server >/dev/null || { echo "make test: redis-server is missing (the history store tests run against a real Redis): apt-get install redis-server"; exit 1; }
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
+# mypy checks what [tool.mypy] names in pyproject.toml (msit) (about 50 s cold, a few seconds with its cache).
 # The quick check while working: lint and the tests that need neither Ray nor Redis (tests/conftest.py marks
 # them); --forbid-ray fails any of these that starts Ray after all, in the test process or a subprocess.
 test-fast: $(VENV)/.installed
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not ray and not redis" --forbid-ray tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,6 +33,7 @@ top-level stamp, benchmarks/provenance.py, is the run that last wrote the file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -102,10 +103,8 @@ def stop_group(pgid: int, grace_s: float = 60.0, term: bool = True) -> None:
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.5)
     if _group_alive(pgid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _descendants(pid: int) -> set[int]:
@@ -163,7 +162,7 @@ def setup(work: Path) -> None:
                "--spec", str(work / "synth" / "spec.yaml"), "--num-cpus", "4",
                "--overwrite"]
     for command in (synth, prepare):
-        done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{shlex.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     log("setup: a tiny model for the serving drills")
@@ -330,7 +329,7 @@ def drill_driver_kill(work: Path) -> dict:
         stop_group(first.pid, term=False)
     log("driver killed; the same command again")
     second = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=TIMEOUTS["driver_kill"] - 120, start_new_session=True)
+                            timeout=TIMEOUTS["driver_kill"] - 120, start_new_session=True, check=False)
     (work / "driver_kill" / "second.log").write_text(second.stdout + second.stderr)
     notes.insert(0, f"driver SIGKILLed while epoch {kill['epoch_in_progress']} trained (no newer checkpoint at "
                     f"that moment: {kill['between_checkpoints']}); the same command again exited {second.returncode}")
@@ -371,7 +370,7 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
         _register_group(work, name, head.pid)
         address = f"http://127.0.0.1:{dashboard}"
         _wait(lambda: head.poll() is not None or subprocess.run(
-            [RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0,
+            [RAY, "job", "list", "--address", address], env=env, capture_output=True, check=False).returncode == 0,
               120, "ray start --head", poll_s=1)
         if head.poll() is not None:
             raise RuntimeError(f"ray start --head exited: {(work / name / 'head.log').read_text()[-2000:]}")
@@ -499,10 +498,8 @@ def _probe(url: str, body: dict, count: int = 5) -> tuple[int, str | None]:
 
     ok = 0
     for _ in range(count):
-        try:
+        with contextlib.suppress(requests.RequestException):
             ok += requests.post(f"{url}/v1/score", json=body, timeout=30).status_code == 200
-        except requests.RequestException:
-            pass
     try:
         version = requests.get(f"{url}/v1/model", timeout=30).json().get("version")
     except (requests.RequestException, ValueError):
@@ -717,10 +714,8 @@ def drill_node_kill_serve(work: Path) -> dict:
             return await load
         result = asyncio.run(kill_during_load())
         back = False
-        try:
+        with contextlib.suppress(TimeoutError):
             back = bool(_wait(lambda: len(_scorer_replicas()) == 2, 120, "a replacement replica", poll_s=2))
-        except TimeoutError:
-            pass
         ok, _ = _probe(url, requests[0])
         serve.shutdown()
     return {"requests": result["requests"], "failed": result["errors"], "epochs_lost": None,

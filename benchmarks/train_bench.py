@@ -170,7 +170,7 @@ def mixing(prepared: Path, epochs: int = 2, batch_size: int = 1024) -> dict:
     by_user = np.sort(users)  # rows grouped by user, as a per-user partitioning would leave them
     grouped = per_batch([by_user[i:i + batch_size] for i in range(0, len(users), batch_size)])
     return {
-        "data": "ml100k_genre train split", "batch_size": batch_size, "users_in_split": int(len(np.unique(users))),
+        "data": "ml100k_genre train split", "batch_size": batch_size, "users_in_split": len(np.unique(users)),
         "train_files": len(list((prepared / "train").glob("*.parquet"))),
         "shuffle_buffer_rows": SHUFFLE_BUFFER_ROWS,
         "ray_path_distinct_users_per_batch": ray_epochs,

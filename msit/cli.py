@@ -25,7 +25,7 @@ def _ratios(text: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(f"expected three numbers like 0.8,0.1,0.1, got {text!r}") from None
     if len(parts) != 3:
         raise argparse.ArgumentTypeError(f"expected three numbers train,val,test, got {text!r}")
-    return parts  # type: ignore[return-value]
+    return parts
 
 
 def _add_synth_args(p: argparse.ArgumentParser) -> None:

@@ -10,13 +10,16 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from msit.errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -32,13 +35,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _dataclass_type(tp: Any) -> type | None:
+def _dataclass_type(tp: Any) -> type[DataclassInstance] | None:
     """The dataclass inside `tp` (also `X | None`), or None."""
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return tp
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg):
+            if isinstance(arg, type) and dataclasses.is_dataclass(arg):
                 return arg
     return None
 

@@ -29,6 +29,7 @@ from torch import nn
 from msit.data.feature_spec import FeatureSpec
 from msit.data.schema import scene_id
 from msit.errors import ConfigError, MsitError
+from msit.model.output import Model
 from msit.model.parameters import declared_names
 from msit.model_dir import WEIGHTS_FILE, load_model_spec, load_weights
 
@@ -69,7 +70,7 @@ def check_encoding_extends(model_dir: str | Path, data_spec: FeatureSpec, data_d
                             "--extend-vocab`")
 
 
-def start_from(model: nn.Module, spec: FinetuneSpec, data_spec: FeatureSpec,
+def start_from(model: Model, spec: FinetuneSpec, data_spec: FeatureSpec,
                scenes: list[str] | None = None) -> StartSummary:
     """Load the learned weights of `spec.from_model` into `model` (built for `data_spec`, the extended
     encoding) and freeze what the mode does not train. `scenes`: the scenes scene mode fine-tunes
@@ -128,7 +129,7 @@ def train_only(model: nn.Module, rows: dict[str, torch.Tensor]) -> None:
         if mask is None or not mask.any():
             p.requires_grad_(False)
         elif not mask.all():
-            p.trained_rows = mask
+            p.trained_rows = mask  # type: ignore[attr-defined]  # our tag on the Parameter: make_optimizer reads it
             p.register_hook(partial(_mask_rows, mask=mask))
 
 

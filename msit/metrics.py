@@ -37,7 +37,7 @@ def _tie_groups(sorted_keys: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return starts[group], ends[group]
 
 
-def _auc_from_ranks(pos_rank_sum: np.ndarray, n_pos: np.ndarray, n: np.ndarray) -> np.ndarray:
+def _auc_from_ranks(pos_rank_sum: np.ndarray, n_pos: np.ndarray | int, n: np.ndarray | int) -> np.ndarray:
     """Mann-Whitney: AUC = (R+ - P(P+1)/2) / (P*N); 1-based average ranks make ties count one half."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))

@@ -30,7 +30,7 @@ from msit import __version__
 from msit.config import from_dict
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec
 from msit.errors import MsitError
-from msit.model import ModelConfig, build_model
+from msit.model import Model, ModelConfig, build_model
 from msit.output_dir import writing
 
 WEIGHTS_FILE = "model.safetensors"
@@ -40,7 +40,7 @@ FORMAT_VERSION = 2  # 2: the attention layers of issue 15 (fused, separate q/k/v
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
+    model: Model
     config: ModelConfig
     spec: FeatureSpec
     info: dict

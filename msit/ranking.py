@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit, model_batch
 from msit.data.schema import FIRST_REAL, Batch, scene_id
 from msit.metrics import ranking_metrics
-from msit.model.output import score_in_chunks
+from msit.model.output import Model, score_in_chunks
 
 
 def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
@@ -27,7 +26,7 @@ def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
 
 
 @torch.no_grad()
-def catalogue_ranking(model: nn.Module, data: EventSplit, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
+def catalogue_ranking(model: Model, data: EventSplit, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
                       k: int = 10, max_queries: int = 200, seed: int = 0) -> dict[str, dict]:
     """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`).
     Each query's user side is encoded once and the whole catalogue scored against it (`score_in_chunks`)."""

@@ -202,7 +202,7 @@ def local_batch_size(batch_size: int, workers: int) -> int:
     return batch_size // workers
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
     """One rank of a Ray Train run: the epoch loop of `msit.train_loop`, with Ray at its edges (the dataset
     shards in, `ray.train.report` with a checkpoint out, resume from `ray.train.get_checkpoint`)."""
     cfg: TrainRunConfig = config["cfg"]
@@ -219,7 +219,8 @@ def train_loop_per_worker(config: dict) -> None:
         summary = start_from(model, cfg.finetune, spec, cfg.scenes)
         for line in summary.lines():
             log(f"fine-tuning from {cfg.finetune.from_model} ({cfg.finetune.mode}): {line}")
-    state, skipped = LoopState(), []
+    state = LoopState()
+    skipped: list[str] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
         saved, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
@@ -384,6 +385,7 @@ def resume_from(checkpoint: ray.train.Checkpoint, model, log=None) -> tuple[dict
 def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
     """The run's checkpoints older than `checkpoint`, newest first (Train V2 names them checkpoint_<time>)."""
     run_dir, name = posixpath.split(checkpoint.path.rstrip("/"))
+    assert checkpoint.filesystem is not None  # a checkpoint Train reports has its storage filesystem
     infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(run_dir))
     older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
                     and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
@@ -398,7 +400,7 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, dict]:
     try:
         state = json.loads(path.read_text())
         for key in ("epoch", "best_val_auc", "best_epoch", "history"):
-            state[key]  # noqa: B018  (a KeyError names the key)
+            state[key]  # a KeyError names the key
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise MsitError(f"{path}: not a training state ({type(e).__name__}: {e})") from None
     path = directory / OPTIMIZER_FILE
@@ -435,7 +437,7 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) 
             # Mid-epoch means after the last epoch's checkpoint is safe: Train V2's controller takes a report in
             # at its next poll of the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), and a
             # batch prefetched while validating can reach this line within milliseconds of that report.
-            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
         os._exit(1)
 
 
@@ -484,7 +486,8 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                          checkpoint_score_attribute="val_auc",
                                                          checkpoint_score_order="max")),
-        datasets=datasets, dataset_config=ShardedData(),
+        # dict is invariant; ray annotates dict[str, Dataset | Callable] where it means a Mapping
+        datasets=datasets, dataset_config=ShardedData(),  # type: ignore[arg-type]
     )
 
 
@@ -517,7 +520,8 @@ def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.dat
         if split == "train" and not cached else None
     dataset = ray.data.read_parquet(str(path), columns=event_columns(spec), shuffle=shuffle)
     if cfg.scenes:
-        dataset = dataset.map_batches(_rows_of_scenes, batch_format="pyarrow",
+        # ray's signature for fn has room for the batch alone, not the fn_kwargs it passes
+        dataset = dataset.map_batches(_rows_of_scenes, batch_format="pyarrow",  # type: ignore[arg-type]
                                       fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
     if cached:
         dataset = dataset.materialize().randomize_block_order(
@@ -589,6 +593,7 @@ def run_training(cfg: TrainRunConfig, log=print) -> Path:
             raise
         raise user_error from None
     info = export_best(result, output, log=log)
+    assert result.checkpoint is not None  # export_best found the best one
     with result.checkpoint.as_directory() as directory:  # the latest checkpoint holds the whole history
         history = json.loads((Path(directory) / STATE_FILE).read_text())["history"]
     write_run_outputs(history, run_outputs_dir(cfg))

@@ -136,7 +136,8 @@ def expand_space(cfg: TuneRunConfig) -> tuple[list[dict[str, Any]], list[dict[st
         rng, candidates = random.Random(search.seed), []
         for _ in range(search.num_samples):
             candidates.append({name: _sample(rng, domain) for name, domain in space.items()})
-    kept, pruned = [], []
+    kept: list[dict[str, Any]] = []
+    pruned: list[dict[str, Any]] = []
     for params in candidates:
         (kept if _valid(cfg, params) else pruned).append(params)
     return kept, pruned
@@ -145,7 +146,9 @@ def expand_space(cfg: TuneRunConfig) -> tuple[list[dict[str, Any]], list[dict[st
 def _sample(rng: random.Random, domain: Any) -> Any:
     if _is_choices(domain):
         return rng.choice(domain)
-    kind, lo, hi = _range(domain)
+    bounds = _range(domain)
+    assert bounds is not None  # SearchSpec refused any other domain
+    kind, lo, hi = bounds
     return math.exp(rng.uniform(math.log(lo), math.log(hi))) if kind == "log_uniform" else rng.uniform(lo, hi)
 
 
@@ -171,7 +174,9 @@ def _optuna_space(cfg: TuneRunConfig):
             elif _is_choices(domain):
                 trial.suggest_categorical(name, domain)
             else:
-                kind, lo, hi = _range(domain)
+                bounds = _range(domain)
+                assert bounds is not None  # SearchSpec refused any other domain
+                kind, lo, hi = bounds
                 trial.suggest_float(name, lo, hi, log=kind == "log_uniform")
         return heads
 

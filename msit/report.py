@@ -32,6 +32,7 @@ from tqdm import tqdm
 from msit.data.prepared import EventSplit, load_split
 from msit.data.schema import HISTORY_LENGTH, HISTORY_SCENE_IDS, SCENE_ID, scene_slots
 from msit.metrics import auc, scene_metrics
+from msit.model.output import Model
 from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
 
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
@@ -59,7 +60,7 @@ class ModelResult:
 
 
 @torch.no_grad()
-def run_model(model: torch.nn.Module, data: EventSplit, n_scenes: int,
+def run_model(model: Model, data: EventSplit, n_scenes: int,
               desc: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """One pass over the split: probabilities per row, and the mean transfer attention per target scene.
 
@@ -283,7 +284,7 @@ def history_table(results: list[ModelResult], rows: dict[str, list[int]], labels
             cells = [f"<td>{html.escape(scene)}</td>", f"<td>{label}</td>", f"<td>{n}</td>",
                      *(f"<td>{_num(v)}</td>" for v in values)]
             if len(values) == 2:
-                cells.append(_diff_cell(*values))
+                cells.append(_diff_cell(values[0], values[1]))
             body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

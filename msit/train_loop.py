@@ -72,16 +72,16 @@ class TorchWorld(World):
         count = torch.tensor([len(next(iter(columns.values())))], device=self.device)
         counts = [torch.zeros_like(count) for _ in range(self.size)]
         torch.distributed.all_gather(counts, count)
-        counts = [int(c.item()) for c in counts]
+        sizes = [int(c.item()) for c in counts]
         out = {}
         for name, values in columns.items():
             values = values.to(self.device)
-            padded = torch.zeros(max(counts), dtype=values.dtype, device=self.device)
+            padded = torch.zeros(max(sizes), dtype=values.dtype, device=self.device)
             padded[:len(values)] = values
             parts = [torch.zeros_like(padded) for _ in range(self.size)]
             torch.distributed.all_gather(parts, padded)
             if self.rank == 0:
-                out[name] = torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)]).cpu().numpy()
+                out[name] = torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)]).cpu().numpy()
         return out if self.rank == 0 else None
 
     def decide(self, flag: bool) -> bool:
@@ -209,10 +209,11 @@ class EpochLoop:
             samples += len(batch["label"])
             self.after_batch(epoch - 1, batches)
         # Throughput of the training pass alone (validation and the hook excluded), over all ranks.
-        loss_sum, batches, samples = self.world.sum([loss_sum, batches, samples])
+        total_loss, total_batches, total_samples = self.world.sum([loss_sum, batches, samples])
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": loss_sum / max(batches, 1), "train_samples": int(samples),
-                   "train_seconds": seconds, "train_samples_per_s": samples / seconds, "epoch_started_at": started_at}
+        metrics = {"epoch": epoch, "train_loss": total_loss / max(total_batches, 1),
+                   "train_samples": int(total_samples), "train_seconds": seconds,
+                   "train_samples_per_s": total_samples / seconds, "epoch_started_at": started_at}
         evaluation = self.validate()
         if evaluation is not None:
             metrics |= flat_metrics(evaluation)

@@ -21,6 +21,7 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit
 from msit.errors import ConfigError
 from msit.metrics import scene_metrics
+from msit.model.output import Model
 from msit.model.parameters import parameters_with_kinds
 
 Batch = dict[str, torch.Tensor]
@@ -91,7 +92,7 @@ def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: EventSplit, batch_size: int = 4096) -> np.ndarray:
+def predict(model: Model, data: EventSplit, batch_size: int = 4096) -> np.ndarray:
     """Probabilities for every row, in order."""
     model.eval()
     device = next(model.parameters()).device
@@ -100,7 +101,7 @@ def predict(model: nn.Module, data: EventSplit, batch_size: int = 4096) -> np.nd
     return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
 
 
-def evaluate(model: nn.Module, data: EventSplit, spec: FeatureSpec, batch_size: int = 4096) -> dict:
+def evaluate(model: Model, data: EventSplit, spec: FeatureSpec, batch_size: int = 4096) -> dict:
     probs = predict(model, data, batch_size)
     events = data.events
     return scene_metrics(events["label"].numpy(), probs, events["scene_id"].numpy(), events["user_id"].numpy(),
@@ -116,7 +117,8 @@ def decays(p: nn.Parameter, kind: str) -> bool:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, with weight decay by what each parameter is (`msit.model.parameters`), not by its name."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p, kind in parameters_with_kinds(model):
         if p.requires_grad:
             (decay if decays(p, kind) else no_decay).append(p)
@@ -132,7 +134,7 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(model: nn.Module, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg: TrainConfig,
+def fit(model: Model, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg: TrainConfig,
         log: Callable[[str], None] = print, progress: bool = False, start_point: bool = False) -> FitResult:
     """Train with early stopping on val AUC (`train_loop.EpochLoop`, the loop Ray Train's workers run too);
     the model ends with its best epoch's weights. Each epoch is a fresh global permutation of `train`.

@@ -44,7 +44,7 @@ def ray_head(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([RAY, "job", "list", "--address", address], env=client_env,
-                             capture_output=True).returncode != 0:
+                             capture_output=True, check=False).returncode != 0:
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"`ray start --head` did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
@@ -73,11 +73,11 @@ def test_ray_job_submit_trains_and_exports_a_model(ray_head, small_prepared, tmp
     submitted = subprocess.run(
         [RAY, "job", "submit", "--address", address, "--submission-id", "msit-test", "--working-dir", str(REPO),
          "--", sys.executable, "train/main.py", "--config", str(config)],
-        env=client_env, capture_output=True, text=True, timeout=540)
+        env=client_env, capture_output=True, text=True, timeout=540, check=False)
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
     status = subprocess.run([RAY, "job", "status", "--address", address, "msit-test"], env=client_env,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     assert "succeeded" in (status.stdout + status.stderr).lower()
     assert f"exported to {tmp_path / 'model'}" in logs  # the driver ran inside the job and told the user
     loaded = load_model_dir(tmp_path / "model")

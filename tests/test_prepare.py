@@ -174,7 +174,7 @@ def test_empty_input_and_missing_inputs_and_missing_columns(ray_session, tmp_pat
         prepare(PrepareConfig(inputs=[str(tmp_path / "empty.csv")], out=str(tmp_path / "o1")), log=lambda _: None)
     with pytest.raises(DataValidationError, match="input not found"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "nope")], out=str(tmp_path / "o2")), log=lambda _: None)
-    with pytest.raises(DataValidationError, match="no .parquet or .csv files found"):
+    with pytest.raises(DataValidationError, match=r"no \.parquet or \.csv files found"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "*.parquet")], out=str(tmp_path / "o3")), log=lambda _: None)
     _write_csv(tmp_path / "a.csv", [{"user_id": 1, "item_id": 2, "scenario": "s", "label": 1, "timestamp": 5}])
     _write_csv(tmp_path / "b.csv", [{"user_id": 1, "item_id": 2, "scenario": "s", "timestamp": 5}])

@@ -90,7 +90,7 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_newest_valid_one(small_p
     cfg.model, cfg.scaling.num_workers, cfg.run.keep_checkpoints = ModelConfig(embed_dim=8, mlp_dims=(8,)), 1, 3
     run_training(cfg, log=lambda _: None)
     run_dir = tmp_path / "ray_results" / "truncated"
-    older, latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    _older, latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 

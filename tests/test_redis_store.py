@@ -84,7 +84,8 @@ def test_loading_again_keeps_the_events_posted_since_the_snapshot(small_model, r
 
     assert store.load(memory, chunk=7, progress=False) == len(memory)  # the snapshot again
     assert _same(store.user(user), with_posted), "the load dropped or moved events posted since the snapshot"
-    assert _same(store.user(list(memory)[0]), memory.user(list(memory)[0]))  # the others are the snapshot's
+    other = next(iter(memory))
+    assert _same(store.user(other), memory.user(other))  # the others are the snapshot's
     assert store.append(posted).duplicates == 2  # their event ids were kept too
 
 
@@ -187,7 +188,7 @@ def test_redis_down_gives_503_then_serving_recovers(small_model, memory, tmp_pat
         model_dir, _ = small_model
         RedisHistoryStore(server.url, FeatureSpec.load(model_dir), EVENTS_PER_USER).load(memory, progress=False)
         scorer, client = _replica(small_model, server.url, "msit")
-        user = list(memory)[0]
+        user = next(iter(memory))
         request = {"user_id": user, "scenario": scorer.spec.scenarios[0],
                    "candidates": scorer.spec.vocabularies["item_id"][2:5], "timestamp": 10**9}
         event = {"user_id": user, "item_id": request["candidates"][0], "scenario": request["scenario"], "label": 1,

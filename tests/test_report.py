@@ -128,7 +128,7 @@ def test_metrics_match_evaluate(report, small_model, ablation_model):
 
 
 def test_model_without_attention_gets_a_note(small_model, tmp_path):
-    model_dir, prepared = small_model
+    _, prepared = small_model
     baseline = _train_and_save(prepared, "shared_bottom", tmp_path / "baseline", train=False)
     path = build_report(baseline, prepared, tmp_path / "out", split="val", log=lambda _: None)
     metrics = json.loads((path.parent / "metrics.json").read_text())

@@ -61,7 +61,7 @@ def test_scores_equal_the_offline_model_on_the_same_rows(scorer, small_model):
 
 
 def test_a_history_in_the_request_is_used_as_given(scorer, small_model):
-    model_dir, prepared = small_model
+    _, prepared = small_model
     spec = FeatureSpec.load(prepared)
     row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 3)
     items, scenes = spec.vocabularies["item_id"], spec.scenarios
@@ -230,7 +230,7 @@ def test_the_self_test_scores_a_tiny_request_and_fails_on_a_model_that_cannot(sc
                                                                               monkeypatch):
     scorer.self_test()
     broken = Scorer(nan_weights(small_model[1], tmp_path / "nan"))  # loads fine
-    with pytest.raises(ScoringError, match="self-test failed.*non-finite"):
+    with pytest.raises(ScoringError, match=r"self-test failed.*non-finite"):
         broken.self_test()
     monkeypatch.setattr(scorer, "model", _Faulty(scorer.model, poison=2, nan=False))
     with pytest.raises(RuntimeError, match="simulated fault"):

@@ -61,7 +61,7 @@ def _any_json():
                         | st.dictionaries(_hostile_text(), inner, max_size=3), max_leaves=6)
 
 
-def from_schema(schema: dict, components: dict, words: dict[str, list[str]], depth: int = 0):
+def from_schema(schema: dict, components: dict, words: dict[str, list[str]], depth: int = 0):  # noqa: C901  (one branch per JSON Schema keyword)
     """Values shaped like `schema` (OpenAPI 3.1 JSON Schema), hostile in every leaf; sometimes anything at all."""
     if "$ref" in schema:
         return from_schema(components[schema["$ref"].split("/")[-1]], components, words, depth)

@@ -28,7 +28,7 @@ def test_inference_finds_roles_user_and_item_features_and_leaves_context_out(syn
 
 def test_inference_leaves_a_per_event_outcome_out(shared_data):
     sample = pd.read_csv(shared_data / "ml100k_genre.csv", nrows=20_000)
-    spec, notes = infer_spec(sample)
+    spec, _ = infer_spec(sample)
     assert "rating" not in spec.feature_columns()  # varies per event: it would leak the label
     assert spec.columns["split"] == "split"
     assert set(spec.user.columns()) == {"age", "gender", "occupation", "zip"}

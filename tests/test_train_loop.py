@@ -210,7 +210,7 @@ def test_the_global_batch_is_split_over_the_workers():
     from msit.ray_train import local_batch_size
 
     assert [local_batch_size(1024, w) for w in (1, 2, 3)] == [1024, 512, 341]
-    with pytest.raises(ConfigError, match="train.batch_size 1 is the global batch, split over 2 workers"):
+    with pytest.raises(ConfigError, match=r"train\.batch_size 1 is the global batch, split over 2 workers"):
         local_batch_size(1, 2)
 
 

@@ -88,7 +88,7 @@ def test_training_and_serving_cut_identical_windows_for_every_event(tied):
     scorer = Scorer(model_dir, InMemoryHistoryStore.from_prepared(prepared, spec))
     trained = training_windows(prepared, spec, scorer.config.history_length)
     rng = np.random.default_rng(0)
-    events = {user: frame for user, frame in log.groupby(log["user_id"].astype(str))}
+    events = dict(iter(log.groupby(log["user_id"].astype(str))))
     lengths, ties = [], 0
     for split, rows in trained.items():
         base = [{"user_id": user, "scenario": spec.scenarios[0], "candidates": ["1"], "timestamp": int(t)}

@@ -32,6 +32,20 @@ class FieldInfo:
     sep: str | None = None  # multi: separator in the raw data
     max_len: int | None = None  # multi: tokens kept per row
 
+    @property
+    def vocab(self) -> int:
+        """`vocab_size` of a field that has one (id, categorical, multi)."""
+        if self.vocab_size is None:
+            raise ValueError(f"a {self.type} field has no vocabulary")
+        return self.vocab_size
+
+    @property
+    def width(self) -> int:
+        """`max_len` of a multi-valued field."""
+        if self.max_len is None:
+            raise ValueError(f"a {self.type} field has no max_len")
+        return self.max_len
+
 
 @dataclass
 class FeatureSpec:

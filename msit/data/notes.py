@@ -4,6 +4,8 @@ exact duplicate rows. Each is also kept in `feature_spec.json` (source.notes).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 UNIT_NAMES = {"ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
 UNIT_FROM = {"ms": "1e11", "us": "1e14", "ns": "1e17"}
 
@@ -17,7 +19,7 @@ def time_units(column: str, converted: dict[str, int]) -> list[str]:
             "converted to seconds" for unit, n in sorted(converted.items())]
 
 
-def scenes(all_counts: dict[str, float], train_scenes: list[str]) -> list[str]:
+def scenes(all_counts: dict[str, float], train_scenes: Sequence[str]) -> list[str]:
     """Scenes whose names differ only in case (kept apart), and scenes never seen in training."""
     notes = []
     by_folded: dict[str, list[str]] = {}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -110,8 +111,10 @@ class _Steps:
     """Prints numbered steps with their durations; keeps the durations for the report."""
 
     def __init__(self, total: int, log):
-        self.total, self.n, self.log, self.seconds = total, 0, log, {}
-        self._name, self._t0 = None, 0.0
+        self.total, self.n, self.log = total, 0, log
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._t0 = 0.0
 
     def start(self, name: str) -> None:
         self.done()
@@ -138,7 +141,7 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     return result
 
 
-def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:
+def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> PrepareResult:  # noqa: C901  (to split)
     steps = _Steps(6, log)
 
     def note(text: str) -> None:
@@ -174,7 +177,8 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     pieces = _read_pieces(sources, cpus)
     groups = _partitions(cfg, sum(rows for *_, rows in pieces), cpus)
-    blocks = [_read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups)
+    # A list of 1 + groups refs each (ray's stubs type any num_returns as one ref).
+    blocks = [cast(list, _read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups))
               for piece in pieces]
     results = ray.get([refs[0] for refs in blocks])
     for result in results:
@@ -258,13 +262,14 @@ def _read_pieces(sources: src.Sources, cpus: int) -> list[tuple[str, list[int] |
     None for a whole CSV file, slice k of n of those rows, rows or an estimate). Only when there are fewer
     such chunks than CPUs is a chunk read by several tasks, each validating a slice of it (each decodes the
     whole chunk), so that one big row group still uses every CPU."""
-    chunks = []
+    chunks: list[tuple[str, list[int] | None, int]] = []
     for path in sources.files:
         if sources.format == "csv":
             chunks.append((path, None, sources.filesystem.get_file_info(path).size // 50))
             continue
         meta = pq.ParquetFile(path, filesystem=sources.filesystem).metadata
-        chunk, rows = [], 0
+        chunk: list[int] = []
+        rows = 0
         for g in range(meta.num_row_groups):
             chunk, rows = [*chunk, g], rows + meta.row_group(g).num_rows
             if rows >= FILE_ROWS or g == meta.num_row_groups - 1:
@@ -466,7 +471,8 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
         for col in group.categorical:
             fields[col] = FieldInfo(role, "categorical", len(vocabs[col]))
         for col in group.numeric:
-            fields[col] = FieldInfo(role, "numeric", **encoders.numeric_stats[col])
+            stats = encoders.numeric_stats[col]
+            fields[col] = FieldInfo(role, "numeric", mean=stats["mean"], std=stats["std"])
         for col in group.multi:
             fields[col] = FieldInfo(role, "multi", len(vocabs[col]), sep=multi[col],
                                     max_len=encoders.multi_max_len[col])

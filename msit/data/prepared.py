@@ -125,7 +125,7 @@ def load_events(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batc
     for name in table.column_names:
         column = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):  # multi-valued features
-            width = spec.fields[name].max_len
+            width = spec.fields[name].width
             values = pc.list_flatten(column).to_numpy()
             if len(values) != width * len(column):
                 raise MsitError(f"{path}: column {name!r} does not hold {width} values per row; prepare again")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import fnmatch
 import glob as globlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import pandas as pd
 import pyarrow as pa
@@ -63,7 +65,8 @@ def resolve(inputs: list[str] | str) -> Sources:
     formats = {_format_of(f) for f in files}
     if len(formats) > 1:
         raise DataValidationError(f"inputs mix Parquet and CSV files ({files[:3]}...); convert them to one format")
-    return Sources(files=sorted(dict.fromkeys(files)), format=formats.pop(), filesystem=filesystem)
+    # Not None: _expand keeps only files of a known format.
+    return Sources(files=sorted(dict.fromkeys(files)), format=cast(str, formats.pop()), filesystem=filesystem)
 
 
 def _filesystem_for(spec: str) -> tuple[pafs.FileSystem, str]:
@@ -183,7 +186,7 @@ _COMMON = {  # kinds that differ between files -> the type they are all read as 
 }
 
 
-def read_schema(schemas: dict[str, pa.Schema], columns: list[str], lists: list[str] = ()) -> pa.Schema:
+def read_schema(schemas: dict[str, pa.Schema], columns: list[str], lists: Sequence[str] = ()) -> pa.Schema:
     """One schema for `columns` of every file, so that shards written with drifting types (an id int64 in one
     shard and string in another, int and float, string and dictionary) are read alike; values are parsed
     per role afterwards. Types that cannot be read alike, or that no role takes, are an error naming the

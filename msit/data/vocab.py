@@ -33,7 +33,7 @@ class Vocabulary:
     values: list[str]
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int], min_count: int = 1, by_name: bool = False) -> Vocabulary:
+    def from_counts(cls, counts: dict[str, float], min_count: int = 1, by_name: bool = False) -> Vocabulary:
         """Values seen at least `min_count` times, most frequent first (or sorted by name)."""
         kept = [v for v, n in counts.items() if n >= min_count]
         kept.sort(key=(lambda v: v) if by_name else (lambda v: (-counts[v], v)))
@@ -221,7 +221,7 @@ def encoders_from_feature_spec(spec) -> Encoders:
     vocabularies = {name: Vocabulary(values) for name, values in spec.vocabularies.items()}
     stats = {c: {"mean": f.mean, "std": f.std} for c, f in spec.fields.items() if f.type == "numeric"}
     max_len = {c: f.max_len for c, f in spec.fields.items() if f.type == "multi"}
-    return Encoders(vocabularies, stats, max_len, {c: 0 for c in max_len})
+    return Encoders(vocabularies, stats, max_len, dict.fromkeys(max_len, 0))
 
 
 # Vocabulary values as Arrow arrays per fitted Encoders object, built once per Ray worker process, not per batch.

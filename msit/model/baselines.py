@@ -7,6 +7,9 @@ the inputs. Each scene (plus one slot for an unknown scene) has its own tower or
 
 from __future__ import annotations
 
+import itertools
+from typing import ClassVar, cast
+
 import torch
 from torch import nn
 
@@ -15,7 +18,7 @@ from msit.data.schema import FIRST_REAL, HISTORY_ITEM_IDS, HISTORY_LABELS, ITEM_
 from msit.model.config import ModelConfig
 from msit.model.dropout import Dropout
 from msit.model.features import FeatureEmbedder
-from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.output import Model, ModelOutput, UserSide, per_candidate
 from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import mlp
 
@@ -47,9 +50,11 @@ class _Inputs(nn.Module):
         return x, per_candidate(user["slot"], C)
 
 
-class _Baseline(nn.Module):
+class _Baseline(Model):
     """The interface every family shares (`msit.model.output`); a baseline defines `encode_user` and `logits`,
     and adds its own per-scene parts to the parts fine-tuning trains (`head_parts`, `scene_parts`)."""
+
+    inputs: _Inputs
 
     def head_parts(self) -> dict[str, Part]:
         """What fine-tuning's head mode trains whole: the scene embedding and the family's per-scene parts."""
@@ -68,6 +73,9 @@ class _Baseline(nn.Module):
     def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
         x, slots = self.inputs.per_candidate(user, item_ids)
         return ModelOutput(self.logits(x, slots, user, item_ids.shape[1]).view(item_ids.shape))
+
+    def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class _Towers(nn.Module):
@@ -135,7 +143,7 @@ class _StarLinear(nn.Module):
     scene slot: one matrix product per slot with that slot's W, instead of a W built for every row."""
 
     # W_scene is a factor of the matrix, decayed as the matrix is; b_scene is a bias (one row per slot).
-    parameter_kinds = {"scene_weight": "matmul", "scene_bias": "bias"}
+    parameter_kinds: ClassVar[dict[str, str]] = {"scene_weight": "matmul", "scene_bias": "bias"}
 
     def __init__(self, n_slots: int, n_in: int, n_out: int):
         super().__init__()
@@ -152,7 +160,8 @@ class _StarLinear(nn.Module):
 class _PartitionedNorm(nn.Module):
     """STAR's partitioned normalisation: batch statistics, then shared x per-scene scale and shift."""
 
-    parameter_kinds = {"gamma": "norm", "beta": "norm", "scene_gamma": "norm", "scene_beta": "norm"}
+    parameter_kinds: ClassVar[dict[str, str]] = {"gamma": "norm", "beta": "norm",
+                                                 "scene_gamma": "norm", "scene_beta": "norm"}
 
     def __init__(self, n_slots: int, width: int):
         super().__init__()
@@ -173,14 +182,14 @@ class STAR(_Baseline):
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
         self.norm = _PartitionedNorm(n_slots, 4 * d)
         sizes = [4 * d, *cfg.mlp_dims, 1]
-        self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        self.layers = nn.ModuleList(_StarLinear(n_slots, a, b) for a, b in itertools.pairwise(sizes))
         self.dropout = Dropout(cfg.dropout)
         self.auxiliary = mlp([2 * d, d, 1], cfg.dropout)  # the auxiliary network on scene + context
 
     def _per_scene(self) -> dict[str, nn.Parameter]:
         """The star weights: each parameter's rows are one per scene slot."""
         parts = {"norm scene scale": self.norm.scene_gamma, "norm scene shift": self.norm.scene_beta}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast(list[_StarLinear], self.layers)):
             parts |= {f"layer {i} scene weight": layer.scene_weight, f"layer {i} scene bias": layer.scene_bias}
         return parts
 

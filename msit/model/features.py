@@ -27,14 +27,14 @@ def load_item_table(prepared_dir: str | Path, spec: FeatureSpec) -> dict[str, np
     """Item features as arrays indexed by item id. Rows PAD and OOV are 0."""
     items = pd.read_parquet(Path(prepared_dir) / "items.parquet")
     items = items[items["item_id"] >= FIRST_REAL]
-    n = spec.fields["item_id"].vocab_size
+    n = spec.fields["item_id"].vocab
     table = {}
     for col in fields_of(spec, "item", "categorical") + fields_of(spec, "item", "numeric"):
         values = np.zeros(n, dtype=np.float32 if spec.fields[col].type == "numeric" else np.int64)
         values[items["item_id"].to_numpy()] = items[col].to_numpy()
         table[col] = values
     for col in fields_of(spec, "item", "multi"):
-        values = np.zeros((n, spec.fields[col].max_len), dtype=np.int64)
+        values = np.zeros((n, spec.fields[col].width), dtype=np.int64)
         values[items["item_id"].to_numpy()] = np.stack(items[col].to_numpy())
         table[col] = values
     return table
@@ -55,17 +55,19 @@ class MaskedMean(nn.Module):
 class FeatureEmbedder(nn.Module):
     """User, item, scene and context representations, each of width `embed_dim`."""
 
+    item_text: torch.Tensor  # a buffer, with use_text
+
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
                  item_text: np.ndarray | None = None):
         super().__init__()
         d = cfg.embed_dim
-        self.user = nn.Embedding(spec.fields["user_id"].vocab_size, d, padding_idx=0)
-        self.item = nn.Embedding(spec.fields["item_id"].vocab_size, d, padding_idx=0)
-        self.scene = nn.Embedding(spec.fields["scene_id"].vocab_size, d, padding_idx=0)
+        self.user = nn.Embedding(spec.fields["user_id"].vocab, d, padding_idx=0)
+        self.item = nn.Embedding(spec.fields["item_id"].vocab, d, padding_idx=0)
+        self.scene = nn.Embedding(spec.fields["scene_id"].vocab, d, padding_idx=0)
         self.categorical = nn.ModuleDict({
-            c: nn.Embedding(spec.fields[c].vocab_size, d, padding_idx=0)
+            c: nn.Embedding(spec.fields[c].vocab, d, padding_idx=0)
             for role in ("user", "item", "context") for c in fields_of(spec, role, "categorical")})
-        self.multi = nn.ModuleDict({c: MaskedMean(spec.fields[c].vocab_size, d)
+        self.multi = nn.ModuleDict({c: MaskedMean(spec.fields[c].vocab, d)
                                     for role in ("user", "item", "context") for c in fields_of(spec, role, "multi")})
         self.numeric = nn.ModuleDict({
             role: nn.Linear(len(fields_of(spec, role, "numeric")), d, bias=False)
@@ -80,10 +82,10 @@ class FeatureEmbedder(nn.Module):
                     module.weight[0].zero_()
 
         # The item table: persistent buffers, so a saved model carries it.
-        n_items = spec.fields["item_id"].vocab_size
+        n_items = spec.fields["item_id"].vocab
         for kind in ("categorical", "multi", "numeric"):
             for col in self.fields["item"][kind]:
-                shape = (n_items, spec.fields[col].max_len) if kind == "multi" else (n_items,)
+                shape = (n_items, spec.fields[col].width) if kind == "multi" else (n_items,)
                 dtype = torch.float32 if kind == "numeric" else torch.long
                 values = torch.zeros(shape, dtype=dtype) if item_table is None else torch.as_tensor(item_table[col])
                 self.register_buffer(f"item_{col}", values.to(dtype))

@@ -7,6 +7,7 @@ tokens and their Transformer encoder, the pooling's keys and values), `pool` onc
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -75,7 +76,10 @@ class InterestNetwork(nn.Module):
     the target item as query gives one interest vector. A scene with no history gets a learned
     "empty" vector."""
 
-    parameter_kinds = {"empty": "table"}  # one row per scene slot, looked up for a scene with no history
+    scene_ids: torch.Tensor  # a buffer
+
+    # one row per scene slot, looked up for a scene with no history
+    parameter_kinds: ClassVar[dict[str, str]] = {"empty": "table"}
 
     def __init__(self, cfg: ModelConfig, n_scenes: int, history_length: int):
         super().__init__()

@@ -16,14 +16,14 @@ from msit.model.config import ModelConfig
 from msit.model.features import FeatureEmbedder
 from msit.model.fusion import Fusion
 from msit.model.interest import InterestNetwork
-from msit.model.output import ModelOutput, UserSide, per_candidate
+from msit.model.output import Model, ModelOutput, UserSide, per_candidate
 from msit.model.parameters import Part, ScenePart
 from msit.model.predictor import Predictor
 from msit.model.scene import SceneEncoder
 from msit.model.transfer import InterestTransfer
 
 
-class MSIT(nn.Module):
+class MSIT(Model):
     def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
                  item_text: np.ndarray | None = None, scene_text: np.ndarray | None = None):
         super().__init__()
@@ -35,7 +35,7 @@ class MSIT(nn.Module):
         self.scenes = SceneEncoder(cfg, self.n_scenes, scene_text)
         self.fusion = Fusion(cfg)
         self.transfer = InterestTransfer(cfg) if self.transfer_on else None
-        self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab_size)
+        self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab)
 
     def head_parts(self) -> dict[str, Part]:
         """The scene-specific parts of MODEL.md, which fine-tuning's head mode trains whole."""
@@ -75,7 +75,7 @@ class MSIT(nn.Module):
         scene_ids = per_candidate(user[SCENE_ID], C)  # (M,)
         slots = scene_slots(scene_ids, self.n_scenes)  # (M,): n_scenes for a scene the model does not know
 
-        if self.transfer_on:
+        if self.transfer is not None:  # built exactly when transfer_on
             transferred, transfer_attention = self.transfer(fused, target_scene, item, slots)  # h^t, (M, S)
         else:  # ablation: only the target scene's own interest (none for an unknown scene), no transfer
             known = slots < self.n_scenes

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from msit.model.parameters import Part, ScenePart
 
 # Per-row tensors of the user side, first dimension R; which ones is each family's own business.
 UserSide = dict[str, torch.Tensor]
@@ -30,8 +33,26 @@ class ModelOutput:
         def first(values: torch.Tensor | None) -> torch.Tensor | None:
             return None if values is None else values[:, 0]
 
-        return ModelOutput(first(self.logits), first(self.transfer_attention), first(self.behaviour_attention),
+        return ModelOutput(self.logits[:, 0], first(self.transfer_attention), first(self.behaviour_attention),
                            self.regularization)
+
+
+class Model(nn.Module):
+    """What every family is to the code that trains, ranks and serves it (the two halves above)."""
+
+    history_length: int  # N: the window width its batches are cut at
+
+    def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
+        raise NotImplementedError
+
+    def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
+        raise NotImplementedError
+
+    def head_parts(self) -> dict[str, Part]:  # what fine-tuning's head mode trains whole
+        raise NotImplementedError
+
+    def scene_parts(self) -> dict[str, ScenePart]:  # the per-scene parts fine-tuning's scene mode trains
+        raise NotImplementedError
 
 
 def per_candidate(values: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -42,7 +63,7 @@ def per_candidate(values: torch.Tensor, candidates: int) -> torch.Tensor:
     return values[:, None].expand(-1, candidates, *values.shape[1:]).flatten(0, 1)
 
 
-def score_in_chunks(model: torch.nn.Module, user: UserSide, item_ids: torch.Tensor, explain: bool = False,
+def score_in_chunks(model: Model, user: UserSide, item_ids: torch.Tensor, explain: bool = False,
                     max_rows: int = 65_536) -> ModelOutput:
     """`model.score` over (R, C) candidates, at most `max_rows` candidate rows per pass (a whole catalogue
     against one user), the user side computed once."""
@@ -51,6 +72,9 @@ def score_in_chunks(model: torch.nn.Module, user: UserSide, item_ids: torch.Tens
     if C <= step:
         return model.score(user, item_ids, explain)
     parts = [model.score(user, item_ids[:, start:start + step], explain) for start in range(0, C, step)]
-    join = lambda name: None if getattr(parts[0], name) is None else \
-        torch.cat([getattr(p, name) for p in parts], dim=1)  # noqa: E731
-    return ModelOutput(join("logits"), join("transfer_attention"), join("behaviour_attention"))
+
+    def join(name: str) -> torch.Tensor | None:
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts], dim=1)
+
+    return ModelOutput(torch.cat([p.logits for p in parts], dim=1), join("transfer_attention"),
+                       join("behaviour_attention"))

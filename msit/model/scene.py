@@ -12,10 +12,13 @@ from msit.model.features import FeatureEmbedder
 
 
 class SceneEncoder(nn.Module):
+    scene_ids: torch.Tensor  # buffers
+    scene_text: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, n_scenes: int, scene_text: np.ndarray | None = None):
         super().__init__()
         self.register_buffer("scene_ids", known_scene_ids(n_scenes), persistent=False)  # slot s -> its id
-        self.text = None
+        self.text: nn.Linear | None = None
         if scene_text is not None:  # frozen embeddings of scene descriptions, (scene vocab, text_dim)
             self.register_buffer("scene_text", torch.as_tensor(scene_text).float())
             self.text = nn.Linear(self.scene_text.shape[1], cfg.embed_dim)

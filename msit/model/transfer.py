@@ -4,6 +4,7 @@ interests of every scene. Its attention weights say how much each source scene c
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ class TransferLayer(nn.Module):
 
 
 class InterestTransfer(nn.Module):
-    parameter_kinds = {"is_target": "bias"}  # added to the target scene's key
+    parameter_kinds: ClassVar[dict[str, str]] = {"is_target": "bias"}  # added to the target scene's key
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Protocol
@@ -100,7 +101,7 @@ def _field_error(error: RequestError) -> JSONResponse:
         {"loc": ["body", *map(_printable, error.field)], "msg": _printable(error.message), "type": "value_error"}]})
 
 
-def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
+def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:  # noqa: C901  (one nested handler per route)
     app = FastAPI(title="msit", description="Multi-scenario interest transfer: scoring and recommendations.",
                   version="1")
 
@@ -142,14 +143,15 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:
     app.add_middleware(_LimitAndLog, max_body_bytes=settings.max_body_bytes, backend=backend)
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
-    async def score(body: ScoreRequest) -> ScoreResponse:
+    async def score(body: ScoreRequest) -> JSONResponse:  # documented as ScoreResponse (response_model)
         if body.history is not None and len(body.history) > settings.max_history:
             raise RequestError(("history",), f"at most {settings.max_history} history events per request, "
                                f"got {len(body.history)}")
         version, result = await backend.score(body.model_dump())
         if isinstance(result, RequestError | ScoringError | HistoryUnavailable):
             raise result
-        explanations = result.explanations or [None] * len(result.scores)
+        explanations: Sequence[dict | None] = result.explanations if result.explanations else \
+            [None] * len(result.scores)
         # Built as plain JSON: validating a response the scorer just made (as response_model would) costs
         # more than the rest of the route; ScoreResponse still documents it.
         return JSONResponse({"model_version": version, "scores": [

@@ -91,11 +91,15 @@ class ServeArgs:
     throughput_optimized: bool = True  # THROUGHPUT_ENV in the replicas
 
 
+Recommended = tuple[list[dict], int] | RequestError | ScoringError | HistoryUnavailable  # MsitScorer.recommend
+
+
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30)
 class MsitScorer:
     def __init__(self, settings: dict):
         self.settings = settings
         self.scorer: Scorer | None = None
+        self.loaded = ("", "")  # the (model, data) of self.scorer
         self.last_reload_error: dict | None = None  # the latest failed reload, until one succeeds
         self.computing = asyncio.Lock()
         self.queued: deque[tuple[list[dict], asyncio.Future]] = deque()
@@ -154,6 +158,12 @@ class MsitScorer:
         self.model_version.set(1, tags={"version": scorer.version})
         logger.info(f"serving model {scorer.version} from {model} on {device}")
 
+    @property
+    def _current(self) -> Scorer:
+        """The scorer serving now: __init__'s reconfigure loaded one, or the replica failed to start."""
+        assert self.scorer is not None
+        return self.scorer
+
     def _resolve(self, path: str) -> str:
         """Relative paths are relative to where the application was built."""
         return path if "://" in path else str(Path(self.settings["base_dir"], path))
@@ -171,15 +181,16 @@ class MsitScorer:
         return await answer
 
     async def _score_queued(self) -> None:
-        taken, size = [], 0
+        taken: list[tuple[list[dict], asyncio.Future]] = []
+        size = 0
         while self.queued and (not taken or size + len(self.queued[0][0]) <= self.max_batch_size):
             taken.append(self.queued.popleft())
             size += len(taken[-1][0])
         merged = [request for requests, _ in taken for request in requests]
-        scorer = self.scorer  # one model for the whole pass, even if a reload swaps it meanwhile
+        scorer = self._current  # one model for the whole pass, even if a reload swaps it meanwhile
         try:
             results = await asyncio.to_thread(scorer.score, merged)  # off the loop, which keeps receiving
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (whatever it is, every waiting caller gets it)
             for _, answer in taken:
                 answer.set_exception(error)
             return
@@ -189,7 +200,7 @@ class MsitScorer:
             answer.set_result((scorer.version, results[start:start + len(requests)]))
             start += len(requests)
 
-    def _record(self, requests: list[dict], results: list[Scored | RequestError]) -> None:
+    def _record(self, requests: list[dict], results: list[Scored | RequestError | ScoringError]) -> None:
         for request, result in zip(requests, results, strict=True):
             if isinstance(result, Scored):
                 self.candidates.observe(len(request["candidates"]))
@@ -199,8 +210,8 @@ class MsitScorer:
                 for score in result.scores:
                     self.scores.observe(score)
 
-    async def recommend(self, request: dict) -> tuple[str, tuple[list[dict], int] | RequestError | ScoringError]:
-        scorer = self.scorer
+    async def recommend(self, request: dict) -> tuple[str, Recommended]:
+        scorer = self._current
         try:  # off the loop: it reads the history store
             return scorer.version, await asyncio.to_thread(scorer.recommend, request)
         except (RequestError, ScoringError, HistoryUnavailable) as error:  # returned, not raised: it crosses the
@@ -208,22 +219,22 @@ class MsitScorer:
 
     async def ingest(self, events: list[dict]) -> Appended | RequestError | HistoryUnavailable | ReadOnlyHistory:
         try:
-            return await asyncio.to_thread(self.scorer.ingest, events)
+            return await asyncio.to_thread(self._current.ingest, events)
         except (RequestError, HistoryUnavailable, ReadOnlyHistory) as error:
             return error
 
     async def store_health(self) -> dict:
-        return await asyncio.to_thread(self.scorer.store_health)
+        return await asyncio.to_thread(self._current.store_health)
 
     async def check_health(self) -> None:
         """Serve's health check (every health_check_period_s): the model must still score a tiny request."""
-        await asyncio.to_thread(self.scorer.self_test)
+        await asyncio.to_thread(self._current.self_test)
 
     def current_version(self) -> str:
-        return self.scorer.version
+        return self._current.version
 
     def describe(self) -> dict:
-        return {**self.scorer.describe(), "last_reload_error": self.last_reload_error}
+        return {**self._current.describe(), "last_reload_error": self.last_reload_error}
 
 
 # graceful_shutdown_timeout_s: an ingress replica being replaced (a redeploy) answers the requests it holds first;
@@ -239,8 +250,10 @@ class MsitApi:
 
     def reconfigure(self, user_config: dict) -> None:
         """Hot-reloadable batching; the scorers take the model keys of the same user_config."""
-        self._score_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
-        self._score_batch.set_batch_wait_timeout_s(
+        # serve.batch's wrapper has these setters; ray types the decorated method as the bare function
+        self._score_batch.set_max_batch_size(  # type: ignore[attr-defined]
+            int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
+        self._score_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
             float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
 
     def __serve_build_asgi_app__(self):
@@ -309,7 +322,10 @@ def build(args: dict[str, Any]) -> serve.Application:
                 "auth_token": token_from_env(required=cfg.require_token),
                 "base_dir": os.getcwd()}
     runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}
-    scorer = MsitScorer.options(autoscaling_config=cfg.autoscaling, user_config=cfg.user_config, ray_actor_options={
-        "num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env}).bind(settings)
-    return MsitApi.options(num_replicas=cfg.api_replicas, user_config=cfg.user_config, ray_actor_options={
-        "num_cpus": cfg.api_num_cpus, "runtime_env": runtime_env}).bind(scorer, settings)
+    # serve.deployment makes each class a Deployment; ray types the decorated class as the class itself.
+    scorer = MsitScorer.options(  # type: ignore[attr-defined]
+        autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env}).bind(settings)
+    return MsitApi.options(  # type: ignore[attr-defined]
+        num_replicas=cfg.api_replicas, user_config=cfg.user_config,
+        ray_actor_options={"num_cpus": cfg.api_num_cpus, "runtime_env": runtime_env}).bind(scorer, settings)

@@ -119,8 +119,9 @@ class InMemoryHistoryStore:
         if row is None:
             return None
         events = slice(self._offsets[row], self._offsets[row + 1])
-        return UserRecord(int(self._user_ids[row]), *(self._events[name][events] for name in
-                                                      ("item_ids", "scene_ids", "labels", "timestamps")),
+        e = self._events
+        return UserRecord(int(self._user_ids[row]), e["item_ids"][events], e["scene_ids"][events],
+                          e["labels"][events], e["timestamps"][events],
                           features={name: values[row] for name, values in self._features.items()})
 
     def users(self, user_keys: list[str]) -> list[UserRecord | None]:

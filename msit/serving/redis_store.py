@@ -27,6 +27,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeGuard
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -100,7 +101,7 @@ def password_from_env() -> str | None:
     return password or None
 
 
-def is_redis_url(value: str | None) -> bool:
+def is_redis_url(value: str | None) -> TypeGuard[str]:
     return value is not None and value.split("://", 1)[0] in ("redis", "rediss", "unix")
 
 
@@ -183,7 +184,8 @@ class RedisHistoryStore:
 
     def user(self, user_key: str) -> UserRecord | None:
         try:
-            return self._record(self.client.hgetall(self.record_key(user_key)))
+            # the client is bytes-mode (decode_responses=False); redis-py types replies for both modes
+            return self._record(self.client.hgetall(self.record_key(user_key)))  # type: ignore[arg-type]
         except redis.RedisError as error:
             raise self._unavailable(error, "reading a user's history") from None
 
@@ -251,10 +253,10 @@ class RedisHistoryStore:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for new, token, next_token, merged in writes:
-            ids = [(i, int(t)) for i, t in zip(new.event_ids, new.timestamps, strict=True) if i is not None]
+            stamped = [(i, int(t)) for i, t in zip(new.event_ids, new.timestamps, strict=True) if i is not None]
             self._cas(keys=[self.record_key(new.user_key), self.ids_key(new.user_key)],
                       args=[token, next_token, merged.tobytes(), int(new.user_id), self.event_ids_per_user,
-                            *(x for pair in ids for x in pair)], client=pipe)
+                            *(x for pair in stamped for x in pair)], client=pipe)
         again = {}
         for (new, _, next_token, _), (status, current) in zip(writes, pipe.execute(), strict=True):
             # status 0 with our own token: the write landed and the reply was lost (the client retried it)
@@ -300,7 +302,9 @@ class RedisHistoryStore:
             pipe.hmget(self.record_key(key), [b"e", b"t"])
         writes = []
         for key, (stored, token) in zip(keys, pipe.execute(), strict=True):
-            fields = self._fields(source.user(key))
+            record = source.user(key)
+            assert record is not None  # one of the source's own keys
+            fields = self._fields(record)
             snapshot = np.frombuffer(fields.pop(b"e"), EVENT)
             events = self._with_posted_events(key, snapshot, np.frombuffer(stored or b"", EVENT))
             writes.append((key, token or b"", fields, events))

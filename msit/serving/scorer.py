@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -94,13 +95,22 @@ class Scored:
 @dataclass
 class _Encoded:
     """One request, encoded: what every candidate row shares, the user's sequence, and the candidates."""
-    shared: dict[str, np.ndarray]  # user, scene and context features of one row
+    shared: dict[str, np.ndarray | np.generic]  # user, scene and context features of one row
     sequence: tuple[np.ndarray, ...]  # (E,) each: item, scene, label, timestamp of the user's events, event order
     now: int  # the request's moment: its window holds the events strictly before it
     item_ids: np.ndarray  # (C,)
     oov_ids: int
     ids: int
     explain: bool
+
+
+def _key(value: Any) -> str:
+    """`normalize_key` of an id the request schemas require (`schemas.Id`, never null), so never None."""
+    return cast(str, normalize_key(value))
+
+
+def _keys(values: list) -> list[str]:
+    return cast(list[str], normalize_keys(values))
 
 
 class Scorer:
@@ -130,10 +140,10 @@ class Scorer:
     def _encode_ids(self, vocab: str, keys: list) -> np.ndarray:
         return self._encode_normalized(vocab, normalize_keys(list(keys)))
 
-    def _encode_normalized(self, vocab: str, keys: list[str | None]) -> np.ndarray:
+    def _encode_normalized(self, vocab: str, keys: Sequence[str | None]) -> np.ndarray:
         """User or item ids. An id is never missing in prepared data (prepare drops such rows): a request's empty
         id is one the model does not know, OOV rather than padding."""
-        codes = self._vocabularies[vocab].encode(keys, self._index[vocab])
+        codes = self._vocabularies[vocab].encode(list(keys), self._index[vocab])
         return np.where(codes == PAD, OOV, codes)
 
     def _encode_feature(self, name: str, values: list) -> np.ndarray:
@@ -145,20 +155,22 @@ class Scorer:
             raise RequestError(where, f"unknown scenario {name!r}; the model knows {list(self.scenes)}")
         return self.scenes[name]
 
-    def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray | np.generic]:
         unknown = sorted(set(context) - set(self._context_fields))
         if unknown:
             raise RequestError(("context", unknown[0]), f"unknown context feature {unknown[0]!r}; the model "
                                f"reads {sorted(self._context_fields) or 'no context features'}")
-        out = {}
+        out: dict[str, np.ndarray | np.generic] = {}
         for name, info in self._context_fields.items():
             value = context.get(name)
             if info.type == "numeric":
                 out[name] = self._standardised(name, info, value)
             elif info.type == "multi":  # a list is one value's tokens, as prepare reads a Parquet list column
-                joined = info.sep.join(value) if isinstance(value, list) else value
-                out[name] = encode_multi_value(normalize_key(joined), info.sep, self._vocabularies[name],
-                                               info.max_len, self._index[name])
+                sep = info.sep
+                assert sep is not None  # a multi field's spec names its separator
+                joined = sep.join(value) if isinstance(value, list) else value
+                out[name] = encode_multi_value(normalize_key(joined), sep, self._vocabularies[name],
+                                               info.width, self._index[name])
             else:
                 out[name] = np.int64(self._encode_feature(name, [value])[0])
         return out
@@ -238,12 +250,12 @@ class Scorer:
         every request's "record" (each then fails or goes on without it, `_record`)."""
         if self.store is None:
             return [None] * len(requests)
-        keys = [normalize_key(r["user_id"]) for r in requests]
+        keys = [_key(r["user_id"]) for r in requests]
         try:
             return self.store.users(keys) if hasattr(self.store, "users") else [self.store.user(k) for k in keys]
         except HistoryUnavailable as error:
             return [error] * len(requests)
-        except Exception:  # e.g. a user id that does not normalise: each request meets its own error in encode
+        except Exception:  # noqa: BLE001  (e.g. a user id that does not normalise: each request meets its own error in encode)
             return [_READ] * len(requests)
 
     def encode(self, request: dict, record=_READ) -> _Encoded:
@@ -256,17 +268,17 @@ class Scorer:
             raise RequestError(("candidates",), f"at most {self.max_candidates} candidates per request, "
                                f"got {len(candidates)}")
         scene = self._scene(request["scenario"], ("scenario",))
-        user_key = normalize_key(request["user_id"])
+        user_key = _key(request["user_id"])
         record = self._record(user_key, request, record)
         user_id = self._encode_ids("user_id", [user_key])[0]
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
         sequence = self._sequence(request, record)
-        shared = {USER_ID: np.int64(user_id), SCENE_ID: np.int64(scene),
+        shared: dict[str, np.ndarray | np.generic] = {USER_ID: np.int64(user_id), SCENE_ID: np.int64(scene),
                   **self._context(request.get("context") or {})}
         for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
             info = self.spec.fields[name]
-            default = np.zeros(info.max_len, np.int64) if info.type == "multi" else \
+            default = np.zeros(info.width, np.int64) if info.type == "multi" else \
                 np.float32(0.0) if info.type == "numeric" else np.int64(PAD)
             shared[name] = record.features.get(name, default) if record is not None else default
         item_ids = self._encode_ids("item_id", candidates)
@@ -293,7 +305,7 @@ class Scorer:
         output = score_in_chunks(self.model, self.model.encode_user(batch), torch.as_tensor(item_ids).to(self.device),
                                  explain)
         scores = torch.sigmoid(output.logits.float()).cpu().numpy()  # (R, C)
-        out = []
+        out: list[Scored | ScoringError] = []
         for j, (e, count) in enumerate(zip(encoded, counts, strict=True)):
             if not np.isfinite(scores[j, :count]).all():  # never a `score: null`; and it fails this request only
                 out.append(ScoringError("the model gave a non-finite score for this request"))
@@ -341,7 +353,8 @@ class Scorer:
             output.behaviour_attention[j, :count].float().cpu().numpy()  # (C, S, N)
         explanations = []
         for c in range(count):
-            item = {"transfer_attention": {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}}
+            weights_by_scene = {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}
+            item: dict[str, Any] = {"transfer_attention": weights_by_scene}
             if behaviour is not None:
                 # An event's weight: its scene's transfer weight x its weight within that scene's interest.
                 weights = (transfer[c][:, None] * behaviour[c]).sum(0)[: len(history_keys)]
@@ -355,7 +368,7 @@ class Scorer:
         """The top k of the scene's catalogue (items seen there in training); and the catalogue size."""
         scene = self._scene(request["scenario"], ("scenario",))
         catalogue = self.catalogues.get(scene, np.zeros(0, dtype=np.int64))
-        record = self.store.user(normalize_key(request["user_id"])) if self.store is not None else None
+        record = self.store.user(_key(request["user_id"])) if self.store is not None else None
         if request.get("exclude_seen", True) and record is not None:
             catalogue = catalogue[~np.isin(catalogue, record.item_ids)]
         if len(catalogue) == 0:
@@ -392,8 +405,8 @@ class Scorer:
             event_id = event.get("event_id")
             rows.append((scene, int(label), stamp, None if event_id is None else str(event_id)))
         # Ids normalised and encoded once for the batch (per event, this was most of an ingest's time).
-        user_keys = normalize_keys([event["user_id"] for event in events])
-        item_keys = normalize_keys([event["item_id"] for event in events])
+        user_keys = _keys([event["user_id"] for event in events])
+        item_keys = _keys([event["item_id"] for event in events])
         item_ids = self._encode_normalized("item_id", item_keys)
         by_user: dict[str, list[int]] = {}
         seen_ids, duplicates = set(), 0
@@ -427,8 +440,8 @@ class Scorer:
                 "config": asdict(self.config), "scenarios": self.spec.scenarios,
                 "counts": {"users": real_count(self.spec.vocabularies["user_id"]),
                            "items": real_count(self.spec.vocabularies["item_id"]),
-                           "history_users": len(self.store) if hasattr(self.store, "__len__") else None,
-                           "catalogue": {s: int(len(self.catalogues.get(i, []))) for s, i in self.scenes.items()}},
+                           "history_users": len(self.store) if isinstance(self.store, Sized) else None,
+                           "catalogue": {s: len(self.catalogues.get(i, [])) for s, i in self.scenes.items()}},
                 "history_length": self.config.history_length,
                 "history_store": self.store_health(),
                 "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
