@@ -51,7 +51,7 @@ def _synth_config(args: argparse.Namespace):
 
 
 def _add_prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec", help="YAML mapping your columns to roles (see README); inferred when omitted")
+    p.add_argument("--spec", help="YAML mapping your columns to roles (see docs/data.md); inferred when omitted")
     p.add_argument("--min-count", type=int, default=1,
                    help="values seen fewer times in training map to out-of-vocabulary (default 1)")
     p.add_argument("--split-ratios", type=_ratios, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",

@@ -189,7 +189,7 @@ def _save_checkpoint(directory: Path, model, cfg: TrainRunConfig, spec: FeatureS
 
 # Rows in each worker's local shuffle buffer (at least 4 local batches): event rows are ~40 bytes, so 65,536 of
 # them take a few MB. Files are read in a new random order every epoch and each file is written in random row
-# order, so the buffer mixes rows from several files, and users from across the split (README, "Shuffling").
+# order, so the buffer mixes rows from several files, and users from across the split (docs/training.md, "Shuffling").
 SHUFFLE_BUFFER_ROWS = 65_536
 
 
@@ -234,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
     log(f"attempt starts at epoch {state.first_epoch}")
     amp = torch.bfloat16 if device.type == "cuda" else None
     # Every worker holds every user's sequence (device memory on GPU) and receives only event rows through Ray
-    # Data; windows are cut per batch. README "Scaling past one worker's memory" for the partitioned design.
+    # Data; windows are cut per batch. docs/training.md, "Scaling past one worker's memory", for the partitioned design.
     sequences = load_sequences(cfg.data).to(device)
     history_length = cfg.model.history_length
     batch_size = local_batch_size(cfg.train.batch_size, workers)

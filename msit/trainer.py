@@ -38,7 +38,7 @@ class TrainConfig:
     eval_batch_size: int = 4096
     grad_clip: float = 5.0
     deterministic: bool | None = None  # deterministic kernels; None: on the CPU only (they slow GPU kernels)
-    compile: bool = False  # torch.compile the model for training; off by default (README "Step speed")
+    compile: bool = False  # torch.compile the model for training; off by default (docs/benchmarks.md, "Step speed")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience"):

@@ -6,7 +6,7 @@ columns as ints, floats, strings, binary, booleans, dictionaries or datetimes. T
 the same result in every format. Vectorised: no Python call per value, except to locate the rows of
 a column that holds invalid UTF-8 (an error path).
 
-Rules (README, "Scene logs"):
+Rules (docs/data.md, "Scene logs"):
 - ids, scenes and categories become strings: surrounding whitespace is removed, an empty string is
   null, integers written as decimals are the integer (`7`, `7.0`, `"7"`, `" 7 "` are one id),
   booleans are `1`/`0`, binary values are decoded as UTF-8;
