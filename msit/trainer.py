@@ -57,7 +57,7 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     # Deterministic mode also fills every new tensor with NaN, a debugging aid that cost ~10% of an MSIT step's
     # CPU time (a profile: fill_ under empty/empty_like, ~700 calls a step); the kernels are deterministic without.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # set on a module subclass
 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
