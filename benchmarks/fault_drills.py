@@ -169,8 +169,8 @@ def setup(work: Path) -> None:
     from msit.data.feature_spec import FeatureSpec
     from msit.data.prepared import load_sequences, load_split
     from msit.model import ModelConfig, build_for_data
-    from msit.model_dir import save_model_dir
-    from msit.trainer import TrainConfig, fit
+    from msit.model.model_dir import save_model_dir
+    from msit.training.trainer import TrainConfig, fit
 
     prepared = work / "prepared"
     spec = FeatureSpec.load(prepared)
@@ -188,8 +188,8 @@ def setup(work: Path) -> None:
 
 def _train_config(work: Path, name: str):
     from msit.model import ModelConfig
-    from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig
-    from msit.trainer import TrainConfig
+    from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig
+    from msit.training.trainer import TrainConfig
 
     directory = work / name
     shutil.rmtree(directory, ignore_errors=True)  # a fresh run name each time: the same one would resume
@@ -229,9 +229,9 @@ def _kill_mid_epoch(cfg, kill: Callable[[], dict], timeout_s: float) -> dict:
 def _check_run(cfg, kill: dict | None) -> tuple[bool, int | None, list[str]]:
     """finished, epochs lost, notes: from the run's metrics.json and the exported model."""
     from msit.data.prepared import load_split
-    from msit.model_dir import load_model_dir
-    from msit.ray_train import run_outputs_dir
-    from msit.trainer import evaluate
+    from msit.model.model_dir import load_model_dir
+    from msit.training.ray_train import run_outputs_dir
+    from msit.training.trainer import evaluate
 
     notes = []
     metrics_file = run_outputs_dir(cfg) / "metrics.json"
@@ -281,7 +281,7 @@ def drill_train_rank_kill(work: Path, name: str, rank: int) -> dict:
 
     from msit.data.feature_spec import FeatureSpec
     from msit.ray_env import init_ray
-    from msit.ray_train import run_training
+    from msit.training.ray_train import run_training
 
     cfg = _train_config(work, name)
     batches = FeatureSpec.load(cfg.data).row_counts["train"] // cfg.train.batch_size // cfg.scaling.num_workers
@@ -422,7 +422,7 @@ def _hold_cpus(node_id: str, cpus: float):
 def drill_node_kill_train(work: Path) -> dict:
     import ray
 
-    from msit.ray_train import run_training
+    from msit.training.ray_train import run_training
 
     cfg = _train_config(work, "node_kill_train")
     # The head (3 CPUs) can take both workers after the loss; while the group starts, 2 of its CPUs are held,

@@ -35,7 +35,7 @@ from provenance import stamp, stamp_of
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
 from msit.model import FAMILIES, ModelConfig, build_model, load_item_table
-from msit.trainer import TrainConfig, evaluate, fit, seed_everything
+from msit.training.trainer import TrainConfig, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MSIT_SHARED_DATA", ROOT.parent / "shared" / "data"))  # as tests/conftest.py

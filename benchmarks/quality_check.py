@@ -37,7 +37,7 @@ def train_one(protocol: str, cache: Path, save: str | None) -> dict:
     from quality import SEARCH_SEED, _data, model_config, prepared_dir, train_config
 
     from msit.model import build_model
-    from msit.trainer import evaluate, fit, seed_everything
+    from msit.training.trainer import evaluate, fit, seed_everything
 
     torch.set_num_threads(1)
     point = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())[protocol]["msit"]["chosen"]
@@ -51,7 +51,7 @@ def train_one(protocol: str, cache: Path, save: str | None) -> dict:
                                                                                          flush=True))
     test = evaluate(model, splits["test"], spec)
     if save:
-        from msit.model_dir import save_model_dir
+        from msit.model.model_dir import save_model_dir
 
         save_model_dir(Path(save) / protocol, model, config, spec, {"train": {"best_epoch": result.best_epoch}})
     return {"point": point, "val_auc": result.best_val["overall"]["auc"], "test_auc": test["overall"]["auc"],

@@ -43,7 +43,7 @@ def measure(prepared: Path, family: str, steps: int, warmup: int, profile: bool,
     from msit.data.feature_spec import FeatureSpec
     from msit.data.prepared import load_sequences, load_split
     from msit.model import ModelConfig, build_for_data
-    from msit.trainer import TrainConfig, make_optimizer, seed_everything, train_step
+    from msit.training.trainer import TrainConfig, make_optimizer, seed_everything, train_step
 
     torch.set_num_threads(1)
     spec = FeatureSpec.load(prepared)

@@ -24,7 +24,7 @@ from quality import ARCHITECTURE, MODEL, PROTOCOLS, ROOT, TRAIN, prepared_dir
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
 from msit.model import ModelConfig, build_for_data
-from msit.trainer import TrainConfig, fit, seed_everything
+from msit.training.trainer import TrainConfig, fit, seed_everything
 
 CACHE = ROOT / "benchmarks" / ".cache"
 

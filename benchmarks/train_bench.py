@@ -3,7 +3,7 @@
 Throughput (`--parts throughput`): for MSIT and for the cheap `shared_bottom` (where per-batch overhead is
 not hidden behind compute), the same data (MovieLens-100K genre, history length 50), model (default
 ModelConfig of the family), global batch (1,024: each of W Ray workers takes 1,024 // W) and torch
-threads per process. The plain loop is `trainer.fit` (the epoch loop of msit.train_loop over an in-memory
+threads per process. The plain loop is `trainer.fit` (the epoch loop of msit.training.train_loop over an in-memory
 EventSplit, a global shuffle each epoch); Ray Train runs the same loop in `train_loop_per_worker` on the
 Ray Data path (event rows through Ray Data, sequences loaded once per worker, windows cut per batch).
 Throughput is training samples per second of the epochs after the first (which warms up the pipeline);
@@ -42,9 +42,9 @@ from quality import prepared_dir, run_config
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_sequences, load_split
 from msit.model import ModelConfig, build_for_data
-from msit.model_dir import load_model_dir
+from msit.model.model_dir import load_model_dir
 from msit.ray_env import init_ray
-from msit.ray_train import (
+from msit.training.ray_train import (
     SHUFFLE_BUFFER_ROWS,
     RunSpec,
     ScalingSpec,
@@ -53,7 +53,7 @@ from msit.ray_train import (
     run_outputs_dir,
     run_training,
 )
-from msit.trainer import TrainConfig, evaluate, fit, seed_everything
+from msit.training.trainer import TrainConfig, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("msit", "shared_bottom")

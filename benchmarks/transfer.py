@@ -36,12 +36,12 @@ from provenance import stamp, stamp_of
 from msit.data.feature_spec import LAYOUT_VERSION, FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import load_sequences, load_split
-from msit.finetune import FinetuneSpec
 from msit.model import ModelConfig, build_model, load_item_table
-from msit.model_dir import load_model_dir, save_model_dir
+from msit.model.model_dir import load_model_dir, save_model_dir
 from msit.ray_env import init_ray
-from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
-from msit.trainer import TrainConfig, evaluate, fit, seed_everything
+from msit.training.finetune import FinetuneSpec
+from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
+from msit.training.trainer import TrainConfig, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG = ROOT.parent / "shared" / "data" / "ml100k_genre.csv"

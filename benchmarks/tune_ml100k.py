@@ -24,10 +24,10 @@ from provenance import stamp
 from quality import prepared_dir
 
 from msit.data.prepared import load_split
-from msit.model_dir import load_model_dir
+from msit.model.model_dir import load_model_dir
 from msit.ray_env import init_ray
-from msit.ray_tune import TuneRunConfig, run_search, search_outputs_dir
-from msit.trainer import evaluate
+from msit.training.trainer import evaluate
+from msit.tuning.ray_tune import TuneRunConfig, run_search, search_outputs_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,8 +68,8 @@ def main() -> None:
                              "transfer_heads": loaded.config.transfer_heads, "fusion": loaded.config.fusion,
                              "embed_dim": loaded.config.embed_dim, "best_epoch": loaded.info["train"]["best_epoch"]},
               "test": test, "search_seconds": seconds, "max_concurrent_trials": args.max_concurrent_trials,
-              "note": "test metrics of the exported best trial (chosen on val AUC only), from msit.trainer.evaluate, "
-                      "the function `msit evaluate` prints"}
+              "note": "test metrics of the exported best trial (chosen on val AUC only), from "
+                      "msit.training.trainer.evaluate, the function `msit evaluate` prints"}
     (RESULTS / "tune_ml100k_genre.json").write_text(json.dumps(report, indent=1))
     print(f"best {search['best_params']}: val AUC {search['best_val_auc']:.4f}, test AUC {test['overall']['auc']:.4f}")
 

@@ -12,7 +12,7 @@ import yaml
 
 from msit.errors import MsitError
 
-FINETUNE_MODES = ("scene", "head", "full")  # msit.finetune.MODES, not imported here: it pulls in torch
+FINETUNE_MODES = ("scene", "head", "full")  # msit.training.finetune.MODES, not imported here: it pulls in torch
 
 DEFAULT_SYNTH_DIR = "data/synth"
 DEFAULT_PREPARED_DIR = "data/prepared"
@@ -128,9 +128,9 @@ def cmd_data_infer_spec(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from msit.data.prepared import load_sequences, load_split
-    from msit.metrics import format_table
-    from msit.model_dir import check_data_encoding, load_model_dir
-    from msit.trainer import evaluate
+    from msit.evaluation.metrics import format_table
+    from msit.model.model_dir import check_data_encoding, load_model_dir
+    from msit.training.trainer import evaluate
 
     loaded = load_model_dir(args.model)
     check_data_encoding(args.model, loaded.spec, args.data)
@@ -140,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"{loaded.config.family} on {args.data} ({args.split}):")
     print(format_table(metrics))
     if args.ranking_k:
-        from msit.ranking import catalogue_ranking, scene_catalogues
+        from msit.evaluation.ranking import catalogue_ranking, scene_catalogues
 
         catalogues = scene_catalogues(load_split(args.data, "train", loaded.spec, sequences))
         metrics["ranking"] = catalogue_ranking(loaded.model, data, catalogues, loaded.spec, args.ranking_k,
@@ -155,7 +155,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from msit.report import build_report
+    from msit.evaluation.report import build_report
 
     page = build_report(args.model, args.data, args.out, ablation_dir=args.ablation, split=args.split, log=_log)
     print(page)
@@ -197,7 +197,7 @@ def _add_run_overrides(p: argparse.ArgumentParser, what: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from msit.ray_env import init_ray
-    from msit.ray_train import TrainRunConfig, run_training
+    from msit.training.ray_train import TrainRunConfig, run_training
 
     cfg = TrainRunConfig.load(args.config)
     _apply_run_overrides(cfg, args)
@@ -208,10 +208,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from msit.finetune import FinetuneSpec
-    from msit.model_dir import load_model_config
+    from msit.model.model_dir import load_model_config
     from msit.ray_env import init_ray
-    from msit.ray_train import TrainRunConfig, run_training
+    from msit.training.finetune import FinetuneSpec
+    from msit.training.ray_train import TrainRunConfig, run_training
 
     if args.config:
         cfg = TrainRunConfig.load(args.config)
@@ -235,7 +235,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from msit.ray_env import init_ray
-    from msit.ray_tune import TuneRunConfig, run_search
+    from msit.tuning.ray_tune import TuneRunConfig, run_search
 
     cfg = TuneRunConfig.load(args.config)
     _apply_run_overrides(cfg, args)
@@ -366,11 +366,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"{spec.row_counts['test']:,} test rows in scenes {', '.join(spec.scenarios)}", flush=True)
 
     from msit.data.prepared import load_split
-    from msit.metrics import format_table
+    from msit.evaluation.metrics import format_table
     from msit.model import ModelConfig
-    from msit.model_dir import load_model_dir
-    from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_outputs_dir, run_training
-    from msit.trainer import TrainConfig, evaluate
+    from msit.model.model_dir import load_model_dir
+    from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_outputs_dir, run_training
+    from msit.training.trainer import TrainConfig, evaluate
 
     _log(f"== 3. msit train: Ray Train, {args.num_workers} workers -> {out / 'model'}")
     cfg = TrainRunConfig(data=str(out / "prepared"), output=str(out / "model"), model=ModelConfig(),
@@ -385,7 +385,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(format_table(metrics))
     print(f"\nmodel directory: {model_dir}")
     print(f"training curves: {run_outputs_dir(cfg) / 'curves.png'} (metrics.csv, tensorboard/ beside it)")
-    from msit.report import build_report
+    from msit.evaluation.report import build_report
 
     page = build_report(model_dir, out / "prepared", out / "report", log=lambda _: None)
     print(f"transfer report (attention heat map, AUC cold -> warm): {page}")

@@ -116,8 +116,8 @@ def small_model(small_prepared, tmp_path_factory):
     from msit.data.feature_spec import FeatureSpec
     from msit.data.prepared import load_split
     from msit.model import ModelConfig, build_for_data
-    from msit.model_dir import save_model_dir
-    from msit.trainer import TrainConfig, fit
+    from msit.model.model_dir import save_model_dir
+    from msit.training.trainer import TrainConfig, fit
 
     _, prepared = small_prepared
     spec = FeatureSpec.load(prepared)

@@ -7,7 +7,7 @@ import torch
 
 from msit.data.feature_spec import FeatureSpec, FieldInfo
 from msit.model import ModelConfig, build_for_data
-from msit.model_dir import WEIGHTS_FILE, save_model_dir
+from msit.model.model_dir import WEIGHTS_FILE, save_model_dir
 
 # A numeric context feature the synthetic logs do not have; serving standardises it with this mean and std.
 NUMERIC_CONTEXT, MEAN, STD = "temperature", 20.0, 5.0

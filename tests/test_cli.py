@@ -23,7 +23,7 @@ def test_every_command_has_help(command, capsys):
 
 def test_finetune_offers_every_mode():
     from msit.cli import FINETUNE_MODES
-    from msit.finetune import MODES
+    from msit.training.finetune import MODES
 
     assert FINETUNE_MODES == MODES
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from msit.ray_train import TrainRunConfig
-from msit.ray_tune import TuneRunConfig, expand_space
+from msit.training.ray_train import TrainRunConfig
+from msit.tuning.ray_tune import TuneRunConfig, expand_space
 
 ROOT = Path(__file__).resolve().parents[1]
 

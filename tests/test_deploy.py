@@ -19,8 +19,8 @@ from ray.serve.schema import ServeDeploySchema
 
 from msit.cli import build_parser
 from msit.config import from_dict
-from msit.ray_train import TrainRunConfig
 from msit.serving.deployment import DEPLOYMENT, INGRESS, ServeArgs
+from msit.training.ray_train import TrainRunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster.yaml"

@@ -14,12 +14,12 @@ from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import load_split
 from msit.data.spec import SceneLogSpec
 from msit.errors import ConfigError, MsitError
-from msit.finetune import FinetuneSpec, check_encoding_extends, start_from
-from msit.metrics import auc
+from msit.evaluation.metrics import auc
 from msit.model import FAMILIES, ModelConfig, build_for_data, build_model
+from msit.model.model_dir import load_model_dir, save_model_dir
 from msit.model.parameters import declared_names, part_parameters
-from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, fit, predict, select_scenes
+from msit.training.finetune import FinetuneSpec, check_encoding_extends, start_from
+from msit.training.trainer import TrainConfig, fit, predict, select_scenes
 from tests.model_helpers import N_ITEMS, SCENES, item_table, tiny_spec
 
 QUIET = dict(log=lambda _: None)

@@ -11,7 +11,7 @@ from msit.data.schema import WINDOW_FIELDS
 from msit.data.sequences import Sequences, history_windows
 from msit.errors import MsitError
 from msit.model import ModelConfig, build_model
-from msit.model_dir import save_model_dir
+from msit.model.model_dir import save_model_dir
 from msit.serving.history_store import InMemoryHistoryStore, latest_events
 from msit.serving.scorer import Scorer
 from tests.model_helpers import SCENES, item_table, tiny_spec

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from msit.model_dir import load_model_dir
+from msit.model.model_dir import load_model_dir
 from msit.ray_env import free_ports
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster of its own (`ray start --head`, its own temp dir)

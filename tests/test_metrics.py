@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from msit.metrics import auc, format_table, gauc, log_loss, ranking_metrics, scene_metrics
+from msit.evaluation.metrics import auc, format_table, gauc, log_loss, ranking_metrics, scene_metrics
 
 
 def _gauc_reference(labels, scores, users) -> float:

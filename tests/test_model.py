@@ -8,7 +8,7 @@ import torch
 from msit.data.schema import OOV, PAD, scene_id, scene_slots
 from msit.errors import ConfigError, MsitError
 from msit.model import FAMILIES, FUSIONS, ModelConfig, build_model
-from msit.model_dir import load_model_dir, save_model_dir
+from msit.model.model_dir import load_model_dir, save_model_dir
 from tests.model_helpers import HISTORY, SCENES, item_table, random_batch, tiny_spec
 
 SPEC = tiny_spec()

@@ -11,7 +11,7 @@ import pytest
 from msit.cli import main
 from msit.errors import ConfigError, MsitError
 from msit.model import ModelConfig, build_for_data, build_model
-from msit.model_dir import load_model_config, load_model_dir, save_model_dir
+from msit.model.model_dir import load_model_config, load_model_dir, save_model_dir
 from tests.model_helpers import item_table, tiny_spec
 
 CONFIG = ModelConfig(embed_dim=16, mlp_dims=(16,))

@@ -10,9 +10,9 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_split
 from msit.errors import ConfigError
 from msit.model import ModelConfig
-from msit.model_dir import load_model_dir
-from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_outputs_dir, run_training
-from msit.trainer import TrainConfig, evaluate
+from msit.model.model_dir import load_model_dir
+from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_outputs_dir, run_training
+from msit.training.trainer import TrainConfig, evaluate
 
 
 def _config(prepared, tmp_path, name, epochs, **run):

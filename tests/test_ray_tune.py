@@ -8,10 +8,10 @@ from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import load_split
 from msit.errors import ConfigError
 from msit.model import ModelConfig
-from msit.model_dir import load_model_dir
-from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
-from msit.ray_tune import AshaSpec, SearchSpec, TuneRunConfig, expand_space, run_search, search_outputs_dir
-from msit.trainer import TrainConfig, evaluate
+from msit.model.model_dir import load_model_dir
+from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig, run_training
+from msit.training.trainer import TrainConfig, evaluate
+from msit.tuning.ray_tune import AshaSpec, SearchSpec, TuneRunConfig, expand_space, run_search, search_outputs_dir
 
 
 def _search(prepared, tmp_path, **search) -> TuneRunConfig:
@@ -41,7 +41,7 @@ def test_invalid_combinations_are_pruned_before_running(tmp_path):
 
 def test_optuna_only_offers_head_counts_that_divide_the_sampled_width(tmp_path):
     optuna = pytest.importorskip("optuna", reason="optuna is in the test extra")  # installed by `make test`
-    from msit.ray_tune import _optuna_searcher, _optuna_space, _params
+    from msit.tuning.ray_tune import _optuna_searcher, _optuna_space, _params
 
     cfg = _search("unused", tmp_path, algorithm="optuna", space={
         "embed_dim": [12, 16], "heads": [1, 3, 4, 8], "dropout": {"uniform": [0.0, 0.3]}})

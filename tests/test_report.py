@@ -12,8 +12,7 @@ import torch
 from msit.data.feature_spec import FEATURE_SPEC_FILE, FeatureSpec
 from msit.data.prepared import load_sequences, load_split
 from msit.errors import MsitError
-from msit.model_dir import load_model_config, load_model_dir
-from msit.report import (
+from msit.evaluation.report import (
     HISTORY_BUCKET_EDGES,
     bucket_labels,
     bucket_rows,
@@ -22,13 +21,14 @@ from msit.report import (
     target_scene_counts,
     target_scene_history,
 )
-from msit.trainer import evaluate
+from msit.model.model_dir import load_model_config, load_model_dir
+from msit.training.trainer import evaluate
 
 
 def _train_and_save(prepared, family, directory, train=True):
     from msit.model import ModelConfig, build_for_data
-    from msit.model_dir import save_model_dir
-    from msit.trainer import TrainConfig, fit
+    from msit.model.model_dir import save_model_dir
+    from msit.training.trainer import TrainConfig, fit
 
     spec = FeatureSpec.load(prepared)
     config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=10)  # as `small_model`
@@ -202,8 +202,8 @@ def test_auc_by_bucket_leaves_out_buckets_too_small_to_mean_anything():
 
     import numpy as np
 
-    from msit.metrics import auc
-    from msit.report import MIN_BUCKET_ROWS, auc_by_bucket
+    from msit.evaluation.metrics import auc
+    from msit.evaluation.report import MIN_BUCKET_ROWS, auc_by_bucket
 
     rng = np.random.default_rng(0)
     n = MIN_BUCKET_ROWS + 5

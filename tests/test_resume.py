@@ -6,8 +6,8 @@ import pytest
 
 from msit.errors import ConfigError
 from msit.model import ModelConfig
-from msit.ray_train import RUN_CONFIG_FILE, RunSpec, ScalingSpec, TrainRunConfig, check_run_config
-from msit.trainer import TrainConfig
+from msit.training.ray_train import RUN_CONFIG_FILE, RunSpec, ScalingSpec, TrainRunConfig, check_run_config
+from msit.training.trainer import TrainConfig
 from tests.model_helpers import tiny_spec
 
 
@@ -71,8 +71,8 @@ def test_a_workers_msit_error_surfaces_as_that_one_line(monkeypatch, tmp_path):
     import ray.train
     from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
-    from msit import ray_train
     from msit.errors import MsitError
+    from msit.training import ray_train
 
     class FailingTrainer:
         def fit(self):

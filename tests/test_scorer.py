@@ -9,10 +9,10 @@ import torch
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import SEQUENCES_DIR, load_split
 from msit.data.schema import scene_slot
-from msit.model_dir import load_model_config, load_model_dir
+from msit.model.model_dir import load_model_config, load_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scored, Scorer, ScoringError
-from msit.trainer import predict
+from msit.training.trainer import predict
 from tests.serving_helpers import MEAN, NUMERIC_CONTEXT, STD, nan_weights, numeric_context_model
 
 
@@ -275,7 +275,7 @@ def test_serving_encodes_raw_values_as_prepare_encoded_them(ray_session, tmp_pat
     from msit.data.prepare import PrepareConfig, prepare
     from msit.data.spec import FeatureGroup, SceneLogSpec
     from msit.model import ModelConfig, build_for_data
-    from msit.model_dir import save_model_dir
+    from msit.model.model_dir import save_model_dir
 
     n = 10  # events per user
     users = {" alice ": (True, "x| y"), "1 ": (False, "y")}  # user -> (flag, tags), one context per user

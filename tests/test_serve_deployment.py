@@ -13,7 +13,7 @@ import yaml
 
 from msit.data.feature_spec import FeatureSpec
 from msit.model import ModelConfig, build_for_data
-from msit.model_dir import save_model_dir
+from msit.model.model_dir import save_model_dir
 from msit.serving.deployment import DEPLOYMENT, MsitScorer, build
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import RequestError, Scorer, ScoringError

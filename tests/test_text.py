@@ -237,8 +237,8 @@ def test_a_model_with_text_features_reads_the_cache_and_trains(embedded, tiny_en
 
     from msit.data.prepared import load_split
     from msit.model import ModelConfig, build_for_data
-    from msit.model_dir import load_model_dir, save_model_dir
-    from msit.trainer import train_step
+    from msit.model.model_dir import load_model_dir, save_model_dir
+    from msit.training.trainer import train_step
 
     spec = FeatureSpec.load(embedded)
     cfg = ModelConfig(embed_dim=16, use_text=True, text_dim=tiny_encoder.dim, history_length=4)

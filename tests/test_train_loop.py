@@ -1,4 +1,4 @@
-"""The one epoch loop (msit.train_loop), without Ray: early stopping, resume, the start point, ranks that
+"""The one epoch loop (msit.training.train_loop), without Ray: early stopping, resume, the start point, ranks that
 follow rank 0, and over two real torch.distributed ranks: gathered validation and the global batch."""
 
 import numpy as np
@@ -9,11 +9,11 @@ import torch.multiprocessing as mp
 
 from msit.data.prepared import EventSplit
 from msit.data.sequences import Sequences
-from msit.metrics import scene_metrics
+from msit.evaluation.metrics import scene_metrics
 from msit.model import ModelConfig, build_model
 from msit.ray_env import free_ports
-from msit.train_loop import EpochLoop, LoopState, TorchWorld, World, predictions, validation_metrics
-from msit.trainer import TrainConfig, evaluate, fit, make_optimizer, seed_everything, train_step
+from msit.training.train_loop import EpochLoop, LoopState, TorchWorld, World, predictions, validation_metrics
+from msit.training.trainer import TrainConfig, evaluate, fit, make_optimizer, seed_everything, train_step
 from tests.model_helpers import N_ITEMS, N_USERS, item_table, tiny_spec
 
 
@@ -207,7 +207,7 @@ def test_two_ranks_gather_every_val_row_and_a_global_batch_steps_like_one_proces
 
 def test_the_global_batch_is_split_over_the_workers():
     from msit.errors import ConfigError
-    from msit.ray_train import local_batch_size
+    from msit.training.ray_train import local_batch_size
 
     assert [local_batch_size(1024, w) for w in (1, 2, 3)] == [1024, 512, 341]
     with pytest.raises(ConfigError, match=r"train\.batch_size 1 is the global batch, split over 2 workers"):
@@ -217,7 +217,7 @@ def test_the_global_batch_is_split_over_the_workers():
 def test_the_next_epochs_reading_starts_when_an_epochs_batches_end_and_its_errors_reach_the_loop():
     import threading
 
-    from msit.ray_train import EpochsAhead
+    from msit.training.ray_train import EpochsAhead
 
     started, second_started = [], threading.Event()
 
@@ -239,7 +239,7 @@ def test_the_next_epochs_reading_starts_when_an_epochs_batches_end_and_its_error
 
 
 def test_a_kept_shard_streams_its_first_epoch_then_reshuffles_the_same_rows_in_memory():
-    from msit.ray_train import KeptShard
+    from msit.training.ray_train import KeptShard
 
     streamed = []
 

@@ -15,8 +15,8 @@ from msit.data.prepared import load_split
 from msit.errors import MsitError
 from msit.model import FAMILIES, ModelConfig, build_model, load_item_table
 from msit.model.baselines import _StarLinear
-from msit.model_dir import load_model_dir, save_model_dir
-from msit.trainer import TrainConfig, evaluate, fit, make_optimizer, seed_everything
+from msit.model.model_dir import load_model_dir, save_model_dir
+from msit.training.trainer import TrainConfig, evaluate, fit, make_optimizer, seed_everything
 from tests.model_helpers import N_ITEMS, SCENES, item_table, tiny_spec
 
 
@@ -88,7 +88,7 @@ def test_evaluate_command_prints_the_per_scene_table(data, small_prepared, tmp_p
 def test_deterministic_kernels_by_default_on_the_cpu_only_and_compile_when_asked():
     import torch
 
-    from msit.trainer import prepare_for_training
+    from msit.training.trainer import prepare_for_training
     from tests.model_helpers import item_table, tiny_spec
 
     model = build_model(ModelConfig(embed_dim=16, history_length=6), tiny_spec(), item_table())

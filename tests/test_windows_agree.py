@@ -19,7 +19,7 @@ from msit.data.prepare import PrepareConfig, prepare
 from msit.data.prepared import SEQUENCES_DIR, load_sequences, load_split
 from msit.data.schema import WINDOW_FIELDS
 from msit.model import ModelConfig, build_for_data
-from msit.model_dir import load_model_config, save_model_dir
+from msit.model.model_dir import load_model_config, save_model_dir
 from msit.serving.history_store import InMemoryHistoryStore
 from msit.serving.scorer import Scorer
 

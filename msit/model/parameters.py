@@ -1,7 +1,7 @@
 """What a model's parameters are, told by the modules that hold them, never by their names.
 
-Two users: weight decay (`msit.trainer.make_optimizer`) goes by each parameter's kind, and fine-tuning
-(`msit.finetune`) by the parts each family declares (`head_parts`, `scene_parts`).
+Two users: weight decay (`msit.training.trainer.make_optimizer`) goes by each parameter's kind, and fine-tuning
+(`msit.training.finetune`) by the parts each family declares (`head_parts`, `scene_parts`).
 
 Kinds: "matmul" (a weight that multiplies its input: decayed when of rank >= 2), "table" (rows looked
 up by an id or a scene), "bias" (added) and "norm" (a normalisation's scale or shift). torch's own
@@ -54,7 +54,7 @@ Part = nn.Module | nn.Parameter
 
 @dataclass(frozen=True)
 class ScenePart:
-    """A part that holds rows of its own for each scene (`msit.finetune`'s scene mode trains the tuned
+    """A part that holds rows of its own for each scene (`msit.training.finetune`'s scene mode trains the tuned
     scenes' rows). The leading dimension of each of its parameters holds `rows_per_scene` rows per
     scene, scene id `first_id`'s first: 0 for a table indexed by scene id, FIRST_REAL for one indexed by scene
     slot (msit.data.schema). Or, with `scene_id` set, the whole part belongs to that one scene."""

@@ -45,10 +45,10 @@ from msit.data.schema import (
 )
 from msit.data.sequences import Sequences, history_windows
 from msit.data.vocab import encode_multi_value, standardised
+from msit.evaluation.ranking import scene_catalogues
 from msit.model.features import fields_of
+from msit.model.model_dir import WEIGHTS_FILE, load_model_dir
 from msit.model.output import score_in_chunks
-from msit.model_dir import WEIGHTS_FILE, load_model_dir
-from msit.ranking import scene_catalogues
 from msit.serving.history_store import (
     Appended,
     HistoryStore,

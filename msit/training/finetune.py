@@ -29,9 +29,9 @@ from torch import nn
 from msit.data.feature_spec import FeatureSpec
 from msit.data.schema import scene_id
 from msit.errors import ConfigError, MsitError
+from msit.model.model_dir import WEIGHTS_FILE, load_model_spec, load_weights
 from msit.model.output import Model
 from msit.model.parameters import declared_names
-from msit.model_dir import WEIGHTS_FILE, load_model_spec, load_weights
 
 MODES = ("scene", "head", "full")
 

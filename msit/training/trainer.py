@@ -1,6 +1,6 @@
 """Single-process training without Ray: for tests, debugging and benchmarks.
 
-`fit` runs the epoch loop of `msit.train_loop` that Ray Train's workers run too, with the same step
+`fit` runs the epoch loop of `msit.training.train_loop` that Ray Train's workers run too, with the same step
 (`train_step`), so both paths train the same way. Seeded and deterministic on CPU.
 """
 
@@ -19,34 +19,13 @@ from tqdm import tqdm
 
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit
-from msit.errors import ConfigError
-from msit.metrics import scene_metrics
+from msit.evaluation.metrics import scene_metrics
 from msit.model.output import Model
 from msit.model.parameters import parameters_with_kinds
+from msit.training.config import TrainConfig
+from msit.training.train_loop import EpochLoop, predictions, validation_metrics
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 1024
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    patience: int = 2  # epochs without a better val AUC before stopping
-    seed: int = 0
-    eval_batch_size: int = 4096
-    grad_clip: float = 5.0
-    deterministic: bool | None = None  # deterministic kernels; None: on the CPU only (they slow GPU kernels)
-    compile: bool = False  # torch.compile the model for training; off by default (docs/benchmarks.md, "Step speed")
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
-                              f"weight_decay={self.weight_decay}")
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -142,7 +121,6 @@ def fit(model: Model, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg
     """Train with early stopping on val AUC (`train_loop.EpochLoop`, the loop Ray Train's workers run too);
     the model ends with its best epoch's weights. Each epoch is a fresh global permutation of `train`.
     `start_point`: the untrained (or fine-tuning's starting) model is epoch 0, the best to beat."""
-    from msit.train_loop import EpochLoop, predictions, validation_metrics
 
     device = next(model.parameters()).device  # event rows stay on the CPU; sequences and batches go to the model
     prepare_for_training(model, cfg, device)

@@ -14,7 +14,7 @@ import torch
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit, model_batch
 from msit.data.schema import FIRST_REAL, Batch, scene_id
-from msit.metrics import ranking_metrics
+from msit.evaluation.metrics import ranking_metrics
 from msit.model.output import Model, score_in_chunks
 
 

@@ -31,9 +31,9 @@ from tqdm import tqdm
 
 from msit.data.prepared import EventSplit, load_split
 from msit.data.schema import HISTORY_LENGTH, HISTORY_SCENE_IDS, SCENE_ID, scene_slots
-from msit.metrics import auc, scene_metrics
+from msit.evaluation.metrics import auc, scene_metrics
+from msit.model.model_dir import LoadedModel, check_data_encoding, load_model_dir
 from msit.model.output import Model
-from msit.model_dir import LoadedModel, check_data_encoding, load_model_dir
 
 # Lower edges of the history-length buckets (events in the target scene), cold -> warm: 0, 1-2, 3-5, 6-10,
 # 11-20, 21+. Buckets that start beyond the model's history length are dropped.

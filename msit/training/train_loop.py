@@ -16,17 +16,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from msit.metrics import scene_metrics
+from msit.data.schema import Batch
+from msit.evaluation.metrics import scene_metrics
+from msit.training.config import TrainConfig
 
-if TYPE_CHECKING:
-    from msit.trainer import TrainConfig
-
-Batch = dict[str, torch.Tensor]
 PREDICTION_FIELDS = ("prob", "label", "scene_id", "user_id")  # what validation gathers per row
 
 

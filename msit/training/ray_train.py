@@ -1,7 +1,7 @@
 """Data-parallel training on Ray Train: the edge where Ray meets msit.
 
 `run_training` builds a `TorchTrainer` whose workers run `train_loop_per_worker`: the epoch loop of
-`msit.train_loop` (the one `trainer.fit` runs) with Ray at its edges. Each worker loads every user's
+`msit.training.train_loop` (the one `trainer.fit` runs) with Ray at its edges. Each worker loads every user's
 sequence once (`load_sequences`, on its device), receives its shard of the small event rows through
 Ray Data (files in a new random order each epoch, a local shuffle buffer), cuts the history windows
 per batch (`model_batch`), wraps the model in DDP with `prepare_model` and calls the same
@@ -40,9 +40,8 @@ from msit.config import absolute_path, from_dict, load_yaml
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import event_columns, load_sequences, model_batch
 from msit.errors import ConfigError, MsitError
-from msit.finetune import FinetuneSpec, check_encoding_extends, scenes_to_tune, start_from
 from msit.model import ModelConfig, build_for_data
-from msit.model_dir import (
+from msit.model.model_dir import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     load_model_config,
@@ -53,8 +52,9 @@ from msit.model_dir import (
     write_model_files,
 )
 from msit.output_dir import check_outside_inputs, check_replaceable
-from msit.train_loop import EpochEnd, EpochLoop, LoopState, TorchWorld, predictions, validation_metrics
-from msit.trainer import TrainConfig, make_optimizer, prepare_for_training, seed_everything, train_step
+from msit.training.finetune import FinetuneSpec, check_encoding_extends, scenes_to_tune, start_from
+from msit.training.train_loop import EpochEnd, EpochLoop, LoopState, TorchWorld, predictions, validation_metrics
+from msit.training.trainer import TrainConfig, make_optimizer, prepare_for_training, seed_everything, train_step
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
@@ -100,7 +100,7 @@ class TrainRunConfig:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     run: RunSpec = field(default_factory=RunSpec)
     scenes: list[str] | None = None  # train and validate on these scenes' rows only (histories keep every scene)
-    finetune: FinetuneSpec | None = None  # start from a trained model directory (see msit.finetune)
+    finetune: FinetuneSpec | None = None  # start from a trained model directory (see msit.training.finetune)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainRunConfig:
@@ -203,7 +203,7 @@ def local_batch_size(batch_size: int, workers: int) -> int:
 
 
 def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
-    """One rank of a Ray Train run: the epoch loop of `msit.train_loop`, with Ray at its edges (the dataset
+    """One rank of a Ray Train run: the epoch loop of `msit.training.train_loop`, with Ray at its edges (the dataset
     shards in, `ray.train.report` with a checkpoint out, resume from `ray.train.get_checkpoint`)."""
     cfg: TrainRunConfig = config["cfg"]
     context = ray.train.get_context()

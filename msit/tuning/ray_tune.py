@@ -31,8 +31,8 @@ import yaml
 from msit.config import from_dict, load_yaml
 from msit.errors import ConfigError, MsitError
 from msit.model import ModelConfig
-from msit.ray_train import RunSpec, ScalingSpec, TrainRunConfig, export_checkpoint, make_trainer, resolve_paths
-from msit.trainer import TrainConfig
+from msit.training.ray_train import RunSpec, ScalingSpec, TrainRunConfig, export_checkpoint, make_trainer, resolve_paths
+from msit.training.trainer import TrainConfig
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

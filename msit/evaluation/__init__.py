@@ -1,0 +1,1 @@
+"""Evaluation: metrics, ranking over a scene's catalogue, the transfer report."""

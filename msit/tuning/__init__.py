@@ -1,0 +1,1 @@
+"""Architecture search: the Ray Tune edge."""
