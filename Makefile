@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	@command -v redis-server >/dev/null || { echo "make test: redis-server is missing (the history store tests run against a real Redis): apt-get install redis-server"; exit 1; }
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/ruff format --check msit tests benchmarks train tune serve
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
@@ -29,11 +30,13 @@ test: $(VENV)/.installed
 # them); --forbid-ray fails any of these that starts Ray after all, in the test process or a subprocess.
 test-fast: $(VENV)/.installed
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/ruff format --check msit tests benchmarks train tune serve
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not ray and not redis" --forbid-ray tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check msit tests benchmarks train tune serve
+	$(BIN)/ruff format --check msit tests benchmarks train tune serve
 	$(BIN)/mypy
 
 clean:

@@ -31,8 +31,9 @@ def run_json(code: Path, script: Path, args: list[str], what: str) -> dict:
     """`script args` in a subprocess importing msit (and benchmarks/) from `code`, one torch thread; the JSON
     object its last output line holds. The script puts PYTHONPATH first on sys.path (`use_code_on_path`)."""
     env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{code / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script), *args], cwd=code, env=env, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, str(script), *args], cwd=code, env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"{what} with the code at {code} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

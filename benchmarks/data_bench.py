@@ -40,13 +40,16 @@ from msit.data.schema import FIRST_REAL, OOV  # noqa: E402
 from msit.data.spec import SceneLogSpec, infer_spec  # noqa: E402
 from msit.ray_env import init_ray  # noqa: E402
 
-SYNTH = {"1000k": dict(users=25_000, items=20_000, events_per_user=40),
-         "10000k": dict(users=250_000, items=100_000, events_per_user=40)}
+SYNTH = {
+    "1000k": dict(users=25_000, items=20_000, events_per_user=40),
+    "10000k": dict(users=250_000, items=100_000, events_per_user=40),
+}
 
 MIN_S, MAX_S = -2_208_988_800, 10_413_792_000  # 1900..2300, as msit.data.parse
 
 
 # -- the single-process reference --------------------------------------------------------------------------------
+
 
 def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> dict[str, float]:
     """Validate, split, fit vocabularies, encode and order per user, with pandas/numpy in this process, written
@@ -65,11 +68,21 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     categorical = [c for g in groups for c in g.categorical]
     numeric_cols = [c for g in groups for c in g.numeric]
     multi_cols = {c: sep for g in groups for c, sep in g.multi.items()}
-    needed = [cols[r] for r in ("user_id", "item_id", "scenario", "label", "timestamp")] + categorical + \
-        numeric_cols + list(multi_cols)
-    df = pd.concat([pd.read_parquet(f, columns=needed) if f.suffix == ".parquet" else
-                    pd.read_csv(f, usecols=needed, dtype=str, keep_default_na=False) for f in files],
-                   ignore_index=True)
+    needed = (
+        [cols[r] for r in ("user_id", "item_id", "scenario", "label", "timestamp")]
+        + categorical
+        + numeric_cols
+        + list(multi_cols)
+    )
+    df = pd.concat(
+        [
+            pd.read_parquet(f, columns=needed)
+            if f.suffix == ".parquet"
+            else pd.read_csv(f, usecols=needed, dtype=str, keep_default_na=False)
+            for f in files
+        ],
+        ignore_index=True,
+    )
 
     def keys(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
         """(codes, -1 where null or empty; the distinct trimmed values)."""
@@ -104,8 +117,9 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     # split (and the per-user order): by (user, timestamp, item), chronological ratios per user
     user_codes, items = ids["user_id"][0], ids["item_id"]
     as_numbers = pd.to_numeric(pd.Series(items[1]), errors="coerce")  # ties by item: as numbers if all are
-    item_rank = np.argsort(np.argsort(as_numbers.to_numpy() if not as_numbers.isna().any() else
-                                      np.asarray(items[1], dtype=str)))
+    item_rank = np.argsort(
+        np.argsort(as_numbers.to_numpy() if not as_numbers.isna().any() else np.asarray(items[1], dtype=str))
+    )
     order = np.lexsort((item_rank[items[0]], ts, user_codes))
     sorted_users = user_codes[order]
     starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
@@ -150,8 +164,10 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     lap("vocabularies")
 
     # encode
-    encoded = {name: np.where(codes >= 0, index[name][np.maximum(codes, 0)], 0).astype(np.int32)
-               for name, (codes, _) in {**ids, **cats}.items()}
+    encoded = {
+        name: np.where(codes >= 0, index[name][np.maximum(codes, 0)], 0).astype(np.int32)
+        for name, (codes, _) in {**ids, **cats}.items()
+    }
     for c, (mean, std) in stats.items():
         encoded[c] = np.nan_to_num((numeric[c] - mean) / (std or 1.0)).astype(np.float32)
     for c, (lists, token_values, token_index) in tokens.items():
@@ -171,14 +187,20 @@ def reference(files: list[Path], spec: SceneLogSpec, ratios=(0.8, 0.1, 0.1)) -> 
     first_at_time = np.maximum.accumulate(np.where(new_time, np.arange(len(order)), 0))
     position = np.empty(len(order), dtype=np.int32)
     position[order] = first_at_time - np.repeat(starts, sizes)
-    sequences = {"item_ids": encoded["item_id"][order], "scene_ids": encoded["scenario"][order].astype(np.int16),
-                 "labels": label[order], "timestamps": sorted_ts, "offsets": np.r_[0, np.cumsum(sizes)]}
+    sequences = {
+        "item_ids": encoded["item_id"][order],
+        "scene_ids": encoded["scenario"][order].astype(np.int16),
+        "labels": label[order],
+        "timestamps": sorted_ts,
+        "offsets": np.r_[0, np.cumsum(sizes)],
+    }
     assert len(sequences["item_ids"]) == len(position)
     lap("order_per_user")
     return seconds
 
 
 # -- measurements of a prepared directory ------------------------------------------------------------------------
+
 
 def _bytes(path: Path) -> int:
     path = Path(path)
@@ -198,8 +220,11 @@ def memory_bytes(prepared: Path, spec: FeatureSpec) -> dict[str, float]:
     sequences = load_sequences(prepared)
     train = load_split(prepared, "train", spec, sequences)
     rows = sum(v.nbytes for v in train.events.values()) / len(train)
-    return {"event_row_bytes": round(rows, 1), "sequence_bytes_per_event": round(
-        sequences.nbytes() / len(sequences.timestamps), 1), "train_rows": len(train)}
+    return {
+        "event_row_bytes": round(rows, 1),
+        "sequence_bytes_per_event": round(sequences.nbytes() / len(sequences.timestamps), 1),
+        "train_rows": len(train),
+    }
 
 
 def run(name: str, files: list[Path], spec: SceneLogSpec | None, log) -> dict:
@@ -210,8 +235,9 @@ def run(name: str, files: list[Path], spec: SceneLogSpec | None, log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         log(f"{name}: prepare")
         t0 = time.perf_counter()
-        result = prepare(PrepareConfig(inputs=[str(f) for f in files], out=f"{tmp}/prepared", spec=spec),
-                         log=lambda _: None)
+        result = prepare(
+            PrepareConfig(inputs=[str(f) for f in files], out=f"{tmp}/prepared", spec=spec), log=lambda _: None
+        )
         prepare_s = time.perf_counter() - t0
         rows = result.feature_spec.row_counts["input"]
         prepared = Path(tmp) / "prepared"
@@ -228,16 +254,24 @@ def run(name: str, files: list[Path], spec: SceneLogSpec | None, log) -> dict:
     t0 = time.perf_counter()
     reference_steps = reference(files, full_spec)
     reference_s = time.perf_counter() - t0
-    out = {"data": name, "rows": rows, "prepare_s": round(prepare_s, 2),
-           "prepare_rows_per_s": round(rows / prepare_s), "reference_s": round(reference_s, 2),
-           "reference_rows_per_s": round(rows / reference_s),
-           "prepare_vs_reference": round(reference_s / prepare_s, 3),
-           "disk_bytes_per_event": round(sum(disk.values()) / rows, 2),
-           "input_bytes_per_event": round(input_bytes / rows, 2),
-           "input_parquet_bytes_per_event": round(parquet_bytes / rows, 2),
-           "disk_vs_input_parquet": round(sum(disk.values()) / parquet_bytes, 3),
-           "disk_bytes_by_part": disk, "stream_bytes_per_row": round(stream, 1), "memory": memory,
-           "steps_s": result.seconds, "reference_steps_s": reference_steps}
+    out = {
+        "data": name,
+        "rows": rows,
+        "prepare_s": round(prepare_s, 2),
+        "prepare_rows_per_s": round(rows / prepare_s),
+        "reference_s": round(reference_s, 2),
+        "reference_rows_per_s": round(rows / reference_s),
+        "prepare_vs_reference": round(reference_s / prepare_s, 3),
+        "disk_bytes_per_event": round(sum(disk.values()) / rows, 2),
+        "input_bytes_per_event": round(input_bytes / rows, 2),
+        "input_parquet_bytes_per_event": round(parquet_bytes / rows, 2),
+        "disk_vs_input_parquet": round(sum(disk.values()) / parquet_bytes, 3),
+        "disk_bytes_by_part": disk,
+        "stream_bytes_per_row": round(stream, 1),
+        "memory": memory,
+        "steps_s": result.seconds,
+        "reference_steps_s": reference_steps,
+    }
     log(json.dumps(out))
     return out
 
@@ -251,8 +285,11 @@ def _synth(cache: Path, size: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "msit-bench"),
-                        help="where the synthetic logs are generated once and reused")
+    parser.add_argument(
+        "--cache",
+        default=str(Path.home() / ".cache" / "msit-bench"),
+        help="where the synthetic logs are generated once and reused",
+    )
     parser.add_argument("--sizes", default="1000k,10000k", help=f"synthetic logs to run, of {list(SYNTH)}")
     shared = Path(os.environ.get("MSIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
     parser.add_argument("--ml100k", default=str(shared / "ml100k_genre.csv"))
@@ -271,10 +308,15 @@ def main() -> None:
         files = _synth(Path(args.cache), size)
         runs.append(run(f"synth_{size}", files, SceneLogSpec.load(str(files[0].parent / "spec.yaml")), print))
 
-    report = {"runs": runs, **provenance, "load_average_end": load_average(), "num_cpus": 2,
-              "ray_start_s": round(ray_start_s, 2),
-              "note": "prepare_s: the whole `prepare` call (Ray already started; ray_start_s apart) including writing; "
-                      "the reference writes nothing. The machine is shared: see load_average."}
+    report = {
+        "runs": runs,
+        **provenance,
+        "load_average_end": load_average(),
+        "num_cpus": 2,
+        "ray_start_s": round(ray_start_s, 2),
+        "note": "prepare_s: the whole `prepare` call (Ray already started; ray_start_s apart) including writing; "
+        "the reference writes nothing. The machine is shared: see load_average.",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))

@@ -61,9 +61,17 @@ HISTORY_LENGTH = 10  # the models' window; the prepared layout is in the setup m
 SETUP = {**SYNTH, "layout": 2}
 EPOCHS = 4
 KILL_AFTER_EPOCH = 2  # the kill lands while epoch 3 trains: checkpoint 2 exists, 3 does not
-TIMEOUTS = {"train_rank0_kill": 480, "train_rank1_kill": 480, "driver_kill": 600, "node_kill_train": 600,
-            "node_kill_serve": 420, "serve_replica_kill": 300, "serve_broken_model": 300, "serve_poison": 300,
-            "serve_redis_outage": 300}
+TIMEOUTS = {
+    "train_rank0_kill": 480,
+    "train_rank1_kill": 480,
+    "driver_kill": 600,
+    "node_kill_train": 600,
+    "node_kill_serve": 420,
+    "serve_replica_kill": 300,
+    "serve_broken_model": 300,
+    "serve_poison": 300,
+    "serve_redis_outage": 300,
+}
 LOAD_SECONDS = 30.0
 CONCURRENCY = 8
 
@@ -73,6 +81,7 @@ def log(message: str) -> None:
 
 
 # --- process groups: everything a drill starts is registered, and stopped by the drill or else by main ------
+
 
 def _register_group(work: Path, name: str, pid: int) -> None:
     with (work / f"{name}.groups").open("a") as f:
@@ -149,6 +158,7 @@ def _wait(condition: Callable[[], object], timeout_s: float, what: str, poll_s: 
 
 # --- setup: data and a model, shared by the drills ----------------------------------------------------------
 
+
 def setup(work: Path) -> None:
     """Synthetic log + prepared directory (the CLI, as a user runs it) and a tiny model (single process)."""
     marker = work / "setup.json"
@@ -156,11 +166,31 @@ def setup(work: Path) -> None:
         return
     shutil.rmtree(work / "synth", ignore_errors=True)
     log("setup: msit data synth + msit data prepare")
-    synth = [PYTHON, "-m", "msit.cli", "data", "synth", "--out", str(work / "synth"),
-             *(a for k, v in SYNTH.items() for a in (f"--{k.replace('_', '-')}", str(v)))]
-    prepare = [PYTHON, "-m", "msit.cli", "data", "prepare", str(work / "synth"), "--out", str(work / "prepared"),
-               "--spec", str(work / "synth" / "spec.yaml"), "--num-cpus", "4",
-               "--overwrite"]
+    synth = [
+        PYTHON,
+        "-m",
+        "msit.cli",
+        "data",
+        "synth",
+        "--out",
+        str(work / "synth"),
+        *(a for k, v in SYNTH.items() for a in (f"--{k.replace('_', '-')}", str(v))),
+    ]
+    prepare = [
+        PYTHON,
+        "-m",
+        "msit.cli",
+        "data",
+        "prepare",
+        str(work / "synth"),
+        "--out",
+        str(work / "prepared"),
+        "--spec",
+        str(work / "synth" / "spec.yaml"),
+        "--num-cpus",
+        "4",
+        "--overwrite",
+    ]
     for command in (synth, prepare):
         done = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
@@ -177,14 +207,21 @@ def setup(work: Path) -> None:
     config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=HISTORY_LENGTH)
     model = build_for_data(config, prepared, spec)
     sequences = load_sequences(prepared)  # once for both splits
-    fit(model, load_split(prepared, "train", spec, sequences), load_split(prepared, "val", spec, sequences), spec,
-        TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
+    fit(
+        model,
+        load_split(prepared, "train", spec, sequences),
+        load_split(prepared, "val", spec, sequences),
+        spec,
+        TrainConfig(epochs=1, batch_size=256, lr=5e-3),
+        log=lambda _: None,
+    )
     shutil.rmtree(work / "model", ignore_errors=True)
     save_model_dir(work / "model", model, config, spec)
     marker.write_text(json.dumps(SETUP))
 
 
 # --- training drills -----------------------------------------------------------------------------------------
+
 
 def _train_config(work: Path, name: str):
     from msit.model import ModelConfig
@@ -195,11 +232,13 @@ def _train_config(work: Path, name: str):
     shutil.rmtree(directory, ignore_errors=True)  # a fresh run name each time: the same one would resume
     directory.mkdir(parents=True)
     return TrainRunConfig(
-        data=str(work / "prepared"), output=str(directory / "model"),
+        data=str(work / "prepared"),
+        output=str(directory / "model"),
         model=ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=HISTORY_LENGTH),
         train=TrainConfig(epochs=EPOCHS, batch_size=256, lr=5e-3, patience=EPOCHS),
         scaling=ScalingSpec(num_workers=2, use_gpu=False, cpus_per_worker=1.0),
-        run=RunSpec(name=name, storage_path=str(directory / "ray_results"), max_failures=2))
+        run=RunSpec(name=name, storage_path=str(directory / "ray_results"), max_failures=2),
+    )
 
 
 def _checkpoint_states(cfg) -> dict[int, dict]:
@@ -217,8 +256,9 @@ def _checkpoint_states(cfg) -> dict[int, dict]:
 def _kill_mid_epoch(cfg, kill: Callable[[], dict], timeout_s: float) -> dict:
     """Wait for checkpoint KILL_AFTER_EPOCH, let the next epoch get going, kill, and check no newer checkpoint
     existed at that moment (so the kill landed between two checkpoints, mid-epoch)."""
-    state = _wait(lambda: _checkpoint_states(cfg).get(KILL_AFTER_EPOCH), timeout_s,
-                  f"checkpoint of epoch {KILL_AFTER_EPOCH}")
+    state = _wait(
+        lambda: _checkpoint_states(cfg).get(KILL_AFTER_EPOCH), timeout_s, f"checkpoint of epoch {KILL_AFTER_EPOCH}"
+    )
     time.sleep(max(0.5, 0.4 * state["train_seconds"]))
     between = KILL_AFTER_EPOCH + 1 not in _checkpoint_states(cfg)
     victim = kill()
@@ -251,8 +291,10 @@ def _check_run(cfg, kill: dict | None) -> tuple[bool, int | None, list[str]]:
     best = max(history, key=lambda h: h["val_auc"])
     val_auc = evaluate(loaded.model, load_split(cfg.data, "val", loaded.spec), loaded.spec)["overall"]["auc"]
     same = abs(val_auc - best["val_auc"]) < 1e-6 and loaded.info["train"]["best_epoch"] == best["epoch"]
-    notes.append(f"exported model val AUC {val_auc:.6f}, best epoch {best['epoch']} recorded {best['val_auc']:.6f}"
-                 + ("" if same else " (MISMATCH)"))
+    notes.append(
+        f"exported model val AUC {val_auc:.6f}, best epoch {best['epoch']} recorded {best['val_auc']:.6f}"
+        + ("" if same else " (MISMATCH)")
+    )
     return once and same, lost, notes
 
 
@@ -267,8 +309,9 @@ def _state_address() -> str:
 def _train_workers() -> list[dict]:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=_state_address(), detail=True,
-                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(
+        address=_state_address(), detail=True, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     return [{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id} for a in actors]
 
 
@@ -285,8 +328,12 @@ def drill_train_rank_kill(work: Path, name: str, rank: int) -> dict:
 
     cfg = _train_config(work, name)
     batches = FeatureSpec.load(cfg.data).row_counts["train"] // cfg.train.batch_size // cfg.scaling.num_workers
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(
-        cfg.run, kill_worker_after_epoch=KILL_AFTER_EPOCH, kill_rank=rank, kill_after_batches=max(1, batches // 2)))
+    cfg = dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(
+            cfg.run, kill_worker_after_epoch=KILL_AFTER_EPOCH, kill_rank=rank, kill_after_batches=max(1, batches // 2)
+        ),
+    )
     init_ray(num_cpus=4, quiet=True)
     started = time.monotonic()
     run_training(cfg, log=log)
@@ -294,9 +341,15 @@ def drill_train_rank_kill(work: Path, name: str, rank: int) -> dict:
     landed = marker.is_file()
     kill = {"epoch_in_progress": KILL_AFTER_EPOCH + 1} if landed else None
     finished, lost, notes = _check_run(cfg, kill)
-    notes = [(f"{marker.read_text()} (of about {batches} batches a worker trains per epoch)" if landed else
-              "the kill did not land before the run ended: the drill did not happen"), *notes,
-             f"run took {time.monotonic() - started:.0f} s"]
+    notes = [
+        (
+            f"{marker.read_text()} (of about {batches} batches a worker trains per epoch)"
+            if landed
+            else "the kill did not land before the run ended: the drill did not happen"
+        ),
+        *notes,
+        f"run took {time.monotonic() - started:.0f} s",
+    ]
     return {"requests": None, "failed": None, "epochs_lost": lost, "finished": finished and landed, "notes": notes}
 
 
@@ -310,10 +363,12 @@ def drill_driver_kill(work: Path) -> dict:
     command = [PYTHON, "-m", "msit.cli", "train", "--config", str(config), "--num-cpus", "4"]
     notes = [f"command: {shlex.join(command[1:])}"]
     with (work / "driver_kill" / "first.log").open("w") as out:
-        first = subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command, env=_env(), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     _register_group(work, "driver_kill", first.pid)
     try:
+
         def kill_driver() -> dict:
             before = _descendants(first.pid)
             os.kill(first.pid, signal.SIGKILL)
@@ -321,24 +376,45 @@ def drill_driver_kill(work: Path) -> dict:
             # What the local Ray of the dead driver leaves behind (it should follow its driver).
             left = _wait(lambda: not any(_alive(p) for p in before) or "timeout", 60, "") if before else True
             survivors = [p for p in before if _alive(p)]
-            notes.append(f"{len(before)} processes under the driver; {len(survivors)} still alive 60 s after it "
-                         "died" if left == "timeout" else f"{len(before)} processes under the driver exited with it")
+            notes.append(
+                f"{len(before)} processes under the driver; {len(survivors)} still alive 60 s after it died"
+                if left == "timeout"
+                else f"{len(before)} processes under the driver exited with it"
+            )
             return {"killed": f"the driver (pid {first.pid})"}
+
         kill = _kill_mid_epoch(cfg, kill_driver, TIMEOUTS["driver_kill"] - 240)
     finally:
         stop_group(first.pid, term=False)
     log("driver killed; the same command again")
-    second = subprocess.run(command, env=_env(), cwd=ROOT, capture_output=True, text=True,
-                            timeout=TIMEOUTS["driver_kill"] - 120, start_new_session=True, check=False)
+    second = subprocess.run(
+        command,
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUTS["driver_kill"] - 120,
+        start_new_session=True,
+        check=False,
+    )
     (work / "driver_kill" / "second.log").write_text(second.stdout + second.stderr)
-    notes.insert(0, f"driver SIGKILLed while epoch {kill['epoch_in_progress']} trained (no newer checkpoint at "
-                    f"that moment: {kill['between_checkpoints']}); the same command again exited {second.returncode}")
+    notes.insert(
+        0,
+        f"driver SIGKILLed while epoch {kill['epoch_in_progress']} trained (no newer checkpoint at "
+        f"that moment: {kill['between_checkpoints']}); the same command again exited {second.returncode}",
+    )
     finished, lost, run_notes = _check_run(cfg, kill)
-    return {"requests": None, "failed": None, "epochs_lost": lost, "finished": finished and second.returncode == 0,
-            "notes": notes + run_notes}
+    return {
+        "requests": None,
+        "failed": None,
+        "epochs_lost": lost,
+        "finished": finished and second.returncode == 0,
+        "notes": notes + run_notes,
+    }
 
 
 # --- a head and a second node, started with `ray start` --------------------------------------------------------
+
 
 @contextmanager
 def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
@@ -358,34 +434,94 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
         gcs, dashboard, *head_ports = free_ports(7)
         logs.append((work / name / "head.log").open("w"))
         head = subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--disable-usage-stats", f"--num-cpus={head_cpus}", f"--port={gcs}",
-             f"--temp-dir={temp / 'head'}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}",
-             *(f"--{flag}={port}" for flag, port in zip(
-                 ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-                  "runtime-env-agent-port", "ray-client-server-port"), head_ports, strict=True)),
-             f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 19}"],
-            stdout=logs[-1], stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--head",
+                "--block",
+                "--disable-usage-stats",
+                f"--num-cpus={head_cpus}",
+                f"--port={gcs}",
+                f"--temp-dir={temp / 'head'}",
+                "--node-ip-address=127.0.0.1",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard}",
+                *(
+                    f"--{flag}={port}"
+                    for flag, port in zip(
+                        (
+                            "dashboard-agent-listen-port",
+                            "dashboard-agent-grpc-port",
+                            "metrics-export-port",
+                            "runtime-env-agent-port",
+                            "ray-client-server-port",
+                        ),
+                        head_ports,
+                        strict=True,
+                    )
+                ),
+                f"--min-worker-port={worker_low}",
+                f"--max-worker-port={worker_low + 19}",
+            ],
+            stdout=logs[-1],
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         groups.append(head.pid)
         _register_group(work, name, head.pid)
         address = f"http://127.0.0.1:{dashboard}"
-        _wait(lambda: head.poll() is not None or subprocess.run(
-            [RAY, "job", "list", "--address", address], env=env, capture_output=True, check=False).returncode == 0,
-              120, "ray start --head", poll_s=1)
+        _wait(
+            lambda: (
+                head.poll() is not None
+                or subprocess.run(
+                    [RAY, "job", "list", "--address", address], env=env, capture_output=True, check=False
+                ).returncode
+                == 0
+            ),
+            120,
+            "ray start --head",
+            poll_s=1,
+        )
         if head.poll() is not None:
             raise RuntimeError(f"ray start --head exited: {(work / name / 'head.log').read_text()[-2000:]}")
         ip = "127.0.0.1"  # the second node and the driver join the head's GCS through loopback
         node_ports = free_ports(6)
         logs.append((work / name / "node.log").open("w"))
         node = subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", f"--address={ip}:{gcs}", f"--num-cpus={node_cpus}",
-             "--node-ip-address=127.0.0.1", '--resources={"drill_node": 1}', f"--temp-dir={temp / 'node'}",
-             *(f"--{flag}={port}" for flag, port in zip(
-                 ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-                  "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"), node_ports,
-                 strict=True)),
-             f"--min-worker-port={worker_low + 20}", f"--max-worker-port={worker_low + 39}"],
-            stdout=logs[-1], stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--block",
+                "--disable-usage-stats",
+                f"--address={ip}:{gcs}",
+                f"--num-cpus={node_cpus}",
+                "--node-ip-address=127.0.0.1",
+                '--resources={"drill_node": 1}',
+                f"--temp-dir={temp / 'node'}",
+                *(
+                    f"--{flag}={port}"
+                    for flag, port in zip(
+                        (
+                            "node-manager-port",
+                            "object-manager-port",
+                            "dashboard-agent-listen-port",
+                            "dashboard-agent-grpc-port",
+                            "metrics-export-port",
+                            "runtime-env-agent-port",
+                        ),
+                        node_ports,
+                        strict=True,
+                    )
+                ),
+                f"--min-worker-port={worker_low + 20}",
+                f"--max-worker-port={worker_low + 39}",
+            ],
+            stdout=logs[-1],
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         groups.append(node.pid)
         _register_group(work, name, node.pid)
         ray.init(address=f"{ip}:{gcs}", log_to_driver=False, logging_level="WARNING")
@@ -441,6 +577,7 @@ def drill_node_kill_train(work: Path) -> dict:
                 def kill_node() -> dict:
                     os.killpg(cluster["node_pgid"], signal.SIGKILL)
                     return {"killed": f"the second node's process group ({kill['placement']})"}
+
                 kill.update(_kill_mid_epoch(cfg, kill_node, TIMEOUTS["node_kill_train"] - 240))
             except Exception as error:  # noqa: BLE001
                 kill["error"] = f"kill failed: {error}"
@@ -454,20 +591,33 @@ def drill_node_kill_train(work: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - the drill's result
             error = _first_line(e)
         thread.join(timeout=5)
-    notes = [f"killed {kill.get('killed')} while epoch {kill.get('epoch_in_progress')} trained "
-             f"(no newer checkpoint at that moment: {kill.get('between_checkpoints')}); the head has room for "
-             "both restarted workers"]
+    notes = [
+        f"killed {kill.get('killed')} while epoch {kill.get('epoch_in_progress')} trained "
+        f"(no newer checkpoint at that moment: {kill.get('between_checkpoints')}); the head has room for "
+        "both restarted workers"
+    ]
     if "error" in kill:
         notes.append(kill["error"])
     if error:
-        return {"requests": None, "failed": None, "epochs_lost": None, "finished": False,
-                "notes": [*notes, f"run failed: {error}"]}
+        return {
+            "requests": None,
+            "failed": None,
+            "epochs_lost": None,
+            "finished": False,
+            "notes": [*notes, f"run failed: {error}"],
+        }
     finished, lost, run_notes = _check_run(cfg, kill if "epoch_in_progress" in kill else None)
-    return {"requests": None, "failed": None, "epochs_lost": lost, "finished": finished and "error" not in kill,
-            "notes": [*notes, *run_notes, f"run took {time.monotonic() - started:.0f} s"]}
+    return {
+        "requests": None,
+        "failed": None,
+        "epochs_lost": lost,
+        "finished": finished and "error" not in kill,
+        "notes": [*notes, *run_notes, f"run took {time.monotonic() - started:.0f} s"],
+    }
 
 
 # --- serving drills ----------------------------------------------------------------------------------------------
+
 
 def _serving(work: Path):
     from serve_bench import make_requests
@@ -480,16 +630,25 @@ def _serving(work: Path):
 
 
 def _serve_args(model: Path, data: Path, replicas: int, num_cpus: float, **extra) -> dict:
-    return {"model": str(model), "data": str(data), "num_cpus": num_cpus, "num_gpus": 0, "max_batch_size": 32,
-            "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}, **extra}
+    return {
+        "model": str(model),
+        "data": str(data),
+        "num_cpus": num_cpus,
+        "num_gpus": 0,
+        "max_batch_size": 32,
+        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+        **extra,
+    }
 
 
 def _scorer_replicas() -> list[dict]:
     from ray.util.state import list_actors
 
-    return [{"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "name": a.name}
-            for a in list_actors(address=_state_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
-            if "MsitScorer" in (a.class_name or "")]
+    return [
+        {"actor_id": a.actor_id, "pid": a.pid, "node_id": a.node_id, "name": a.name}
+        for a in list_actors(address=_state_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        if "MsitScorer" in (a.class_name or "")
+    ]
 
 
 def _probe(url: str, body: dict, count: int = 5) -> tuple[int, str | None]:
@@ -531,11 +690,17 @@ def drill_serve_replica_kill(work: Path) -> dict:
         ok, _ = _probe(url, requests[0])
     finally:
         serve.shutdown()
-    return {"requests": result["requests"], "failed": result["failed"], "epochs_lost": None,
-            "finished": ok == 5 and back,
-            "notes": [f"ray.kill of one of {result['replicas_before']} scorer replicas {LOAD_SECONDS / 3:.0f} s into "
-                      f"a {LOAD_SECONDS:.0f} s closed loop at concurrency {CONCURRENCY}; p99 {result['p99_ms']:.0f} ms",
-                      f"afterwards: 2 replicas again, {ok}/5 probe requests answered 200"]}
+    return {
+        "requests": result["requests"],
+        "failed": result["failed"],
+        "epochs_lost": None,
+        "finished": ok == 5 and back,
+        "notes": [
+            f"ray.kill of one of {result['replicas_before']} scorer replicas {LOAD_SECONDS / 3:.0f} s into "
+            f"a {LOAD_SECONDS:.0f} s closed loop at concurrency {CONCURRENCY}; p99 {result['p99_ms']:.0f} ms",
+            f"afterwards: 2 replicas again, {ok}/5 probe requests answered 200",
+        ],
+    }
 
 
 def _deploy_config(port: int, args: dict, user_config: dict) -> None:
@@ -544,10 +709,16 @@ def _deploy_config(port: int, args: dict, user_config: dict) -> None:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    app = {"name": "msit", "route_prefix": "/", "import_path": "serve.app:build", "args": args,
-           "deployments": [{"name": "MsitScorer", "user_config": user_config}]}
-    _get_global_client().deploy_apps(ServeDeploySchema(http_options={"host": "127.0.0.1", "port": port},
-                                                       applications=[app]), _blocking=True)
+    app = {
+        "name": "msit",
+        "route_prefix": "/",
+        "import_path": "serve.app:build",
+        "args": args,
+        "deployments": [{"name": "MsitScorer", "user_config": user_config}],
+    }
+    _get_global_client().deploy_apps(
+        ServeDeploySchema(http_options={"host": "127.0.0.1", "port": port}, applications=[app]), _blocking=True
+    )
 
 
 def _reload_error(url: str) -> dict | None:
@@ -607,15 +778,21 @@ def drill_serve_broken_model(work: Path) -> dict:
         serve.shutdown()
     push.setdefault("result", "serve.run had not returned 120 s after the load ended")
     kept = served == version
-    return {"requests": result["requests"], "failed": result["errors"], "epochs_lost": None,
-            "finished": ok == 5 and kept,
-            "notes": [f"serve deploy's path (the config's user_config model -> a copy whose model.safetensors is "
-                      f"truncated, applied in place: reconfigure in each replica), "
-                      f"{LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at concurrency {CONCURRENCY}; "
-                      f"{push['result']}" + (f" after {push['seconds']:.0f} s" if "seconds" in push else ""),
-                      f"scorer replicas {'kept' if after == before else 'replaced'} ({len(after)} alive after)",
-                      f"afterwards: {ok}/5 probe requests answered 200, /v1/model version "
-                      f"{'= the old model' if kept else repr(served)}"]}
+    return {
+        "requests": result["requests"],
+        "failed": result["errors"],
+        "epochs_lost": None,
+        "finished": ok == 5 and kept,
+        "notes": [
+            f"serve deploy's path (the config's user_config model -> a copy whose model.safetensors is "
+            f"truncated, applied in place: reconfigure in each replica), "
+            f"{LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at concurrency {CONCURRENCY}; "
+            f"{push['result']}" + (f" after {push['seconds']:.0f} s" if "seconds" in push else ""),
+            f"scorer replicas {'kept' if after == before else 'replaced'} ({len(after)} alive after)",
+            f"afterwards: {ok}/5 probe requests answered 200, /v1/model version "
+            f"{'= the old model' if kept else repr(served)}",
+        ],
+    }
 
 
 POISONS = {
@@ -623,7 +800,7 @@ POISONS = {
     "lone surrogate user_id": lambda r: {**r, "user_id": "\udfff"},
     "NaN context value": lambda r: {**r, "context": {"hour": float("nan")}},
     "Infinity context value": lambda r: {**r, "context": {"hour": float("inf")}},
-    "timestamp 2^63": lambda r: {**r, "timestamp": 2 ** 63},
+    "timestamp 2^63": lambda r: {**r, "timestamp": 2**63},
 }
 
 
@@ -641,8 +818,9 @@ async def _send_poisons(url: str, requests: list[dict], seconds: float, every_s:
             kind = kinds[i % len(kinds)]
             body = json.dumps(POISONS[kind](requests[i % len(requests)]))  # NaN / Infinity as Python's json writes
             try:
-                async with session.post(f"{url}/v1/score", data=body,
-                                        headers={"content-type": "application/json"}) as response:
+                async with session.post(
+                    f"{url}/v1/score", data=body, headers={"content-type": "application/json"}
+                ) as response:
                     await response.read()
                     statuses[(kind, response.status)] += 1
             except aiohttp.ClientError as error:
@@ -668,8 +846,10 @@ def drill_serve_poison(work: Path) -> dict:
         asyncio.run(closed_loop(url, requests, CONCURRENCY, 3.0))
 
         async def both():
-            return await asyncio.gather(closed_loop(url, requests, CONCURRENCY, LOAD_SECONDS),
-                                        _send_poisons(url, requests, LOAD_SECONDS))
+            return await asyncio.gather(
+                closed_loop(url, requests, CONCURRENCY, LOAD_SECONDS), _send_poisons(url, requests, LOAD_SECONDS)
+            )
+
         good, poisons = asyncio.run(both())
         ok, _ = _probe(url, requests[0])
     finally:
@@ -677,12 +857,19 @@ def drill_serve_poison(work: Path) -> dict:
     by_kind: dict[str, dict] = {}
     for (kind, status), count in poisons.items():
         by_kind.setdefault(kind, {})[str(status)] = count
-    return {"requests": good["requests"], "failed": good["errors"], "epochs_lost": None, "finished": ok == 5,
-            "notes": [f"{sum(poisons.values())} poisoned requests (every 0.25 s) among a {LOAD_SECONDS:.0f} s "
-                      f"closed loop of well-formed ones at concurrency {CONCURRENCY}, 1 replica, up to 64 "
-                      "requests per forward pass; requests/failed count the well-formed ones",
-                      "poisoned answers by kind: " + "; ".join(f"{k}: {v}" for k, v in by_kind.items()),
-                      f"afterwards: {ok}/5 probe requests answered 200"]}
+    return {
+        "requests": good["requests"],
+        "failed": good["errors"],
+        "epochs_lost": None,
+        "finished": ok == 5,
+        "notes": [
+            f"{sum(poisons.values())} poisoned requests (every 0.25 s) among a {LOAD_SECONDS:.0f} s "
+            f"closed loop of well-formed ones at concurrency {CONCURRENCY}, 1 replica, up to 64 "
+            "requests per forward pass; requests/failed count the well-formed ones",
+            "poisoned answers by kind: " + "; ".join(f"{k}: {v}" for k, v in by_kind.items()),
+            f"afterwards: {ok}/5 probe requests answered 200",
+        ],
+    }
 
 
 def drill_node_kill_serve(work: Path) -> dict:
@@ -712,20 +899,27 @@ def drill_node_kill_serve(work: Path) -> dict:
             os.killpg(cluster["node_pgid"], signal.SIGKILL)
             log(f"killed the second node ({on_node} of {len(replicas)} scorer replicas on it)")
             return await load
+
         result = asyncio.run(kill_during_load())
         back = False
         with contextlib.suppress(TimeoutError):
             back = bool(_wait(lambda: len(_scorer_replicas()) == 2, 120, "a replacement replica", poll_s=2))
         ok, _ = _probe(url, requests[0])
         serve.shutdown()
-    return {"requests": result["requests"], "failed": result["errors"], "epochs_lost": None,
-            "finished": ok == 5 and back,
-            "notes": [f"{on_node} of {len(replicas)} scorer replicas on the second node (1 CPU; head 3 CPUs), its "
-                      f"process group SIGKILLed {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
-                      f"concurrency {CONCURRENCY}; p99 {result['p99_ms']:.0f} ms",
-                      f"afterwards: {'2 replicas again' if back else 'no second replica within 120 s'}, "
-                      f"{ok}/5 probe requests answered 200",
-                      f"failed answers by kind: {result.get('error_kinds') or 'none'}"]}
+    return {
+        "requests": result["requests"],
+        "failed": result["errors"],
+        "epochs_lost": None,
+        "finished": ok == 5 and back,
+        "notes": [
+            f"{on_node} of {len(replicas)} scorer replicas on the second node (1 CPU; head 3 CPUs), its "
+            f"process group SIGKILLed {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
+            f"concurrency {CONCURRENCY}; p99 {result['p99_ms']:.0f} ms",
+            f"afterwards: {'2 replicas again' if back else 'no second replica within 120 s'}, "
+            f"{ok}/5 probe requests answered 200",
+            f"failed answers by kind: {result.get('error_kinds') or 'none'}",
+        ],
+    }
 
 
 def drill_serve_redis_outage(work: Path) -> dict:
@@ -749,15 +943,35 @@ def drill_serve_redis_outage(work: Path) -> dict:
     redis_server.start()
     init_ray(num_cpus=4, quiet=True)
     try:
-        subprocess.run([PYTHON, "-m", "msit.cli", "history", "load", "--data", str(data), "--model", str(model),
-                        "--history", redis_server.url, "--quiet"], env=_env(), cwd=ROOT, check=True, timeout=300)
+        subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "msit.cli",
+                "history",
+                "load",
+                "--data",
+                str(data),
+                "--model",
+                str(model),
+                "--history",
+                redis_server.url,
+                "--quiet",
+            ],
+            env=_env(),
+            cwd=ROOT,
+            check=True,
+            timeout=300,
+        )
         url = deploy(model, data, _port(), replicas=1, device="cpu", history=redis_server.url)
         asyncio.run(closed_loop(url, bodies, CONCURRENCY, 3.0))  # warm-up, not counted
         posted = make_events(data, spec, batches=1, size=20)[0]
         before = http.post(f"{url}/v1/events", json=posted, timeout=30).json()
         user = posted["events"][0]["user_id"]
-        own_history = {**bodies[0], "history": [{k: e[k] for k in ("item_id", "scenario", "label", "timestamp")}
-                                                for e in posted["events"][:5]]}
+        own_history = {
+            **bodies[0],
+            "history": [{k: e[k] for k in ("item_id", "scenario", "label", "timestamp")} for e in posted["events"][:5]],
+        }
         during: dict = {}
 
         async def outage() -> dict:
@@ -767,9 +981,11 @@ def drill_serve_redis_outage(work: Path) -> dict:
             await asyncio.sleep(2.0)
             during["health"] = await asyncio.to_thread(lambda: http.get(f"{url}/v1/health", timeout=30).json())
             during["own_history"] = await asyncio.to_thread(
-                lambda: http.post(f"{url}/v1/score", json=own_history, timeout=30).status_code)
+                lambda: http.post(f"{url}/v1/score", json=own_history, timeout=30).status_code
+            )
             during["events"] = await asyncio.to_thread(
-                lambda: http.post(f"{url}/v1/events", json=posted, timeout=30).status_code)
+                lambda: http.post(f"{url}/v1/events", json=posted, timeout=30).status_code
+            )
             await asyncio.sleep(max(0.0, LOAD_SECONDS / 3 - 2.0))
             redis_server.start()
             return await load
@@ -779,8 +995,11 @@ def drill_serve_redis_outage(work: Path) -> dict:
         after_health = http.get(f"{url}/v1/health", timeout=30).json()
         ok, _ = _probe(url, bodies[0])
         again = http.post(f"{url}/v1/events", json=posted, timeout=30).json()  # all duplicates if none was lost
-        recommend = http.post(f"{url}/v1/recommend", json={"user_id": user, "scenario": posted["events"][0][
-            "scenario"], "k": 5}, timeout=30).status_code
+        recommend = http.post(
+            f"{url}/v1/recommend",
+            json={"user_id": user, "scenario": posted["events"][0]["scenario"], "k": 5},
+            timeout=30,
+        ).status_code
     finally:
         serve.shutdown()
         redis_server.stop()
@@ -788,20 +1007,35 @@ def drill_serve_redis_outage(work: Path) -> dict:
     unavailable = sum(n for kind, n in kinds.items() if kind.startswith("503 "))
     other = result["errors"] - unavailable
     store_state = lambda health: (health.get("history_store") or {}).get("state")  # noqa: E731
-    finished = (other == 0 and unavailable > 0 and during["own_history"] == 200 and during["events"] == 503
-                and store_state(during["health"]) == "unavailable" and store_state(after_health) == "ok"
-                and ok == 5 and again == {"applied": 0, "duplicates": len(posted["events"])} and recommend == 200)
-    return {"requests": result["requests"], "failed": other, "epochs_lost": None, "finished": finished,
-            "unavailable_503": unavailable,
-            "notes": [f"redis-server stopped {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
-                      f"concurrency {CONCURRENCY} and started again (same append-only file) {LOAD_SECONDS / 3:.0f} s "
-                      f"later: {unavailable} answers were 503, {other} other errors",
-                      f"during the outage: health history_store {store_state(during['health'])!r}, a request with "
-                      f"its own history answered {during['own_history']}, POST /v1/events answered "
-                      f"{during['events']}",
-                      f"afterwards, with no restart: health {store_state(after_health)!r}, {ok}/5 probes answered "
-                      f"200; the {before.get('applied')} events posted before the outage sent again: {again}",
-                      f"failed answers by kind: {kinds or 'none'}"]}
+    finished = (
+        other == 0
+        and unavailable > 0
+        and during["own_history"] == 200
+        and during["events"] == 503
+        and store_state(during["health"]) == "unavailable"
+        and store_state(after_health) == "ok"
+        and ok == 5
+        and again == {"applied": 0, "duplicates": len(posted["events"])}
+        and recommend == 200
+    )
+    return {
+        "requests": result["requests"],
+        "failed": other,
+        "epochs_lost": None,
+        "finished": finished,
+        "unavailable_503": unavailable,
+        "notes": [
+            f"redis-server stopped {LOAD_SECONDS / 3:.0f} s into a {LOAD_SECONDS:.0f} s closed loop at "
+            f"concurrency {CONCURRENCY} and started again (same append-only file) {LOAD_SECONDS / 3:.0f} s "
+            f"later: {unavailable} answers were 503, {other} other errors",
+            f"during the outage: health history_store {store_state(during['health'])!r}, a request with "
+            f"its own history answered {during['own_history']}, POST /v1/events answered "
+            f"{during['events']}",
+            f"afterwards, with no restart: health {store_state(after_health)!r}, {ok}/5 probes answered "
+            f"200; the {before.get('applied')} events posted before the outage sent again: {again}",
+            f"failed answers by kind: {kinds or 'none'}",
+        ],
+    }
 
 
 DRILLS: dict[str, Callable[[Path], dict]] = {
@@ -819,6 +1053,7 @@ DRILLS: dict[str, Callable[[Path], dict]] = {
 
 # --- the child: one drill ----------------------------------------------------------------------------------------
 
+
 def run_child(name: str, work: Path, result_file: Path) -> None:
     """Runs one drill; a watchdog ends it (result: not finished) if it outlives its deadline."""
     os.environ.update({k: v for k, v in _env().items() if k in ("PYTHONPATH", "RAY_TRAIN_ENABLE_PRINT_PATCH")})
@@ -830,8 +1065,17 @@ def run_child(name: str, work: Path, result_file: Path) -> None:
     def watchdog() -> None:
         time.sleep(deadline)
         if not result_file.exists():
-            result_file.write_text(json.dumps({"requests": None, "failed": None, "epochs_lost": None,
-                                               "finished": False, "notes": [f"drill timed out after {deadline} s"]}))
+            result_file.write_text(
+                json.dumps(
+                    {
+                        "requests": None,
+                        "failed": None,
+                        "epochs_lost": None,
+                        "finished": False,
+                        "notes": [f"drill timed out after {deadline} s"],
+                    }
+                )
+            )
         os._exit(3)  # main stops the process groups this drill registered
 
     threading.Thread(target=watchdog, daemon=True).start()
@@ -839,14 +1083,20 @@ def run_child(name: str, work: Path, result_file: Path) -> None:
         entry = DRILLS[name](work)
     except Exception as error:  # noqa: BLE001 - a drill that could not run is recorded as such
         traceback.print_exc()
-        entry = {"requests": None, "failed": None, "epochs_lost": None, "finished": False,
-                 "notes": [f"drill failed: {_first_line(error)}"]}
+        entry = {
+            "requests": None,
+            "failed": None,
+            "epochs_lost": None,
+            "finished": False,
+            "notes": [f"drill failed: {_first_line(error)}"],
+        }
     result_file.write_text(json.dumps(entry))
     sys.stdout.flush()
     os._exit(0)  # not waiting on Ray's atexit hooks or lingering non-daemon threads
 
 
 # --- main ----------------------------------------------------------------------------------------------------------
+
 
 def run_drill(name: str, work: Path) -> dict:
     result_file, groups = work / f"{name}.result.json", work / f"{name}.groups"
@@ -856,8 +1106,13 @@ def run_drill(name: str, work: Path) -> dict:
     log(f"== {name}")
     started = time.monotonic()
     with (work / f"{name}.log").open("w") as stderr:
-        child = subprocess.Popen([PYTHON, __file__, "--run-drill", name, "--work", str(work), "--result",
-                                  str(result_file)], env=_env(), cwd=ROOT, stderr=stderr, start_new_session=True)
+        child = subprocess.Popen(
+            [PYTHON, __file__, "--run-drill", name, "--work", str(work), "--result", str(result_file)],
+            env=_env(),
+            cwd=ROOT,
+            stderr=stderr,
+            start_new_session=True,
+        )
         try:
             child.wait(timeout=TIMEOUTS[name] + 120)
         except subprocess.TimeoutExpired:
@@ -869,8 +1124,13 @@ def run_drill(name: str, work: Path) -> dict:
     if result_file.is_file():
         entry = json.loads(result_file.read_text())
     else:
-        entry = {"requests": None, "failed": None, "epochs_lost": None, "finished": False,
-                 "notes": [f"the drill process ended ({child.returncode}) without a result; see {work / name}.log"]}
+        entry = {
+            "requests": None,
+            "failed": None,
+            "epochs_lost": None,
+            "finished": False,
+            "notes": [f"the drill process ended ({child.returncode}) without a result; see {work / name}.log"],
+        }
     entry = {"name": name, **entry, "seconds": round(time.monotonic() - started, 1)}
     log(f"{name}: {json.dumps({k: entry[k] for k in ('requests', 'failed', 'epochs_lost', 'finished')})}")
     for note in entry["notes"]:
@@ -901,21 +1161,33 @@ def main() -> None:
     setup(work)
     entries = {}
     for name in names:
-        entries[name] = {**run_drill(name, work), "commit": provenance["commit"],
-                         "tree_clean": provenance["tree_clean"]}
+        entries[name] = {
+            **run_drill(name, work),
+            "commit": provenance["commit"],
+            "tree_clean": provenance["tree_clean"],
+        }
     previous = json.loads(out.read_text()).get("drills", []) if out.is_file() and args.only else []
     # an entry written before provenance.py names tree_clean `clean`
-    kept = [{**{k: v for k, v in d.items() if k != "clean"}, "tree_clean": d.get("tree_clean", d.get("clean"))}
-            for d in previous if d["name"] not in entries]
-    drills = sorted([*kept, *entries.values()], key=lambda d: list(DRILLS).index(d["name"]) if d["name"] in DRILLS
-                    else len(DRILLS))
-    report = {"drills": drills, **provenance,
-              "notes": ["commit, tree_clean, command at the top: the run that last wrote this file; each drill's "
-                        "entry has the commit it ran on",
-                        "requests/failed: serving drills (failed = non-200 answers to well-formed requests; in "
-                        "the Redis outage, answers other than 200 or 503); "
-                        "epochs_lost: training drills (the interrupted epoch plus any checkpointed epoch redone; "
-                        "1 = only the epoch since the last checkpoint)"]}
+    kept = [
+        {**{k: v for k, v in d.items() if k != "clean"}, "tree_clean": d.get("tree_clean", d.get("clean"))}
+        for d in previous
+        if d["name"] not in entries
+    ]
+    drills = sorted(
+        [*kept, *entries.values()], key=lambda d: list(DRILLS).index(d["name"]) if d["name"] in DRILLS else len(DRILLS)
+    )
+    report = {
+        "drills": drills,
+        **provenance,
+        "notes": [
+            "commit, tree_clean, command at the top: the run that last wrote this file; each drill's "
+            "entry has the commit it ran on",
+            "requests/failed: serving drills (failed = non-200 answers to well-formed requests; in "
+            "the Redis outage, answers other than 200 or 503); "
+            "epochs_lost: training drills (the interrupted epoch plus any checkpointed epoch redone; "
+            "1 = only the epoch since the last checkpoint)",
+        ],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {out}")

@@ -21,10 +21,16 @@ from quality import ROOT, TRAIN, as_record, model_config, run_one
 
 POINT = {"genre": {"lr": 4e-3, "dropout": 0.1}, "age": {"lr": 2e-3, "dropout": 0.1}}  # MSIT's, in quality.json
 VARIANTS = {  # ModelConfig overrides of quality.py's MSIT config
-    "base": {}, "embed64": {"embed_dim": 64}, "interest_layers2": {"interest_layers": 2},
-    "transfer_layers1": {"transfer_layers": 1}, "transfer_layers3": {"transfer_layers": 3},
-    "history20": {"history_length": 20}, "mlp256": {"mlp_dims": (256, 128)}, "no_scene_bias": {"scene_bias": False},
-    "fusion_sum": {"fusion": "sum"}, "fusion_gate": {"fusion": "gate"},
+    "base": {},
+    "embed64": {"embed_dim": 64},
+    "interest_layers2": {"interest_layers": 2},
+    "transfer_layers1": {"transfer_layers": 1},
+    "transfer_layers3": {"transfer_layers": 3},
+    "history20": {"history_length": 20},
+    "mlp256": {"mlp_dims": (256, 128)},
+    "no_scene_bias": {"scene_bias": False},
+    "fusion_sum": {"fusion": "sum"},
+    "fusion_gate": {"fusion": "gate"},
     "heads2_attention": {"interest_heads": 2, "transfer_heads": 2, "fusion": "attention"},
     "ablation_base": {"family": "msit_no_transfer"},
 }
@@ -33,9 +39,16 @@ VARIANTS = {  # ModelConfig overrides of quality.py's MSIT config
 def run_variant(protocol: str, name: str, cache_dir: str, device: str) -> dict:
     overrides = dict(VARIANTS[name])
     run = run_one(protocol, overrides.pop("family", "msit"), 0, POINT[protocol], cache_dir, device, 1, overrides)
-    return {"protocol": protocol, "variant": name, "val_auc": run["val_auc"],
-            "val_gauc": run["val_gauc"], "best_epoch": run["best_epoch"],
-            "test_auc": run["test"]["overall"]["auc"], "test_gauc": run["test"]["overall"]["gauc"], "s": run["train_s"]}
+    return {
+        "protocol": protocol,
+        "variant": name,
+        "val_auc": run["val_auc"],
+        "val_gauc": run["val_gauc"],
+        "best_epoch": run["best_epoch"],
+        "test_auc": run["test"]["overall"]["auc"],
+        "test_gauc": run["test"]["overall"]["gauc"],
+        "s": run["train_s"],
+    }
 
 
 def main() -> None:
@@ -46,9 +59,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "msit_variants.json"))
     args = parser.parse_args()
     provenance = stamp(args.device)
-    report = {"settings": {"base": as_record(model_config("msit", POINT["genre"])), "points": POINT, "train": TRAIN,
-                           "seed": 0, "device": provenance["device"]},
-              "runs": [], **provenance}
+    report = {
+        "settings": {
+            "base": as_record(model_config("msit", POINT["genre"])),
+            "points": POINT,
+            "train": TRAIN,
+            "seed": 0,
+            "device": provenance["device"],
+        },
+        "runs": [],
+        **provenance,
+    }
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, p, n, args.cache, args.device) for n in VARIANTS for p in POINT]
         for future in as_completed(futures):

@@ -30,8 +30,10 @@ def git(*args: str) -> str:
 
 def cpu_name() -> str:
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
+    return next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
 
 
 def device_name(device: str = "cpu") -> str:
@@ -54,10 +56,14 @@ def command_line() -> str:
 
 def stamp(device: str = "cpu") -> dict:
     """The provenance fields of a results file, read now (call it when the run starts: the load is the start's)."""
-    return {"commit": git("rev-parse", "HEAD"),
-            "tree_clean": git("status", "--porcelain", "--untracked-files=no") == "",
-            "device": device_name(device), "command": command_line(), "cores": os.cpu_count(),
-            "load_average": load_average()}
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "tree_clean": git("status", "--porcelain", "--untracked-files=no") == "",
+        "device": device_name(device),
+        "command": command_line(),
+        "cores": os.cpu_count(),
+        "load_average": load_average(),
+    }
 
 
 def stamp_of(report: dict) -> dict:

@@ -46,8 +46,9 @@ MODEL = dict(embed_dim=32, history_length=50)
 # MSIT's architecture as Ray Tune chose it on genre's val split (benchmarks/tune_ml100k.py ->
 # results/tune_ml100k_genre.json: 1 head, concat fusion); the ablation keeps the same architecture so
 # that it differs from MSIT in the transfer alone. Test results played no part in the choice.
-ARCHITECTURE = {family: dict(interest_heads=1, transfer_heads=1, fusion="concat")
-                for family in ("msit", "msit_no_transfer")}
+ARCHITECTURE = {
+    family: dict(interest_heads=1, transfer_heads=1, fusion="concat") for family in ("msit", "msit_no_transfer")
+}
 TRAIN = dict(epochs=12, batch_size=1024, weight_decay=1e-4, patience=2)
 # Searched for every family alike, on val with seed 0 (a point: {"lr": ..., "dropout": ...}).
 SEARCH = {"lr": [1e-3, 2e-3, 4e-3], "dropout": [0.1, 0.25]}
@@ -61,8 +62,9 @@ def search_points() -> list[dict]:
 
 def model_config(family: str, point: dict, overrides: dict | None = None) -> ModelConfig:
     """The family's config at a search point; `overrides` (any ModelConfig fields) win over the rest."""
-    return ModelConfig(**{**MODEL, **ARCHITECTURE.get(family, {}), "dropout": point["dropout"], **(overrides or {}),
-                          "family": family})
+    return ModelConfig(
+        **{**MODEL, **ARCHITECTURE.get(family, {}), "dropout": point["dropout"], **(overrides or {}), "family": family}
+    )
 
 
 def train_config(point: dict, seed: int) -> TrainConfig:
@@ -78,8 +80,10 @@ def prepared_dir(protocol: str, cache_dir: Path) -> Path:
     if not (out / "feature_spec.json").is_file():
         from msit.data.prepare import PrepareConfig, prepare  # Ray Data: only needed the first time
 
-        prepare(PrepareConfig(inputs=[str(SHARED / PROTOCOLS[protocol])], out=str(out), overwrite=True, num_cpus=2),
-                log=print)
+        prepare(
+            PrepareConfig(inputs=[str(SHARED / PROTOCOLS[protocol])], out=str(out), overwrite=True, num_cpus=2),
+            log=print,
+        )
     return out
 
 
@@ -87,17 +91,23 @@ def summarize(runs: list[dict], search: dict[str, float]) -> dict:
     aucs = [r["test"]["overall"]["auc"] for r in runs]
     scenes = runs[0]["test"]["scenes"].keys()
     return {
-        "overall_auc_mean": float(np.mean(aucs)), "overall_auc_std": float(np.std(aucs)),
+        "overall_auc_mean": float(np.mean(aucs)),
+        "overall_auc_std": float(np.std(aucs)),
         "overall_logloss_mean": float(np.mean([r["test"]["overall"]["logloss"] for r in runs])),
         "gauc_mean": float(np.mean([r["test"]["overall"]["gauc"] for r in runs])),
         "seeds": [r["seed"] for r in runs],
-        "scenarios": {s: {"auc_mean": float(np.mean([r["test"]["scenes"][s]["auc"] for r in runs])),
-                          "logloss_mean": float(np.mean([r["test"]["scenes"][s]["logloss"] for r in runs]))}
-                      for s in scenes},
+        "scenarios": {
+            s: {
+                "auc_mean": float(np.mean([r["test"]["scenes"][s]["auc"] for r in runs])),
+                "logloss_mean": float(np.mean([r["test"]["scenes"][s]["logloss"] for r in runs])),
+            }
+            for s in scenes
+        },
         "train_s": float(np.mean([r["train_s"] for r in runs])),
         "best_epochs": [r["best_epoch"] for r in runs],
         "val_auc_mean": float(np.mean([r["val_auc"] for r in runs])),
-        "chosen": runs[0]["point"], "search_val_auc": search,
+        "chosen": runs[0]["point"],
+        "search_val_auc": search,
     }
 
 
@@ -107,8 +117,11 @@ def point_key(point: dict) -> str:
 
 def chosen_point(runs: list[dict], protocol: str, family: str) -> dict | None:
     """The search point with the best val AUC at the search seed, once every point has been run."""
-    searched = {point_key(r["point"]): r for r in runs
-                if (r["protocol"], r["model"], r["seed"]) == (protocol, family, SEARCH_SEED)}
+    searched = {
+        point_key(r["point"]): r
+        for r in runs
+        if (r["protocol"], r["model"], r["seed"]) == (protocol, family, SEARCH_SEED)
+    }
     if len(searched) < len(search_points()):
         return None
     return max(searched.values(), key=lambda r: r["val_auc"])["point"]
@@ -126,7 +139,8 @@ def write_reports(report: dict, out: Path, runs_path: Path) -> None:
         search = {point_key(r["point"]): r["val_auc"] for r in ours if r["seed"] == SEARCH_SEED}
         summary.setdefault(protocol, {})[family] = {
             **summarize(sorted((r for r in ours if r["point"] == point), key=lambda r: r["seed"]), search),
-            "commits": sorted({r.get("commit", "not recorded") for r in ours})}
+            "commits": sorted({r.get("commit", "not recorded") for r in ours}),
+        }
     summary["settings"] = report["settings"]
     summary |= stamp_of(report)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,16 +155,31 @@ def markdown_table(report: dict, protocols: list[str]) -> str:
         if not results:
             continue
         scenes = list(next(iter(results.values()))["scenarios"])
-        header = ["model", "AUC", "log loss", "GAUC", *(f"AUC {s}" for s in scenes), "val AUC", "lr, dropout",
-                  "seeds", "train s"]
-        lines += [f"**{protocol}** (test, mean ± std over seeds)", "", "| " + " | ".join(header) + " |",
-                  "|---" * len(header) + "|"]
+        header = [
+            "model",
+            "AUC",
+            "log loss",
+            "GAUC",
+            *(f"AUC {s}" for s in scenes),
+            "val AUC",
+            "lr, dropout",
+            "seeds",
+            "train s",
+        ]
+        lines += [
+            f"**{protocol}** (test, mean ± std over seeds)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---" * len(header) + "|",
+        ]
         for family, r in sorted(results.items(), key=lambda kv: -kv[1]["overall_auc_mean"]):
             per_scene = " | ".join(f"{r['scenarios'][s]['auc_mean']:.4f}" for s in scenes)
-            lines.append(f"| {family} | {r['overall_auc_mean']:.4f} ± {r['overall_auc_std']:.4f} | "
-                         f"{r['overall_logloss_mean']:.4f} | {r['gauc_mean']:.4f} | {per_scene} | "
-                         f"{r['val_auc_mean']:.4f} | {r['chosen']['lr']:g}, {r['chosen']['dropout']:g} | "
-                         f"{len(r['seeds'])} | {r['train_s']:.0f} |")
+            lines.append(
+                f"| {family} | {r['overall_auc_mean']:.4f} ± {r['overall_auc_std']:.4f} | "
+                f"{r['overall_logloss_mean']:.4f} | {r['gauc_mean']:.4f} | {per_scene} | "
+                f"{r['val_auc_mean']:.4f} | {r['chosen']['lr']:g}, {r['chosen']['dropout']:g} | "
+                f"{len(r['seeds'])} | {r['train_s']:.0f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -160,12 +189,16 @@ def _data(cache_dir: str, protocol: str) -> tuple:
     data = prepared_dir(protocol, Path(cache_dir))
     spec = FeatureSpec.load(data)
     sequences = load_sequences(data)  # one copy for the three splits
-    return spec, {s: load_split(data, s, spec, sequences) for s in ("train", "val", "test")}, \
-        load_item_table(data, spec)
+    return (
+        spec,
+        {s: load_split(data, s, spec, sequences) for s in ("train", "val", "test")},
+        load_item_table(data, spec),
+    )
 
 
-def run_config(config: ModelConfig, train: TrainConfig, prepared: Path, device: str, threads: int,
-               tag: str = "") -> dict:
+def run_config(
+    config: ModelConfig, train: TrainConfig, prepared: Path, device: str, threads: int, tag: str = ""
+) -> dict:
     """Train one model config with `trainer.fit` (single process) and score it on val and test."""
     torch.set_num_threads(threads)
     spec, splits, table = _data(str(prepared.parent), prepared.name)
@@ -173,14 +206,31 @@ def run_config(config: ModelConfig, train: TrainConfig, prepared: Path, device: 
     model = build_model(config, spec, table).to(device)
     result = fit(model, splits["train"], splits["val"], spec, train, log=lambda m: print(f"{tag} {m}", flush=True))
     test = evaluate(model, splits["test"], spec)
-    print(f"{tag} val AUC {result.best_val['overall']['auc']:.4f}, test AUC {test['overall']['auc']:.4f} "
-          f"({result.seconds:.0f} s)", flush=True)
-    return {"test": test, "val_auc": result.best_val["overall"]["auc"], "val_gauc": result.best_val["overall"]["gauc"],
-            "best_epoch": result.best_epoch, "train_s": result.seconds, "history": result.history}
+    print(
+        f"{tag} val AUC {result.best_val['overall']['auc']:.4f}, test AUC {test['overall']['auc']:.4f} "
+        f"({result.seconds:.0f} s)",
+        flush=True,
+    )
+    return {
+        "test": test,
+        "val_auc": result.best_val["overall"]["auc"],
+        "val_gauc": result.best_val["overall"]["gauc"],
+        "best_epoch": result.best_epoch,
+        "train_s": result.seconds,
+        "history": result.history,
+    }
 
 
-def run_one(protocol: str, family: str, seed: int, point: dict, cache_dir: str, device: str, threads: int,
-            overrides: dict | None = None) -> dict:
+def run_one(
+    protocol: str,
+    family: str,
+    seed: int,
+    point: dict,
+    cache_dir: str,
+    device: str,
+    threads: int,
+    overrides: dict | None = None,
+) -> dict:
     """Train one (protocol, family, seed, search point) and score it on val and test: one worker's task."""
     config = model_config(family, point, overrides)
     prepared = prepared_dir(protocol, Path(cache_dir))
@@ -230,9 +280,16 @@ def main() -> None:
     out = Path(args.out)
     runs_path = out.with_name("quality_runs.json")  # every run in full: settings, per-epoch history, test metrics
     report = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
-    settings = {"model": MODEL, "architecture": ARCHITECTURE, "train": TRAIN, "search": SEARCH,
-                "search_seed": SEARCH_SEED, "device": provenance["device"],
-                "threads": args.threads if args.device == "cpu" else None, "torch": torch.__version__}
+    settings = {
+        "model": MODEL,
+        "architecture": ARCHITECTURE,
+        "train": TRAIN,
+        "search": SEARCH,
+        "search_seed": SEARCH_SEED,
+        "device": provenance["device"],
+        "threads": args.threads if args.device == "cpu" else None,
+        "torch": torch.__version__,
+    }
     if report.get("settings") != settings:
         report = {"settings": settings, "runs": []}
     report |= provenance
@@ -247,11 +304,27 @@ def main() -> None:
     write()
     started = time.perf_counter()
     # 1. The search: every point at the search seed, scored on val.
-    run_all(todo([(p, f, SEARCH_SEED, point) for p in args.protocols for f in args.models
-                  for point in search_points()]), report, args, write)
+    run_all(
+        todo([(p, f, SEARCH_SEED, point) for p in args.protocols for f in args.models for point in search_points()]),
+        report,
+        args,
+        write,
+    )
     # 2. The chosen point with the other seeds.
-    run_all(todo([(p, f, seed, chosen_point(report["runs"], p, f)) for p in args.protocols for f in args.models
-                  for seed in range(args.seeds) if seed != SEARCH_SEED]), report, args, write)
+    run_all(
+        todo(
+            [
+                (p, f, seed, chosen_point(report["runs"], p, f))
+                for p in args.protocols
+                for f in args.models
+                for seed in range(args.seeds)
+                if seed != SEARCH_SEED
+            ]
+        ),
+        report,
+        args,
+        write,
+    )
     print(f"done in {time.perf_counter() - started:.0f} s on {settings['device']} ({os.cpu_count()} cores)")
     print(markdown_table(json.loads(out.read_text()), args.protocols))
 

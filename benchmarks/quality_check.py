@@ -47,15 +47,21 @@ def train_one(protocol: str, cache: Path, save: str | None) -> dict:
     seed_everything(train.seed)
     model = build_model(config, spec, table)
     start = time.perf_counter()
-    result = fit(model, splits["train"], splits["val"], spec, train, log=lambda m: print(f"[{protocol}] {m}",
-                                                                                         flush=True))
+    result = fit(
+        model, splits["train"], splits["val"], spec, train, log=lambda m: print(f"[{protocol}] {m}", flush=True)
+    )
     test = evaluate(model, splits["test"], spec)
     if save:
         from msit.model.model_dir import save_model_dir
 
         save_model_dir(Path(save) / protocol, model, config, spec, {"train": {"best_epoch": result.best_epoch}})
-    return {"point": point, "val_auc": result.best_val["overall"]["auc"], "test_auc": test["overall"]["auc"],
-            "best_epoch": result.best_epoch, "train_s": round(time.perf_counter() - start, 1)}
+    return {
+        "point": point,
+        "val_auc": result.best_val["overall"]["auc"],
+        "test_auc": test["overall"]["auc"],
+        "best_epoch": result.best_epoch,
+        "train_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def run_side(code: Path, protocol: str, cache: Path, save: str | None = None) -> dict:
@@ -70,8 +76,11 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "msit-bench"))
     parser.add_argument("--save", help="keep this checkout's trained models here (DIR/<protocol>)")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--before-from", help="take the before side from an earlier quality_check.json of the same "
-                        "--before commit instead of training it again (CPU training is deterministic)")
+    parser.add_argument(
+        "--before-from",
+        help="take the before side from an earlier quality_check.json of the same "
+        "--before commit instead of training it again (CPU training is deterministic)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality_check.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,30 +103,67 @@ def main() -> None:
             reused = json.loads(Path(args.before_from).read_text())
             if reused["before_commit"] != before:
                 raise SystemExit(f"{args.before_from} measured before = {reused['before_commit']}, not {before}")
-            done = {("before", p): {"val_auc": r["before_val_auc"], "test_auc": r["before_test_auc"],
-                                    "best_epoch": r["before_best_epoch"], "train_s": r["before_train_s"]}
-                    for p, r in reused["protocols"].items() if p in args.protocols}
-        jobs = [(side, protocol) for side in ("before", "after") for protocol in args.protocols
-                if (side, protocol) not in done]
+            done = {
+                ("before", p): {
+                    "val_auc": r["before_val_auc"],
+                    "test_auc": r["before_test_auc"],
+                    "best_epoch": r["before_best_epoch"],
+                    "train_s": r["before_train_s"],
+                }
+                for p, r in reused["protocols"].items()
+                if p in args.protocols
+            }
+        jobs = [
+            (side, protocol)
+            for side in ("before", "after")
+            for protocol in args.protocols
+            if (side, protocol) not in done
+        ]
         with ThreadPoolExecutor(args.jobs) as pool:
-            done |= dict(zip(jobs, pool.map(lambda job: run_side(
-                worktree if job[0] == "before" else ROOT, job[1], cache,
-                args.save if job[0] == "after" else None), jobs), strict=True))
+            done |= dict(
+                zip(
+                    jobs,
+                    pool.map(
+                        lambda job: run_side(
+                            worktree if job[0] == "before" else ROOT,
+                            job[1],
+                            cache,
+                            args.save if job[0] == "after" else None,
+                        ),
+                        jobs,
+                    ),
+                    strict=True,
+                )
+            )
     protocols = {}
     for protocol in args.protocols:
         old, new = done[("before", protocol)], done[("after", protocol)]
-        protocols[protocol] = {"point": new["point"], "val_auc": new["val_auc"], "before_val_auc": old["val_auc"],
-                               "val_auc_difference": new["val_auc"] - old["val_auc"],
-                               "test_auc": new["test_auc"], "before_test_auc": old["test_auc"],
-                               "best_epoch": new["best_epoch"], "before_best_epoch": old["best_epoch"],
-                               "train_s": new["train_s"], "before_train_s": old["train_s"]}
+        protocols[protocol] = {
+            "point": new["point"],
+            "val_auc": new["val_auc"],
+            "before_val_auc": old["val_auc"],
+            "val_auc_difference": new["val_auc"] - old["val_auc"],
+            "test_auc": new["test_auc"],
+            "before_test_auc": old["test_auc"],
+            "best_epoch": new["best_epoch"],
+            "before_best_epoch": old["best_epoch"],
+            "train_s": new["train_s"],
+            "before_train_s": old["train_s"],
+        }
         print(protocol, protocols[protocol], flush=True)
-    report = {"model": "msit, quality.ARCHITECTURE, seed 0, at quality.json's chosen point", "protocols": protocols,
-              "before_commit": before, **provenance, "load_average_end": load_average(), "threads": 1,
-              "jobs": args.jobs,
-              # the run that measured the before side (the file's own before_from if it took it from another)
-              "before_from": None if reused is None else
-              reused.get("before_from") or {"file": args.before_from, **stamp_of(reused)}}
+    report = {
+        "model": "msit, quality.ARCHITECTURE, seed 0, at quality.json's chosen point",
+        "protocols": protocols,
+        "before_commit": before,
+        **provenance,
+        "load_average_end": load_average(),
+        "threads": 1,
+        "jobs": args.jobs,
+        # the run that measured the before side (the file's own before_from if it took it from another)
+        "before_from": None
+        if reused is None
+        else reused.get("before_from") or {"file": args.before_from, **stamp_of(reused)},
+    }
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")
 

@@ -51,15 +51,21 @@ def make_requests(data: Path, spec, count: int = 200, candidates: int = 100, see
     test = test.merge(keys, on="sequence_row", how="left", validate="many_to_one")  # the raw user id of each row
     items = real_values(spec.vocabularies["item_id"])
     rows = test.sample(count, random_state=seed)
-    return [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)],
-             "candidates": [str(i) for i in rng.choice(items, candidates, replace=False)]} for r in rows.itertuples()]
+    return [
+        {
+            "user_id": r.user_key,
+            "scenario": spec.scenarios[scene_slot(r.scene_id)],
+            "candidates": [str(i) for i in rng.choice(items, candidates, replace=False)],
+        }
+        for r in rows.itertuples()
+    ]
 
 
 def inprocess_scores_per_s(scorer, requests: list[dict], batch: int, seconds: float) -> float:
     scored, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         for start in range(0, len(requests), batch):
-            chunk = requests[start:start + batch]
+            chunk = requests[start : start + batch]
             scorer.score(chunk)
             scored += sum(len(r["candidates"]) for r in chunk)
     return scored / (time.perf_counter() - started)
@@ -79,15 +85,27 @@ def make_events(data: Path, spec, batches: int = 200, size: int = 100, seed: int
     bodies = []
     for b in range(batches):
         users, picked = rng.choice(keys, size), rng.choice(items, size)
-        bodies.append({"events": [
-            {"user_id": str(users[i]), "item_id": str(picked[i]), "scenario": scenes[rng.integers(len(scenes))],
-             "label": int(rng.integers(2)), "timestamp": start + b * size + i, "event_id": f"bench-{b}-{i}"}
-            for i in range(size)]})
+        bodies.append(
+            {
+                "events": [
+                    {
+                        "user_id": str(users[i]),
+                        "item_id": str(picked[i]),
+                        "scenario": scenes[rng.integers(len(scenes))],
+                        "label": int(rng.integers(2)),
+                        "timestamp": start + b * size + i,
+                        "event_id": f"bench-{b}-{i}",
+                    }
+                    for i in range(size)
+                ]
+            }
+        )
     return bodies
 
 
-async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds: float,
-                      path: str = "/v1/score") -> dict:
+async def closed_loop(
+    url: str, requests: list[dict], concurrency: int, seconds: float, path: str = "/v1/score"
+) -> dict:
     """`concurrency` clients, each sending the next body when its answer came; `units_per_s` counts
     candidates scored (or events sent, for /v1/events)."""
     latencies, errors, error_kinds = [], 0, Counter()
@@ -119,14 +137,29 @@ async def closed_loop(url: str, requests: list[dict], concurrency: int, seconds:
     elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
     units = len(requests[0]["events"] if path == "/v1/events" else requests[0]["candidates"])
-    return {"concurrency": concurrency, "requests": len(latencies), "rps": len(latencies) / elapsed,
-            ("events_per_s" if path == "/v1/events" else "scores_per_s"): len(latencies) * units / elapsed,
-            "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
-            "p99_ms": float(np.percentile(ms, 99)), "errors": errors, "error_kinds": dict(error_kinds)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "rps": len(latencies) / elapsed,
+        ("events_per_s" if path == "/v1/events" else "scores_per_s"): len(latencies) * units / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "errors": errors,
+        "error_kinds": dict(error_kinds),
+    }
 
 
-def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_cpus: float = 1.0,
-           max_batch_size: int = 32, history: str | None = None) -> str:
+def deploy(
+    model: Path,
+    data: Path,
+    port: int,
+    replicas: int,
+    device: str,
+    num_cpus: float = 1.0,
+    max_batch_size: int = 32,
+    history: str | None = None,
+) -> str:
     """One ingress and `replicas` scorer replicas; on cuda the replicas share the machine's GPUs.
     `history`: a redis:// URL (default: in memory from `data`)."""
     from ray import serve
@@ -134,11 +167,21 @@ def deploy(model: Path, data: Path, port: int, replicas: int, device: str, num_c
     from msit.serving.deployment import build
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build({"model": str(model), "data": str(data), "num_cpus": num_cpus,
-                     "num_gpus": gpus_per_replica(replicas) if device == "cuda" else 0,
-                     "max_batch_size": max_batch_size, "history": history,
-                     "autoscaling": {"min_replicas": replicas, "max_replicas": replicas}}),
-              name="msit", route_prefix="/")
+    serve.run(
+        build(
+            {
+                "model": str(model),
+                "data": str(data),
+                "num_cpus": num_cpus,
+                "num_gpus": gpus_per_replica(replicas) if device == "cuda" else 0,
+                "max_batch_size": max_batch_size,
+                "history": history,
+                "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+            }
+        ),
+        name="msit",
+        route_prefix="/",
+    )
     return f"http://127.0.0.1:{port}"
 
 
@@ -154,16 +197,24 @@ def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float)
     async def run() -> dict:
         load = asyncio.create_task(closed_loop(url, requests, 8, seconds))
         await asyncio.sleep(seconds / 3)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                    if "SERVE_REPLICA" in a["name"] and "MsitScorer" in a["name"]]
+        replicas = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "SERVE_REPLICA" in a["name"] and "MsitScorer" in a["name"]
+        ]
         victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
         ray.kill(victim, no_restart=True)
         result = await load
         return {"replicas_before": len(replicas), "killed": replicas[0]["name"], **result}
 
     run_result = asyncio.run(run())
-    return {"requests": run_result["requests"], "failed": run_result["errors"], "concurrency": 8,
-            "replicas_before": run_result["replicas_before"], "p99_ms": run_result["p99_ms"]}
+    return {
+        "requests": run_result["requests"],
+        "failed": run_result["errors"],
+        "concurrency": 8,
+        "replicas_before": run_result["replicas_before"],
+        "p99_ms": run_result["p99_ms"],
+    }
 
 
 REDIS_ROUNDS = 2  # in-memory and Redis deployments alternate, so that a drift in the machine's load hits both
@@ -188,15 +239,34 @@ def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], a
     runs: dict[str, list[dict]] = {"memory": [], "redis": []}
     with tempfile.TemporaryDirectory() as directory, LocalRedis(Path(directory)) as redis_server:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "msit.cli", "history", "load", "--data", str(data), "--model",
-                        str(model), "--history", redis_server.url, "--quiet"], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "msit.cli",
+                "history",
+                "load",
+                "--data",
+                str(data),
+                "--model",
+                str(model),
+                "--history",
+                redis_server.url,
+                "--quiet",
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         load_s = time.perf_counter() - started
         for _ in range(REDIS_ROUNDS):
             for store, history in (("memory", None), ("redis", redis_server.url)):
                 url = loaded(history)
                 runs[store].append(asyncio.run(closed_loop(url, requests, 32, args.seconds)))
-                print(store, {k: round(v, 1) if isinstance(v, float) else v for k, v in runs[store][-1].items()},
-                      flush=True)
+                print(
+                    store,
+                    {k: round(v, 1) if isinstance(v, float) else v for k, v in runs[store][-1].items()},
+                    flush=True,
+                )
                 if store == "memory":
                     serve.shutdown()
         events = asyncio.run(closed_loop(url, make_events(data, spec), 8, args.seconds, path="/v1/events"))
@@ -206,15 +276,23 @@ def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], a
     def mean(store: str, key: str) -> float:
         return float(np.mean([r[key] for r in runs[store]]))
 
-    return {"inmemory_rps": mean("memory", "rps"), "redis_rps": mean("redis", "rps"),
-            "redis_vs_inmemory": mean("redis", "rps") / mean("memory", "rps"),
-            "events_per_s": events["events_per_s"],
-            "errors": sum(r["errors"] for rs in runs.values() for r in rs) + events["errors"],
-            "p50_ms": mean("redis", "p50_ms"), "p99_ms": mean("redis", "p99_ms"),
-            "inmemory_p50_ms": mean("memory", "p50_ms"), "inmemory_p99_ms": mean("memory", "p99_ms"),
-            "concurrency": 32, "rounds": REDIS_ROUNDS, "runs": runs, "events": {**events, "batch": 100},
-            "bulk_load_s": load_s,
-            "store": "local redis-server on 127.0.0.1 (no persistence), bulk-loaded by `msit history load`"}
+    return {
+        "inmemory_rps": mean("memory", "rps"),
+        "redis_rps": mean("redis", "rps"),
+        "redis_vs_inmemory": mean("redis", "rps") / mean("memory", "rps"),
+        "events_per_s": events["events_per_s"],
+        "errors": sum(r["errors"] for rs in runs.values() for r in rs) + events["errors"],
+        "p50_ms": mean("redis", "p50_ms"),
+        "p99_ms": mean("redis", "p99_ms"),
+        "inmemory_p50_ms": mean("memory", "p50_ms"),
+        "inmemory_p99_ms": mean("memory", "p99_ms"),
+        "concurrency": 32,
+        "rounds": REDIS_ROUNDS,
+        "runs": runs,
+        "events": {**events, "batch": 100},
+        "bulk_load_s": load_s,
+        "store": "local redis-server on 127.0.0.1 (no persistence), bulk-loaded by `msit history load`",
+    }
 
 
 def main() -> None:
@@ -271,22 +349,34 @@ def main() -> None:
     report = {
         **provenance,
         "model": str(model.relative_to(ROOT)) if model.is_relative_to(ROOT) else str(model),
-        "candidates_per_request": len(requests[0]["candidates"]), "seconds_per_run": args.seconds,
-        "replica": {"num_cpus": 1, "torch_threads": 1, "max_batch_size": 32, "device": args.device,
-                    "num_gpus": gpus_per_replica(1) if args.device == "cuda" else 0,
-                    "replica_kill_num_gpus": gpus_per_replica(2) if args.device == "cuda" else 0,
-                    "ingress": "1 MsitApi replica, 0.25 CPU: batches requests (up to 4 batches in flight), one "
-                               "handle call per batch; the scorer merges batches that queue behind a forward pass",
-                    "serve_throughput_mode": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the replicas, direct ingress off",
-                    "replica_kill_num_cpus": 0.75},
-        "runs": runs, "inprocess_scores_per_s": inprocess,
+        "candidates_per_request": len(requests[0]["candidates"]),
+        "seconds_per_run": args.seconds,
+        "replica": {
+            "num_cpus": 1,
+            "torch_threads": 1,
+            "max_batch_size": 32,
+            "device": args.device,
+            "num_gpus": gpus_per_replica(1) if args.device == "cuda" else 0,
+            "replica_kill_num_gpus": gpus_per_replica(2) if args.device == "cuda" else 0,
+            "ingress": "1 MsitApi replica, 0.25 CPU: batches requests (up to 4 batches in flight), one "
+            "handle call per batch; the scorer merges batches that queue behind a forward pass",
+            "serve_throughput_mode": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in the replicas, direct ingress off",
+            "replica_kill_num_cpus": 0.75,
+        },
+        "runs": runs,
+        "inprocess_scores_per_s": inprocess,
         "endpoint_vs_inprocess_at_32": at_32["scores_per_s"] / inprocess,
-        "replica_kill": replica_kill, "redis": redis_part,
-        "machine": {"cores": os.cpu_count(), "device": torch.cuda.get_device_name() if args.device == "cuda"
-                    else "CPU", "note": "load generator, Serve proxy and replicas share these cores"},
+        "replica_kill": replica_kill,
+        "redis": redis_part,
+        "machine": {
+            "cores": os.cpu_count(),
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "CPU",
+            "note": "load generator, Serve proxy and replicas share these cores",
+        },
     }
-    out = Path(args.out or ROOT / "benchmarks" / "results" / ("serve_gpu.json" if args.device == "cuda"
-                                                                 else "serve.json"))
+    out = Path(
+        args.out or ROOT / "benchmarks" / "results" / ("serve_gpu.json" if args.device == "cuda" else "serve.json")
+    )
     out.write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=1))
 

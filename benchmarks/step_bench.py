@@ -37,6 +37,7 @@ TRAIN_BATCH, INFER_BATCH = 1024, 4096
 
 # -- one side's measurement (run in a subprocess with that side's code first on sys.path) ------------------------
 
+
 def measure(prepared: Path, family: str, steps: int, warmup: int, profile: bool, compile_step: bool) -> dict:
     import torch
 
@@ -78,19 +79,28 @@ def measure(prepared: Path, family: str, steps: int, warmup: int, profile: bool,
 
         model.train()
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for batch in batches[warmup: warmup + 3]:
+            for batch in batches[warmup : warmup + 3]:
                 train_step(model, batch, optimizer)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-        out["profile_top_ops"] = [{"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 3),
-                                   "calls": e.count} for e in top]
+        out["profile_top_ops"] = [
+            {"op": e.key, "self_cpu_share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in top
+        ]
     return out
 
 
 def run_side(code: Path, prepared: Path, family: str, args, compile_step: bool = False) -> dict:
-    options = ["--measure", family, "--prepared", str(prepared), "--steps", str(args.steps), "--warmup",
-               str(args.warmup)]
+    options = [
+        "--measure",
+        family,
+        "--prepared",
+        str(prepared),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     options += ["--profile"] * (args.profile and family in ("msit", "star")) + ["--compile"] * compile_step
     return run_json(code, Path(__file__).resolve(), options, f"measuring {family}")
 
@@ -103,16 +113,20 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="record the top ops of MSIT's and STAR's steps")
     parser.add_argument("--compile", action="store_true", help="also time MSIT's step under torch.compile")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "msit-bench"),
-                        help="where ml100k_genre is prepared once and reused")
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "msit-bench"),
+        help="where ml100k_genre is prepared once and reused",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.json"))
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one side, one family
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         use_code_on_path()
-        print(json.dumps(measure(Path(args.prepared), args.measure, args.steps, args.warmup, args.profile,
-                                 args.compile)))
+        print(
+            json.dumps(measure(Path(args.prepared), args.measure, args.steps, args.warmup, args.profile, args.compile))
+        )
         return
 
     provenance = stamp("cpu")
@@ -132,10 +146,13 @@ def main() -> None:
                 "train_speedup": round(new["train_samples_per_s"] / old["train_samples_per_s"], 2),
                 "infer_rows_per_s": round(new["infer_rows_per_s"], 1),
                 "before_infer_rows_per_s": round(old["infer_rows_per_s"], 1),
-                "infer_speedup": round(new["infer_rows_per_s"] / old["infer_rows_per_s"], 2)}
+                "infer_speedup": round(new["infer_rows_per_s"] / old["infer_rows_per_s"], 2),
+            }
             if "profile_top_ops" in new:
-                families[family] |= {"profile_top_ops": new["profile_top_ops"],
-                                     "before_profile_top_ops": old["profile_top_ops"]}
+                families[family] |= {
+                    "profile_top_ops": new["profile_top_ops"],
+                    "before_profile_top_ops": old["profile_top_ops"],
+                }
             print(family, {k: v for k, v in families[family].items() if "profile" not in k}, flush=True)
         if args.compile and "msit" in families:
             compiled = run_side(ROOT, prepared, "msit", args, compile_step=True)
@@ -143,10 +160,18 @@ def main() -> None:
             print("msit compiled", families["msit"]["compiled_train_samples_per_s"], flush=True)
     import torch
 
-    report = {"families": families, "before_commit": before, **provenance, "load_average_end": load_average(),
-              "threads": 1, "torch": torch.__version__, "batch_size": {"train": TRAIN_BATCH, "infer": INFER_BATCH},
-              "steps": args.steps, "warmup_steps": args.warmup,
-              "data": "ml100k_genre train split, history length 50"}
+    report = {
+        "families": families,
+        "before_commit": before,
+        **provenance,
+        "load_average_end": load_average(),
+        "threads": 1,
+        "torch": torch.__version__,
+        "batch_size": {"train": TRAIN_BATCH, "infer": INFER_BATCH},
+        "steps": args.steps,
+        "warmup_steps": args.warmup,
+        "data": "ml100k_genre train split, history length 50",
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -45,16 +45,31 @@ def run(protocol: str, family: str, point: dict, use_text: bool, data: str) -> d
     torch.set_num_threads(1)
     spec = FeatureSpec.load(data)
     seed_everything(0)
-    config = ModelConfig(family=family, **MODEL, **ARCHITECTURE.get(family, {}), dropout=point["dropout"],
-                         use_text=use_text)
+    config = ModelConfig(
+        family=family, **MODEL, **ARCHITECTURE.get(family, {}), dropout=point["dropout"], use_text=use_text
+    )
     model = build_for_data(config, data, spec)
     sequences = load_sequences(data)  # once for both splits
-    result = fit(model, load_split(data, "train", spec, sequences), load_split(data, "val", spec, sequences), spec,
-                 TrainConfig(seed=0, lr=point["lr"], **TRAIN), log=lambda m: None)
+    result = fit(
+        model,
+        load_split(data, "train", spec, sequences),
+        load_split(data, "val", spec, sequences),
+        spec,
+        TrainConfig(seed=0, lr=point["lr"], **TRAIN),
+        log=lambda m: None,
+    )
     val = result.best_val["overall"]
     print(f"[{protocol} {family} text={use_text}] val AUC {val['auc']:.4f}", flush=True)
-    return {"protocol": protocol, "model": family, "use_text": use_text, "point": point, "val_auc": val["auc"],
-            "val_gauc": val["gauc"], "best_epoch": result.best_epoch, "train_s": result.seconds}
+    return {
+        "protocol": protocol,
+        "model": family,
+        "use_text": use_text,
+        "point": point,
+        "val_auc": val["auc"],
+        "val_gauc": val["gauc"],
+        "best_epoch": result.best_epoch,
+        "train_s": result.seconds,
+    }
 
 
 def main() -> None:
@@ -66,8 +81,12 @@ def main() -> None:
     args = parser.parse_args()
     provenance = stamp("cpu")
     chosen = json.loads((ROOT / "benchmarks" / "results" / "quality.json").read_text())
-    tasks = [(p, f, chosen[p][f]["chosen"], text, str(with_text(p)))
-             for p in args.protocols for f in args.models for text in (False, True)]
+    tasks = [
+        (p, f, chosen[p][f]["chosen"], text, str(with_text(p)))
+        for p in args.protocols
+        for f in args.models
+        for text in (False, True)
+    ]
     import ray
 
     ray.shutdown()  # the trainings need no Ray (a no-op if the embeddings were cached): give its CPUs back

@@ -72,14 +72,21 @@ def plain_run(prepared: Path, family: str, train_cfg: TrainConfig, device: str) 
     return result.history
 
 
-def ray_run(prepared: Path, family: str, train_cfg: TrainConfig, workers: int, threads: int, use_gpu: bool,
-            storage: Path) -> tuple[list[dict], float]:
+def ray_run(
+    prepared: Path, family: str, train_cfg: TrainConfig, workers: int, threads: int, use_gpu: bool, storage: Path
+) -> tuple[list[dict], float]:
     cfg = TrainRunConfig(
-        data=str(prepared), output=str(storage / f"model_{family}_{workers}"), model=ModelConfig(family=family),
+        data=str(prepared),
+        output=str(storage / f"model_{family}_{workers}"),
+        model=ModelConfig(family=family),
         train=train_cfg,
         scaling=ScalingSpec(num_workers=workers, use_gpu=use_gpu, cpus_per_worker=1, torch_threads=threads),
-        run=RunSpec(name=f"bench-{family}-{workers}-{int(time.time())}", storage_path=str(storage / "ray_results"),
-                    keep_checkpoints=1))
+        run=RunSpec(
+            name=f"bench-{family}-{workers}-{int(time.time())}",
+            storage_path=str(storage / "ray_results"),
+            keep_checkpoints=1,
+        ),
+    )
     called_at = time.time()
     run_training(cfg, log=print)
     history = json.loads((run_outputs_dir(cfg) / "metrics.json").read_text())
@@ -102,11 +109,14 @@ def throughput(prepared: Path, args, storage: Path) -> dict:
         print(f"plain {family}: {steady(plain):,.0f} samples/s", flush=True)
         runs = {}
         for workers in worker_counts:
-            history, startup = ray_run(prepared, family, train_cfg, workers, args.threads, args.device == "cuda",
-                                       storage)
+            history, startup = ray_run(
+                prepared, family, train_cfg, workers, args.threads, args.device == "cuda", storage
+            )
             runs[workers] = {"epochs": history, "startup_s": startup}
-            print(f"ray {family} {workers} worker(s): {steady(history):,.0f} samples/s, start-up {startup:.1f} s",
-                  flush=True)
+            print(
+                f"ray {family} {workers} worker(s): {steady(history):,.0f} samples/s, start-up {startup:.1f} s",
+                flush=True,
+            )
         entry = {"plain_samples_per_s": steady(plain)}
         for workers in (1, 2):
             run = runs.get(workers)
@@ -121,10 +131,15 @@ def throughput(prepared: Path, args, storage: Path) -> dict:
 def product_vs_benchmark(prepared: Path, args, storage: Path) -> dict:
     """`msit train` on the genre config (its 2 workers) and quality.py's single-process run of that config."""
     cfg = TrainRunConfig.load(AUC_CONFIG)
-    cfg = dataclasses.replace(cfg, data=str(prepared), output=str(storage / "auc_model"),
-                              scaling=dataclasses.replace(cfg.scaling, torch_threads=args.threads),
-                              run=dataclasses.replace(cfg.run, name=f"bench-auc-{int(time.time())}",
-                                                      storage_path=str(storage / "ray_results")))
+    cfg = dataclasses.replace(
+        cfg,
+        data=str(prepared),
+        output=str(storage / "auc_model"),
+        scaling=dataclasses.replace(cfg.scaling, torch_threads=args.threads),
+        run=dataclasses.replace(
+            cfg.run, name=f"bench-auc-{int(time.time())}", storage_path=str(storage / "ray_results")
+        ),
+    )
     spec = FeatureSpec.load(prepared)
     test = load_split(prepared, "test", spec)
     started = time.perf_counter()
@@ -132,17 +147,26 @@ def product_vs_benchmark(prepared: Path, args, storage: Path) -> dict:
     train_s = time.perf_counter() - started
     product = evaluate(loaded.model, test, spec)
     info = loaded.info["train"]
-    print(f"msit train: test AUC {product['overall']['auc']:.4f} (val {info['best_val_auc']:.4f}, "
-          f"epoch {info['best_epoch']})", flush=True)
+    print(
+        f"msit train: test AUC {product['overall']['auc']:.4f} (val {info['best_val_auc']:.4f}, "
+        f"epoch {info['best_epoch']})",
+        flush=True,
+    )
     benchmark = run_config(cfg.model, cfg.train, prepared, args.device, args.threads, tag="[quality.py run]")
     return {
-        "config": str(AUC_CONFIG.relative_to(ROOT)), "workers": cfg.scaling.num_workers,
-        "msit_train": product["overall"]["auc"], "benchmark_fit": benchmark["test"]["overall"]["auc"],
+        "config": str(AUC_CONFIG.relative_to(ROOT)),
+        "workers": cfg.scaling.num_workers,
+        "msit_train": product["overall"]["auc"],
+        "benchmark_fit": benchmark["test"]["overall"]["auc"],
         "difference": product["overall"]["auc"] - benchmark["test"]["overall"]["auc"],
-        "msit_train_val_auc": info["best_val_auc"], "benchmark_fit_val_auc": benchmark["val_auc"],
-        "msit_train_best_epoch": info["best_epoch"], "benchmark_fit_best_epoch": benchmark["best_epoch"],
-        "msit_train_gauc": product["overall"]["gauc"], "benchmark_fit_gauc": benchmark["test"]["overall"]["gauc"],
-        "msit_train_s": train_s, "benchmark_fit_s": benchmark["train_s"],
+        "msit_train_val_auc": info["best_val_auc"],
+        "benchmark_fit_val_auc": benchmark["val_auc"],
+        "msit_train_best_epoch": info["best_epoch"],
+        "benchmark_fit_best_epoch": benchmark["best_epoch"],
+        "msit_train_gauc": product["overall"]["gauc"],
+        "benchmark_fit_gauc": benchmark["test"]["overall"]["gauc"],
+        "msit_train_s": train_s,
+        "benchmark_fit_s": benchmark["train_s"],
     }
 
 
@@ -158,19 +182,27 @@ def mixing(prepared: Path, epochs: int = 2, batch_size: int = 1024) -> dict:
 
     ray_epochs, first_rows = [], []
     for epoch in range(1, epochs + 1):
-        batches = [b["user_id"] for b in dataset.iter_batches(
-            batch_size=batch_size, batch_format="numpy", local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=epoch)]
+        batches = [
+            b["user_id"]
+            for b in dataset.iter_batches(
+                batch_size=batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                local_shuffle_seed=epoch,
+            )
+        ]
         ray_epochs.append(float(np.mean(per_batch(batches))))
         first_rows.append(np.concatenate(batches)[:batch_size])
     file_order = [b["user_id"] for b in dataset.iter_batches(batch_size=batch_size, batch_format="numpy")]
     generator = np.random.default_rng(0)
     shuffled = users[generator.permutation(len(users))]
-    global_shuffle = per_batch([shuffled[i:i + batch_size] for i in range(0, len(users), batch_size)])
+    global_shuffle = per_batch([shuffled[i : i + batch_size] for i in range(0, len(users), batch_size)])
     by_user = np.sort(users)  # rows grouped by user, as a per-user partitioning would leave them
-    grouped = per_batch([by_user[i:i + batch_size] for i in range(0, len(users), batch_size)])
+    grouped = per_batch([by_user[i : i + batch_size] for i in range(0, len(users), batch_size)])
     return {
-        "data": "ml100k_genre train split", "batch_size": batch_size, "users_in_split": len(np.unique(users)),
+        "data": "ml100k_genre train split",
+        "batch_size": batch_size,
+        "users_in_split": len(np.unique(users)),
         "train_files": len(list((prepared / "train").glob("*.parquet"))),
         "shuffle_buffer_rows": SHUFFLE_BUFFER_ROWS,
         "ray_path_distinct_users_per_batch": ray_epochs,
@@ -193,9 +225,10 @@ def keep_earlier_parts(report: dict, out: Path, parts: list[str]) -> None:
         if part not in parts and PART_KEYS[part] in earlier:
             report[PART_KEYS[part]] = earlier[PART_KEYS[part]]
             # loadavg_start/_end: the names before provenance.py
-            origin = earlier.get("parts_from_earlier_runs", {}).get(part) or \
-                {**stamp_of(earlier), **{k: earlier[k] for k in ("load_average_end", "loadavg_start", "loadavg_end")
-                                         if k in earlier}}
+            origin = earlier.get("parts_from_earlier_runs", {}).get(part) or {
+                **stamp_of(earlier),
+                **{k: earlier[k] for k in ("load_average_end", "loadavg_start", "loadavg_end") if k in earlier},
+            }
             report.setdefault("parts_from_earlier_runs", {})[part] = origin
 
 
@@ -209,8 +242,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU on this machine")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / ("train_gpu.json" if args.device == "cuda"
-                                                                 else "train.json"))
+    out = Path(
+        args.out or ROOT / "benchmarks" / "results" / ("train_gpu.json" if args.device == "cuda" else "train.json")
+    )
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     provenance = stamp(args.device)
     torch.set_num_threads(args.threads)
@@ -231,11 +265,17 @@ def main() -> None:
     import ray
 
     report |= {
-        "data": "ml100k_genre.csv (train split)", "batch_size": "1024 global (each of W workers: 1024 // W)",
-        "epochs_per_run": args.epochs, "steady_state": "epochs 2..N", "torch_threads_per_process": args.threads,
-        **provenance, "load_average_end": load_average(),
-        "cluster_cpus": ray.cluster_resources().get("CPU"), "machine_cores": os.cpu_count(),
-        "torch": torch.__version__, "ray": ray.__version__,
+        "data": "ml100k_genre.csv (train split)",
+        "batch_size": "1024 global (each of W workers: 1024 // W)",
+        "epochs_per_run": args.epochs,
+        "steady_state": "epochs 2..N",
+        "torch_threads_per_process": args.threads,
+        **provenance,
+        "load_average_end": load_average(),
+        "cluster_cpus": ray.cluster_resources().get("CPU"),
+        "machine_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
     }
     keep_earlier_parts(report, out, args.parts)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,9 +76,16 @@ def prepared(name: str, frame: pd.DataFrame, cache: Path, encoding_from: Path | 
     log = cache / "logs" / f"{name}.csv"
     log.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(log, index=False)
-    prepare(PrepareConfig(inputs=[str(log)], out=str(out), overwrite=True,
-                          encoding_from=str(encoding_from) if encoding_from else None,
-                          extend_vocab=encoding_from is not None), log=lambda m: print(f"  [{name}] {m}", flush=True))
+    prepare(
+        PrepareConfig(
+            inputs=[str(log)],
+            out=str(out),
+            overwrite=True,
+            encoding_from=str(encoding_from) if encoding_from else None,
+            extend_vocab=encoding_from is not None,
+        ),
+        log=lambda m: print(f"  [{name}] {m}", flush=True),
+    )
     return out
 
 
@@ -87,25 +94,35 @@ def train_single(data: Path, family: str, seed: int, tag: str) -> tuple[torch.nn
     seed_everything(seed)
     model = build_model(ModelConfig(family=family, **MODEL), spec, load_item_table(data, spec))
     sequences = load_sequences(data)  # once for both splits
-    result = fit(model, load_split(data, "train", spec, sequences), load_split(data, "val", spec, sequences), spec,
-                 TrainConfig(seed=seed, **TRAIN), log=lambda m: print(f"[{tag}] {m}", flush=True))
+    result = fit(
+        model,
+        load_split(data, "train", spec, sequences),
+        load_split(data, "val", spec, sequences),
+        spec,
+        TrainConfig(seed=seed, **TRAIN),
+        log=lambda m: print(f"[{tag}] {m}", flush=True),
+    )
     return model, spec, {"train_s": result.seconds, "best_epoch": result.best_epoch}
 
 
 def train_on_ray(data: Path, out: Path, scene: str, seed: int, finetune: FinetuneSpec | None) -> dict:
     """One Ray Train run on `scene`'s rows (1 worker); the test AUC of that scene and the wall time."""
-    cfg = TrainRunConfig(data=str(data), output=str(out), model=ModelConfig(family="msit", **MODEL),
-                         train=TrainConfig(seed=seed, **FINETUNE_TRAIN),
-                         scaling=ScalingSpec(num_workers=1, use_gpu=False, torch_threads=2),
-                         run=RunSpec(name=out.name, storage_path=str(out.parent / "ray_results")),
-                         scenes=[scene], finetune=finetune)
+    cfg = TrainRunConfig(
+        data=str(data),
+        output=str(out),
+        model=ModelConfig(family="msit", **MODEL),
+        train=TrainConfig(seed=seed, **FINETUNE_TRAIN),
+        scaling=ScalingSpec(num_workers=1, use_gpu=False, torch_threads=2),
+        run=RunSpec(name=out.name, storage_path=str(out.parent / "ray_results")),
+        scenes=[scene],
+        finetune=finetune,
+    )
     start = time.perf_counter()
     run_training(cfg, log=lambda m: print(f"[{out.name}] {m}", flush=True))
     seconds = time.perf_counter() - start
     loaded = load_model_dir(out)
     test = evaluate(loaded.model, load_split(data, "test", loaded.spec), loaded.spec)
-    return {"auc": test["scenes"][scene]["auc"], "seconds": seconds,
-            "best_epoch": loaded.info["train"]["best_epoch"]}
+    return {"auc": test["scenes"][scene]["auc"], "seconds": seconds, "best_epoch": loaded.info["train"]["best_epoch"]}
 
 
 def summarize(report: dict) -> dict:
@@ -113,20 +130,33 @@ def summarize(report: dict) -> dict:
     for r in report["sparse"]:
         scenes = SCENES if r["fraction"] == 1.0 else [r["scene"]]
         for scene in scenes:
-            sparse.setdefault(scene, {}).setdefault(json.dumps(r["fraction"]), {}).setdefault(
-                r["model"], []).append(r["test"]["scenes"][scene]["auc"])
-    sparse = {s: {f: {m: float(np.mean(v)) for m, v in models.items()} for f, models in fr.items()}
-              for s, fr in sparse.items()}
+            sparse.setdefault(scene, {}).setdefault(json.dumps(r["fraction"]), {}).setdefault(r["model"], []).append(
+                r["test"]["scenes"][scene]["auc"]
+            )
+    sparse = {
+        s: {f: {m: float(np.mean(v)) for m, v in models.items()} for f, models in fr.items()}
+        for s, fr in sparse.items()
+    }
     new_scene: dict = {}
     for r in report["new_scene"]:
         new_scene.setdefault(r["scene"], {}).setdefault(r["how"], []).append(r)
-    new_scene = {s: {f"{how}_{key}": float(np.mean([r[field] for r in runs]))
-                     for how, runs in hows.items() for key, field in (("auc", "auc"), ("s", "seconds"))}
-                 | {"seeds": sorted({r["seed"] for runs in hows.values() for r in runs})}
-                 for s, hows in new_scene.items()}
+    new_scene = {
+        s: {
+            f"{how}_{key}": float(np.mean([r[field] for r in runs]))
+            for how, runs in hows.items()
+            for key, field in (("auc", "auc"), ("s", "seconds"))
+        }
+        | {"seeds": sorted({r["seed"] for runs in hows.values() for r in runs})}
+        for s, hows in new_scene.items()
+    }
     commits = sorted({r.get("commit", "not recorded") for r in [*report["sparse"], *report["new_scene"]]})
-    return {"sparse": sparse, "new_scene": new_scene, "settings": report["settings"], **stamp_of(report),
-            "run_commits": commits}
+    return {
+        "sparse": sparse,
+        "new_scene": new_scene,
+        "settings": report["settings"],
+        **stamp_of(report),
+        "run_commits": commits,
+    }
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -144,8 +174,12 @@ def plot(summary: dict, path: Path) -> None:
             points = [(float(f), by_fraction[f][model]) for f in fractions if model in by_fraction[f]]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=model, linewidth=2.5 if model == "msit" else 1.2)
-        ax.set(xscale="log", title=f"{scene}: sparse scene", xlabel="fraction of its training rows kept",
-               ylabel="test AUC of the scene")
+        ax.set(
+            xscale="log",
+            title=f"{scene}: sparse scene",
+            xlabel="fraction of its training rows kept",
+            ylabel="test AUC of the scene",
+        )
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     ax = axes[0][-1]
@@ -154,8 +188,13 @@ def plot(summary: dict, path: Path) -> None:
     x = np.arange(len(names))
     ax.bar(x - 0.2, [new[s]["finetune_auc"] for s in names], 0.4, label="finetune (scene mode)")
     ax.bar(x + 0.2, [new[s]["scratch_auc"] for s in names], 0.4, label="from scratch")
-    ax.set(xticks=x, xticklabels=names, ylim=(0.5, None), title=f"new scene, {NEW_SCENE_FRACTION:.0%} of its rows",
-           ylabel="test AUC of the scene")
+    ax.set(
+        xticks=x,
+        xticklabels=names,
+        ylim=(0.5, None),
+        title=f"new scene, {NEW_SCENE_FRACTION:.0%} of its rows",
+        ylabel="test AUC of the scene",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,8 +211,10 @@ def markdown_tables(summary: dict) -> str:
     lines += ["", "| new scene | finetune AUC | scratch AUC | finetune s | scratch s |", "|---|---|---|---|---|"]
     for scene, r in summary["new_scene"].items():
         if {"finetune_auc", "scratch_auc"} <= set(r):
-            lines.append(f"| {scene} | {r['finetune_auc']:.4f} | {r['scratch_auc']:.4f} | {r['finetune_s']:.0f} | "
-                         f"{r['scratch_s']:.0f} |")
+            lines.append(
+                f"| {scene} | {r['finetune_auc']:.4f} | {r['scratch_auc']:.4f} | {r['finetune_s']:.0f} | "
+                f"{r['scratch_s']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -197,8 +238,14 @@ def main() -> None:  # noqa: C901  (a script: parse, run each arm, report)
     torch.set_num_threads(args.threads)
     cache, out = Path(args.cache), Path(args.out)
     runs_path = out.with_name("transfer_runs.json")
-    settings = {"model": MODEL, "train": TRAIN, "finetune_train": FINETUNE_TRAIN, "threads": args.threads,
-                "new_scene_fraction": NEW_SCENE_FRACTION, "subsample_seed": 0}
+    settings = {
+        "model": MODEL,
+        "train": TRAIN,
+        "finetune_train": FINETUNE_TRAIN,
+        "threads": args.threads,
+        "new_scene_fraction": NEW_SCENE_FRACTION,
+        "subsample_seed": 0,
+    }
     report = json.loads(runs_path.read_text()) if runs_path.is_file() else {}
     if report.get("settings") != settings:
         report = {"settings": settings, "sparse": [], "new_scene": []}
@@ -227,10 +274,21 @@ def main() -> None:  # noqa: C901  (a script: parse, run each arm, report)
                     tag = f"{scene} f={fraction} {model} seed {seed}"
                     trained, spec, info = train_single(data, model, seed, tag)
                     test = evaluate(trained, load_split(data, "test", spec), spec)
-                    print(f"[{tag}] test AUC " + ", ".join(f"{s} {m['auc']:.4f}" for s, m in test["scenes"].items()),
-                          flush=True)
-                    report["sparse"].append({"scene": scene, "fraction": fraction, "model": model, "seed": seed,
-                                             "test": test, **info, **run_commit})
+                    print(
+                        f"[{tag}] test AUC " + ", ".join(f"{s} {m['auc']:.4f}" for s, m in test["scenes"].items()),
+                        flush=True,
+                    )
+                    report["sparse"].append(
+                        {
+                            "scene": scene,
+                            "fraction": fraction,
+                            "model": model,
+                            "seed": seed,
+                            "test": test,
+                            **info,
+                            **run_commit,
+                        }
+                    )
                     save()
 
     if not args.skip_new_scene:
@@ -248,8 +306,11 @@ def main() -> None:  # noqa: C901  (a script: parse, run each arm, report)
                         continue
                     spec = FinetuneSpec(str(base), "scene") if how == "finetune" else None
                     result = train_on_ray(data, cache / "runs" / f"new_{scene}_{how}_{seed}", scene, seed, spec)
-                    print(f"[new scene {scene} {how} seed {seed}] test AUC {result['auc']:.4f} "
-                          f"in {result['seconds']:.0f} s", flush=True)
+                    print(
+                        f"[new scene {scene} {how} seed {seed}] test AUC {result['auc']:.4f} "
+                        f"in {result['seconds']:.0f} s",
+                        flush=True,
+                    )
                     report["new_scene"].append({"scene": scene, "how": how, "seed": seed, **result, **run_commit})
                     save()
     save()

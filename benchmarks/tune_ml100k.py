@@ -62,14 +62,26 @@ def main() -> None:
     shutil.copy2(out / "trials.csv", RESULTS / "tune_ml100k_genre.csv")
     shutil.copy2(out / "heatmap.png", RESULTS / "tune_ml100k_genre_heatmap.png")
     search = json.loads((out / "search.json").read_text())
-    report = {**provenance, "resumed_search": resumed, "protocol": "ml100k_genre", "config": Path(args.config).name,
-              "search": search,
-              "best_model": {"family": loaded.config.family, "interest_heads": loaded.config.interest_heads,
-                             "transfer_heads": loaded.config.transfer_heads, "fusion": loaded.config.fusion,
-                             "embed_dim": loaded.config.embed_dim, "best_epoch": loaded.info["train"]["best_epoch"]},
-              "test": test, "search_seconds": seconds, "max_concurrent_trials": args.max_concurrent_trials,
-              "note": "test metrics of the exported best trial (chosen on val AUC only), from "
-                      "msit.training.trainer.evaluate, the function `msit evaluate` prints"}
+    report = {
+        **provenance,
+        "resumed_search": resumed,
+        "protocol": "ml100k_genre",
+        "config": Path(args.config).name,
+        "search": search,
+        "best_model": {
+            "family": loaded.config.family,
+            "interest_heads": loaded.config.interest_heads,
+            "transfer_heads": loaded.config.transfer_heads,
+            "fusion": loaded.config.fusion,
+            "embed_dim": loaded.config.embed_dim,
+            "best_epoch": loaded.info["train"]["best_epoch"],
+        },
+        "test": test,
+        "search_seconds": seconds,
+        "max_concurrent_trials": args.max_concurrent_trials,
+        "note": "test metrics of the exported best trial (chosen on val AUC only), from "
+        "msit.training.trainer.evaluate, the function `msit evaluate` prints",
+    }
     (RESULTS / "tune_ml100k_genre.json").write_text(json.dumps(report, indent=1))
     print(f"best {search['best_params']}: val AUC {search['best_val_auc']:.4f}, test AUC {test['overall']['auc']:.4f}")
 

@@ -39,11 +39,11 @@ def check_outside_inputs(out: Path, inputs: Iterable[str | Path]) -> None:
             continue
         path = Path(text)
         if _is_within(path, out):
-            raise ConfigError(f"the output directory {out} contains the input {path}; "
-                              "write the output somewhere else")
+            raise ConfigError(f"the output directory {out} contains the input {path}; write the output somewhere else")
         if path.is_dir() and _is_within(out, path):
-            raise ConfigError(f"the output directory {out} lies inside the input directory {path}; "
-                              "write the output somewhere else")
+            raise ConfigError(
+                f"the output directory {out} lies inside the input directory {path}; write the output somewhere else"
+            )
 
 
 @contextmanager
@@ -58,8 +58,9 @@ def locked(out: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise ConfigError(f"{out} is being written by {holder}; wait for it to finish, "
-                              "or choose another output directory") from None
+            raise ConfigError(
+                f"{out} is being written by {holder}; wait for it to finish, or choose another output directory"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()}")
@@ -85,13 +86,14 @@ def check_replaceable(out: Path, marker: str, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"output directory {out} is not empty; pass --overwrite to replace it")
     if marker not in entries:
-        raise ConfigError(f"output directory {out} is not empty and was not written by msit (no {marker} in it); "
-                          f"--overwrite only replaces msit's own outputs: empty it yourself or choose another one")
+        raise ConfigError(
+            f"output directory {out} is not empty and was not written by msit (no {marker} in it); "
+            f"--overwrite only replaces msit's own outputs: empty it yourself or choose another one"
+        )
 
 
 @contextmanager
-def writing(out: str | Path, marker: str, overwrite: bool = False,
-            inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def writing(out: str | Path, marker: str, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Lock `out`, yield a fresh staging folder beside it, and on success swap it into place.
 
     `marker` is a file every complete output holds (`feature_spec.json`, `model.json`); it is how an

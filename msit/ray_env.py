@@ -18,11 +18,18 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     # "local", not None: ray.init(None) would join whatever cluster /tmp/ray last recorded, even a dead one.
     # The dashboard (on 127.0.0.1) serves the state API, which Ray Train's placement-group cleaner needs: without
     # it, a Train run stopped from outside (a trial ASHA stops) keeps its CPUs and the next trials hang.
-    kwargs = {"address": address} if address else {"address": "local", "num_cpus": num_cpus,
-                                                   "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    kwargs = (
+        {"address": address}
+        if address
+        else {"address": "local", "num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
+    )
     # logging_level is typed int, but ray hands it to `logging`, which takes level names too
-    ray.init(log_to_driver=not quiet, configure_logging=True, logging_level="WARNING",  # type: ignore[arg-type]
-             **kwargs)
+    ray.init(
+        log_to_driver=not quiet,
+        configure_logging=True,
+        logging_level="WARNING",  # type: ignore[arg-type]
+        **kwargs,
+    )
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

@@ -18,9 +18,11 @@ FORBID_RAY_TMPDIR = pytest.StashKey[str]()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--forbid-ray", action="store_true",
-                     help="fail a test not marked `ray` that starts Ray, in this process or in a subprocess "
-                          "(make test-fast)")
+    parser.addoption(
+        "--forbid-ray",
+        action="store_true",
+        help="fail a test not marked `ray` that starts Ray, in this process or in a subprocess (make test-fast)",
+    )
 
 
 def pytest_configure(config):
@@ -71,8 +73,9 @@ def _starts_ray_only_if_marked(request):
     if not running and _ray_running_here():
         pytest.fail("started Ray in this process but is not marked `ray`", pytrace=False)
     if forbid and _ray_sessions() - sessions:
-        pytest.fail(f"started Ray (a new session under {os.environ['RAY_TMPDIR']}) but is not marked `ray`",
-                    pytrace=False)
+        pytest.fail(
+            f"started Ray (a new session under {os.environ['RAY_TMPDIR']}) but is not marked `ray`", pytrace=False
+        )
 
 
 @pytest.fixture(scope="session")
@@ -105,8 +108,12 @@ def small_prepared(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small")
     synth.write(synth.SynthConfig(users=400, items=300, events_per_user=25, seed=11), root / "log", progress=False)
-    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"),
-                          spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
+    prepare(
+        PrepareConfig(
+            inputs=[str(root / "log")], out=str(root / "prepared"), spec=SceneLogSpec.load(root / "log" / "spec.yaml")
+        ),
+        log=lambda _: None,
+    )
     return root / "log", root / "prepared"
 
 
@@ -123,8 +130,14 @@ def small_model(small_prepared, tmp_path_factory):
     spec = FeatureSpec.load(prepared)
     config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=10)
     model = build_for_data(config, prepared, spec)
-    fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
-        TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
+    fit(
+        model,
+        load_split(prepared, "train", spec),
+        load_split(prepared, "val", spec),
+        spec,
+        TrainConfig(epochs=1, batch_size=256, lr=5e-3),
+        log=lambda _: None,
+    )
     return save_model_dir(tmp_path_factory.mktemp("model") / "model", model, config, spec), prepared
 
 

@@ -27,10 +27,19 @@ FORMATS = ["csv", "parquet"]
 
 
 def _good_rows(n_users: int = 6, events: int = 10) -> list[dict]:
-    return [{"user_id": f"u{u}", "item_id": f"i{(u + t) % 5}", "scenario": ["feed", "search"][t % 2],
-             "label": str((u + t) % 2), "timestamp": str(T0 + 60 * t), "age": str(20 + u),
-             "split": "train" if t < 8 else ("val" if t == 8 else "test")}
-            for u in range(n_users) for t in range(events)]
+    return [
+        {
+            "user_id": f"u{u}",
+            "item_id": f"i{(u + t) % 5}",
+            "scenario": ["feed", "search"][t % 2],
+            "label": str((u + t) % 2),
+            "timestamp": str(T0 + 60 * t),
+            "age": str(20 + u),
+            "split": "train" if t < 8 else ("val" if t == 8 else "test"),
+        }
+        for u in range(n_users)
+        for t in range(events)
+    ]
 
 
 def _write(df: pd.DataFrame, path, fmt: str) -> str:
@@ -42,15 +51,15 @@ def _write(df: pd.DataFrame, path, fmt: str) -> str:
 
 def _prepare(inputs, out, **kw):
     kw = {"spec": SPEC, **kw}
-    return prepare(PrepareConfig(inputs=[inputs] if isinstance(inputs, str) else inputs, out=str(out), **kw),
-                   log=lambda _: None)
+    return prepare(
+        PrepareConfig(inputs=[inputs] if isinstance(inputs, str) else inputs, out=str(out), **kw), log=lambda _: None
+    )
 
 
 def _events(out) -> pd.DataFrame:
     """Every event row with its split and raw user key (from sequences/), in a fixed order."""
     keys = pd.read_parquet(out / "sequences").set_index("sequence_row").user_key
-    rows = pd.concat([pd.read_parquet(out / s).assign(split=s) for s in ("train", "val", "test")
-                      if (out / s).exists()])
+    rows = pd.concat([pd.read_parquet(out / s).assign(split=s) for s in ("train", "val", "test") if (out / s).exists()])
     rows = rows.assign(user_key=keys.reindex(rows.sequence_row).to_numpy()).drop(columns=["sequence_row"])
     rows = rows.sort_values(["user_key", "timestamp", "item_id", "scene_id"]).reset_index(drop=True)
     return rows.map(lambda v: v.tolist() if hasattr(v, "tolist") else v)
@@ -58,8 +67,10 @@ def _events(out) -> pd.DataFrame:
 
 # -- bad values: one row per defect, in a text log (CSV, and Parquet with string columns) -----------------------
 
-TS_RANGE = ("column 'timestamp': out of range (expected a time from 1900 to 2300, in seconds since the epoch, "
-            "milliseconds, microseconds or nanoseconds, or a datetime)")
+TS_RANGE = (
+    "column 'timestamp': out of range (expected a time from 1900 to 2300, in seconds since the epoch, "
+    "milliseconds, microseconds or nanoseconds, or a datetime)"
+)
 DEFECTS = [  # (column, value, reason)
     ("user_id", None, "column 'user_id': null or empty"),
     ("item_id", "   ", "column 'item_id': null or empty"),
@@ -77,6 +88,8 @@ DEFECTS = [  # (column, value, reason)
     ("split", None, "column 'split': null (expected train/val/test)"),
     ("split", "holdout", "column 'split': not one of train/val/test"),
 ]
+
+
 def _expected_counts() -> dict[str, int]:
     counts: dict[str, int] = {}
     for _, _, reason in DEFECTS:
@@ -158,8 +171,7 @@ def test_a_byte_that_is_not_utf8_is_a_bad_row(ray_session, tmp_path, fmt):
         path.write_bytes(df.to_csv(index=False).replace("u1,", "u\udcff1,").encode("utf-8", "surrogateescape"))
     else:  # a binary id column: decoded as UTF-8
         ids = [u.encode() if u != "u1" else b"u\xff1" for u in df.user_id]
-        pq.write_table(pa.Table.from_pandas(df.drop(columns="user_id")).append_column("user_id", pa.array(ids)),
-                       path)
+        pq.write_table(pa.Table.from_pandas(df.drop(columns="user_id")).append_column("user_id", pa.array(ids)), path)
     with pytest.raises(DataValidationError, match=r"column 'user_id': not valid UTF-8 text: 10 rows \(10 in ") as e:
         _prepare(str(path), tmp_path / "out")
     assert '"user_id": "u\\\\xff1"' in str(e.value)  # the example shows the byte
@@ -167,17 +179,27 @@ def test_a_byte_that_is_not_utf8_is_a_bad_row(ray_session, tmp_path, fmt):
 
 # -- accepted formats: typed Parquet and CSV of the same rows ---------------------------------------------------
 
+
 def _typed_log() -> pd.DataFrame:
     rows = []
     for u in range(6):
         for t in range(10):
-            rows.append({"user_id": float(u + 1), "item_id": ["NA", "i1", "null", "i3"][(u + t) % 4],
-                         "scenario": ["feed", " feed", "Feed", "search"][t % 4], "label": bool((u + t) % 2),
-                         "timestamp": (T0 + 60 * t) * 1000, "age": 20.0 + u})
+            rows.append(
+                {
+                    "user_id": float(u + 1),
+                    "item_id": ["NA", "i1", "null", "i3"][(u + t) % 4],
+                    "scenario": ["feed", " feed", "Feed", "search"][t % 4],
+                    "label": bool((u + t) % 2),
+                    "timestamp": (T0 + 60 * t) * 1000,
+                    "age": 20.0 + u,
+                }
+            )
     rows[9]["scenario"] = "promo"  # user 1.0's newest event: test only
     rows.append(dict(rows[5]))  # an exact duplicate
-    rows += [{"user_id": 99.0, "item_id": "i1", "scenario": "feed", "label": True, "timestamp": (T0 + t) * 1000,
-              "age": 40.0} for t in range(2)]  # a user with 2 events
+    rows += [
+        {"user_id": 99.0, "item_id": "i1", "scenario": "feed", "label": True, "timestamp": (T0 + t) * 1000, "age": 40.0}
+        for t in range(2)
+    ]  # a user with 2 events
     return pd.DataFrame(rows)
 
 
@@ -210,13 +232,19 @@ def test_prepare_notes_what_it_changed(typed):
     for result, _, _ in typed.values():
         notes = result.notes
         assert result.feature_spec.source["notes"] == notes
-        assert "column 'timestamp': 63 rows hold milliseconds since the epoch (numbers of 1e11 or more); " \
-               "converted to seconds" in notes
-        assert "scenes ['Feed', 'feed'] differ only in case; they are kept as 2 scenes (rename them in the log " \
-               "if they are one)" in notes
+        assert (
+            "column 'timestamp': 63 rows hold milliseconds since the epoch (numbers of 1e11 or more); "
+            "converted to seconds" in notes
+        )
+        assert (
+            "scenes ['Feed', 'feed'] differ only in case; they are kept as 2 scenes (rename them in the log "
+            "if they are one)" in notes
+        )
         assert any(n.startswith("scene 'promo' appears only in val/test (1 row)") for n in notes)
-        few = ("1 user has too few events for the chronological split 0.8,0.1,0.1 to leave one in train (2 or fewer "
-               "at the default ratios): their 2 events are all val/test")
+        few = (
+            "1 user has too few events for the chronological split 0.8,0.1,0.1 to leave one in train (2 or fewer "
+            "at the default ratios): their 2 events are all val/test"
+        )
         assert any(n.startswith(few) for n in notes)
         assert "1 row exactly repeats an earlier row (every column msit reads, the file aside); they are kept" in notes
 
@@ -227,6 +255,7 @@ def test_users_with_two_events_are_only_in_val_and_test(typed):
 
 
 # -- whole files: one line before Ray starts, nothing written ----------------------------------------------------
+
 
 def _header_and_rows(n: int = 3) -> str:
     return "user_id,item_id,scenario,label,timestamp\n" + "".join(f"u{i},i{i},feed,1,{T0 + i}\n" for i in range(n))
@@ -244,27 +273,36 @@ def _file_cases(tmp_path):
     (tmp_path / "renamed.parquet").write_text(_header_and_rows())
     cases["csv named parquet"] = ([tmp_path / "renamed.parquet"], "renamed.parquet: not a readable Parquet file: ")
     (tmp_path / "zipped.csv").write_bytes(gzip.compress(_header_and_rows().encode()))
-    cases["gzip named csv"] = ([tmp_path / "zipped.csv"],
-                               "zipped.csv: not CSV text but gzip-compressed data (name it .csv.gz)")
+    cases["gzip named csv"] = (
+        [tmp_path / "zipped.csv"],
+        "zipped.csv: not CSV text but gzip-compressed data (name it .csv.gz)",
+    )
     pd.read_csv(tmp_path / "shards" / "part-0.csv").to_parquet(tmp_path / "p.parquet")
     shutil.copy(tmp_path / "p.parquet", tmp_path / "parquet_named.csv")
     cases["parquet named csv"] = ([tmp_path / "parquet_named.csv"], "not CSV text but a Parquet file")
     table = pq.read_table(tmp_path / "p.parquet")
-    pq.write_table(pa.Table.from_arrays([*table.columns, table["item_id"]], names=[*table.column_names, "item_id"]),
-                   tmp_path / "dup.parquet")
-    cases["duplicate column"] = ([tmp_path / "dup.parquet"], "dup.parquet: column name(s) ['item_id'] appear more "
-                                 "than once; give every column its own name")
+    pq.write_table(
+        pa.Table.from_arrays([*table.columns, table["item_id"]], names=[*table.column_names, "item_id"]),
+        tmp_path / "dup.parquet",
+    )
+    cases["duplicate column"] = (
+        [tmp_path / "dup.parquet"],
+        "dup.parquet: column name(s) ['item_id'] appear more than once; give every column its own name",
+    )
     drift = tmp_path / "drift"
     drift.mkdir()
     pq.write_table(table, drift / "a.parquet")
     pq.write_table(table.set_column(0, "user_id", pa.array([[1], [2], [3]])), drift / "b.parquet")
-    cases["unreadable type"] = ([drift], "b.parquet: column 'user_id' has type list<element: int64>, which msit "
-                                "cannot read")
+    cases["unreadable type"] = (
+        [drift],
+        "b.parquet: column 'user_id' has type list<element: int64>, which msit cannot read",
+    )
     pq.write_table(table.set_column(0, "user_id", pa.array([b"u1", b"u2", b"u3"])), tmp_path / "bin.parquet")
     pq.write_table(table.set_column(0, "user_id", pa.array([1, 2, 3])), tmp_path / "c.parquet")
-    cases["drift that cannot be read alike"] = ([tmp_path / "bin.parquet", tmp_path / "c.parquet"],
-                                                f"column 'user_id' has type binary in {tmp_path / 'bin.parquet'} "
-                                                f"but int64 in {tmp_path / 'c.parquet'}")
+    cases["drift that cannot be read alike"] = (
+        [tmp_path / "bin.parquet", tmp_path / "c.parquet"],
+        f"column 'user_id' has type binary in {tmp_path / 'bin.parquet'} but int64 in {tmp_path / 'c.parquet'}",
+    )
     (tmp_path / "latin1.csv").write_bytes("usér,item_id,scenario,label,timestamp\n".encode("latin-1"))
     cases["header not utf-8"] = ([tmp_path / "latin1.csv"], "latin1.csv: the header line is not valid UTF-8 text")
     return cases
@@ -283,16 +321,20 @@ def test_a_csv_row_with_too_many_fields_is_one_line(ray_session, tmp_path, monke
     path.write_text(_header_and_rows(3) + f"u9,i9,feed,1,{T0},extra\n")
     with pytest.raises(DataValidationError) as e:  # found while sampling the file for the spec
         _prepare(str(path), tmp_path / "out", spec=None)
-    assert str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: " \
-                           f"u9,i9,feed,1,{T0},extra"
+    assert (
+        str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: "
+        f"u9,i9,feed,1,{T0},extra"
+    )
     # Beyond the sample (past the first 1 MiB block), the same defect fails the read inside Ray: still one line
     # naming the input.
     path.write_text(_header_and_rows(40_000) + f"u9,i9,feed,1,{T0},extra\n")
     monkeypatch.setattr(sources, "read_sample", functools.partial(sources.read_sample, max_rows=2))
     with pytest.raises(DataValidationError) as e:
         _prepare(str(path), tmp_path / "out", spec=None)
-    assert str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: " \
-                           f"u9,i9,feed,1,{T0},extra"
+    assert (
+        str(e.value) == f"{path}: cannot read it as CSV: CSV parse error: Expected 5 columns, got 6: "
+        f"u9,i9,feed,1,{T0},extra"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -307,8 +349,13 @@ def test_cli_prints_one_line_not_a_traceback(tmp_path, capsys):
 def test_parquet_shards_with_drifting_types_are_read_alike(ray_session, tmp_path):
     df = pd.DataFrame(_good_rows()).drop(columns=["split"])
     a, b = df[df.user_id < "u3"], df[df.user_id >= "u3"]
-    a = a.assign(user_id=a.user_id.str[1:].astype(int), label=a.label.astype(int), age=a.age.astype(int),
-                 timestamp=pd.to_datetime(a.timestamp.astype(int), unit="s"), scenario=a.scenario.astype("category"))
+    a = a.assign(
+        user_id=a.user_id.str[1:].astype(int),
+        label=a.label.astype(int),
+        age=a.age.astype(int),
+        timestamp=pd.to_datetime(a.timestamp.astype(int), unit="s"),
+        scenario=a.scenario.astype("category"),
+    )
     b = b.assign(label=b.label.astype(float), age=b.age.astype(float), item_id=b.item_id.str.encode("utf-8"))
     (tmp_path / "log").mkdir()
     a.to_parquet(tmp_path / "log" / "a.parquet", index=False)
@@ -324,12 +371,16 @@ def test_parquet_shards_with_drifting_types_are_read_alike(ray_session, tmp_path
 
 def test_a_split_without_train_rows_is_named(ray_session, tmp_path):
     df = pd.DataFrame(_good_rows()).assign(split=lambda d: ["val", "test"] * (len(d) // 2))
-    with pytest.raises(DataValidationError, match=r"the training split is empty: the split column 'split' gives 0 "
-                       r"train rows \(30 val, 30 test\)"):
+    with pytest.raises(
+        DataValidationError,
+        match=r"the training split is empty: the split column 'split' gives 0 "
+        r"train rows \(30 val, 30 test\)",
+    ):
         _prepare(_write(df, tmp_path / "log", "csv"), tmp_path / "out")
 
 
 # -- no data loss -------------------------------------------------------------------------------------------------
+
 
 def test_overwrite_never_deletes_the_inputs(tmp_path):
     out = tmp_path / "out"

@@ -8,9 +8,22 @@ import pytest
 
 from msit.cli import main
 
-COMMANDS = [[], ["demo"], ["train"], ["finetune"], ["tune"], ["serve"], ["report"], ["evaluate"], ["data"],
-            ["data", "synth"], ["data", "prepare"],
-            ["data", "movielens"], ["data", "infer-spec"], ["data", "embed-text"]]
+COMMANDS = [
+    [],
+    ["demo"],
+    ["train"],
+    ["finetune"],
+    ["tune"],
+    ["serve"],
+    ["report"],
+    ["evaluate"],
+    ["data"],
+    ["data", "synth"],
+    ["data", "prepare"],
+    ["data", "movielens"],
+    ["data", "infer-spec"],
+    ["data", "embed-text"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "msit")
@@ -29,8 +42,9 @@ def test_finetune_offers_every_mode():
 
 
 def test_installed_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "msit.cli", "data", "--help"], capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "msit.cli", "data", "--help"], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0 and "prepare" in out.stdout
 
 
@@ -58,8 +72,9 @@ def test_prepare_has_no_history_length_any_more(capsys):
 
 
 def test_synth_then_infer_spec(tmp_path, capsys):
-    assert main(["data", "synth", "--users", "40", "--items", "60", "--out", str(tmp_path / "s"),
-                 "--format", "csv"]) == 0
+    assert (
+        main(["data", "synth", "--users", "40", "--items", "60", "--out", str(tmp_path / "s"), "--format", "csv"]) == 0
+    )
     assert len(pd.read_csv(tmp_path / "s" / "scene_log.csv")) > 40
     assert (tmp_path / "s" / "spec.yaml").is_file()
     capsys.readouterr()

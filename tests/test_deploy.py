@@ -160,8 +160,12 @@ def test_cluster_head_has_no_gpu_and_gpu_workers_autoscale():
     head = types[config["head_node_type"]]
     assert head["resources"].get("GPU", 0) == 0
     assert not GPU_INSTANCE.match(head["node_config"]["InstanceType"])
-    gpu_types = {name: t for name, t in types.items() if name != config["head_node_type"]
-                 and (t["resources"].get("GPU", 0) > 0 or GPU_INSTANCE.match(t["node_config"]["InstanceType"]))}
+    gpu_types = {
+        name: t
+        for name, t in types.items()
+        if name != config["head_node_type"]
+        and (t["resources"].get("GPU", 0) > 0 or GPU_INSTANCE.match(t["node_config"]["InstanceType"]))
+    }
     assert gpu_types, "cluster.yaml has no GPU worker node type"
     for name, node_type in gpu_types.items():
         # Declared, not left to autodetection: without it the autoscaler may not know the type has GPUs.
@@ -216,9 +220,13 @@ def test_rayjob_manifest():
     assert cluster["enableInTreeAutoscaling"] is True
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head.get("resources", {}).get("limits", {})
-    gpu_groups = [g for g in cluster.get("workerGroupSpecs", [])
-                  if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {})
-                         for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [
+        g
+        for g in cluster.get("workerGroupSpecs", [])
+        if any(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in g["template"]["spec"]["containers"]
+        )
+    ]
     assert gpu_groups, "the RayJob has no worker group asking for nvidia.com/gpu"
     for group in gpu_groups:
         assert group["maxReplicas"] > group["minReplicas"], f"worker group {group['groupName']} does not autoscale"
@@ -257,7 +265,10 @@ def test_rayservice_manifest():
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster.get("authOptions", {}).get("mode") == "token"
     assert spec.get("upgradeStrategy", {}).get("type", "NewCluster") in {
-        "NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+        "NewCluster",
+        "NewClusterWithIncrementalUpgrade",
+        "None",
+    }
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert GPU not in head.get("resources", {}).get("limits", {})
     gpu_groups = _gpu_groups(cluster)
@@ -320,8 +331,10 @@ def test_rayservice_model_and_data_are_on_a_volume_every_pod_mounts():
     """The builder and every replica read the model and the prepared data as local paths, on whichever pod."""
     shared = _shared_mounts(_rayservice()["spec"]["rayClusterConfig"])
     app = _serve_app()
-    sources = [("args", app["args"]), *((f"{d['name']}.user_config", d.get("user_config") or {})
-                                         for d in app.get("deployments", []))]
+    sources = [
+        ("args", app["args"]),
+        *((f"{d['name']}.user_config", d.get("user_config") or {}) for d in app.get("deployments", [])),
+    ]
     paths = [(f"{where}.{key}", conf[key]) for where, conf in sources for key in ("model", "data") if key in conf]
     assert {"args.model", "args.data"} <= {where for where, _ in paths}
     for where, path in paths:
@@ -366,7 +379,7 @@ def test_rayservice_reads_the_redis_of_deploy_redis_yaml_with_its_secret():
     redis_container = statefulset["spec"]["template"]["spec"]["containers"][0]
     command = " ".join(redis_container["command"] + redis_container["args"])
     assert "--appendonly yes" in command, "posted events must survive a Redis restart (AOF)"
-    assert "--requirepass \"$REDIS_PASSWORD\"" in command and "noeviction" in command
+    assert '--requirepass "$REDIS_PASSWORD"' in command and "noeviction" in command
     redis_env = {e["name"]: e for e in redis_container["env"]}
     secret = redis_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     for pod in _pod_specs(_rayservice()["spec"]["rayClusterConfig"]):

@@ -29,8 +29,11 @@ QUIET = dict(log=lambda _: None)
 def logs(ray_session, tmp_path_factory):
     """An old log without the last scene and without some items, and the whole log (new scene, new items)."""
     root = tmp_path_factory.mktemp("finetune")
-    synth.write(synth.SynthConfig(users=400, items=300, scenes=3, events_per_user=25, sparse_scene_share=0.2,
-                                  seed=5), root / "log", progress=False)
+    synth.write(
+        synth.SynthConfig(users=400, items=300, scenes=3, events_per_user=25, sparse_scene_share=0.2, seed=5),
+        root / "log",
+        progress=False,
+    )
     spec = SceneLogSpec.load(root / "log" / "spec.yaml")
     events = pd.concat(pd.read_parquet(f) for f in sorted((root / "log").glob("**/*.parquet")))
     new_scene = sorted(events["scenario"].unique())[-1]
@@ -49,8 +52,14 @@ def old_model(logs):
     spec = FeatureSpec.load(prepared)
     config = ModelConfig(embed_dim=16, mlp_dims=(32,), history_length=10)
     model = build_for_data(config, prepared, spec)
-    fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
-        TrainConfig(epochs=1, batch_size=256, lr=5e-3), **QUIET)
+    fit(
+        model,
+        load_split(prepared, "train", spec),
+        load_split(prepared, "val", spec),
+        spec,
+        TrainConfig(epochs=1, batch_size=256, lr=5e-3),
+        **QUIET,
+    )
     return save_model_dir(root / "old_model", model, config, spec)
 
 
@@ -58,8 +67,12 @@ def old_model(logs):
 def extended(logs, old_model):
     root, spec, _, _ = logs
     out = root / "new_prepared"
-    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(out), spec=spec, encoding_from=str(old_model),
-                          extend_vocab=True), **QUIET)
+    prepare(
+        PrepareConfig(
+            inputs=[str(root / "log")], out=str(out), spec=spec, encoding_from=str(old_model), extend_vocab=True
+        ),
+        **QUIET,
+    )
     return out
 
 
@@ -67,9 +80,9 @@ def test_extended_vocabularies_keep_every_old_index_and_append_the_new(logs, old
     _, _, new_scene, held_out_items = logs
     old, new = FeatureSpec.load(old_model), FeatureSpec.load(extended)
     for name, values in old.vocabularies.items():
-        assert new.vocabularies[name][:len(values)] == values
+        assert new.vocabularies[name][: len(values)] == values
     assert new.scenarios == [*old.scenarios, new_scene]
-    added = new.vocabularies["item_id"][len(old.vocabularies["item_id"]):]
+    added = new.vocabularies["item_id"][len(old.vocabularies["item_id"]) :]
     assert held_out_items <= set(added) and not set(added) & set(old.vocabularies["item_id"])
     check_encoding_extends(old_model, new, extended)  # no error (the history length is the model's, not the data's)
     with pytest.raises(MsitError, match="--extend-vocab"):
@@ -83,8 +96,13 @@ def test_extend_vocab_needs_encoding_from(tmp_path):
 
 def _tiny_model(family: str, text: bool) -> torch.nn.Module:
     config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=6, use_text=text, text_dim=8)
-    return build_model(config, tiny_spec(), item_table(), np.zeros((N_ITEMS, 8), np.float32) if text else None,
-                       np.zeros((len(SCENES) + 2, 8), np.float32) if text else None)
+    return build_model(
+        config,
+        tiny_spec(),
+        item_table(),
+        np.zeros((N_ITEMS, 8), np.float32) if text else None,
+        np.zeros((len(SCENES) + 2, 8), np.float32) if text else None,
+    )
 
 
 @pytest.mark.parametrize("text", [False, True], ids=["no text", "text"])
@@ -127,8 +145,12 @@ def test_head_mode_trains_the_scene_specific_parts_whole_and_freezes_the_rest(ol
     old = load_model_dir(old_model)
     model = build_for_data(old.config, extended, spec)
     start_from(model, FinetuneSpec(str(old_model), "head"), spec)
-    for whole in (model.transfer.layers[0].key_value.weight, model.predictor.mlp[0].weight,
-                  model.interest.empty, model.embed.scene.weight):
+    for whole in (
+        model.transfer.layers[0].key_value.weight,
+        model.predictor.mlp[0].weight,
+        model.interest.empty,
+        model.embed.scene.weight,
+    ):
         assert whole.requires_grad and getattr(whole, "trained_rows", torch.ones(1, dtype=torch.bool)).all()
     assert not model.interest.encoder[0].query.weight.requires_grad
     known_items = len(old.spec.vocabularies["item_id"])
@@ -142,8 +164,10 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
     old = load_model_dir(old_model)
     model = build_for_data(old.config, extended, spec)
     summary = start_from(model, FinetuneSpec(str(old_model), "scene"), spec)
-    assert summary.grown["embed.item.weight"] == (len(old.spec.vocabularies["item_id"]),
-                                                  len(spec.vocabularies["item_id"]))
+    assert summary.grown["embed.item.weight"] == (
+        len(old.spec.vocabularies["item_id"]),
+        len(spec.vocabularies["item_id"]),
+    )
     assert 0 < summary.trainable < summary.frozen
     assert not model.interest.encoder[0].query.weight.requires_grad
     assert not model.transfer.layers[0].key_value.weight.requires_grad  # shared by every scene
@@ -162,10 +186,10 @@ def test_scene_mode_trains_the_new_scene_and_leaves_frozen_weights_and_old_scene
     # Every learned weight is exactly as it was (the old scenes' rows of scene tables too); new rows moved.
     for name, weights in learned.items():
         if name not in dict(model.named_buffers()):
-            assert torch.equal(tuned[name][:len(weights)] if weights.ndim else tuned[name], weights), name
+            assert torch.equal(tuned[name][: len(weights)] if weights.ndim else tuned[name], weights), name
     for name in ("embed.item.weight", "embed.scene.weight", "interest.empty"):
-        fresh = model.get_parameter(name).detach()[len(learned[name]):]
-        assert len(fresh) and not torch.equal(fresh, start[name][len(learned[name]):]), name
+        fresh = model.get_parameter(name).detach()[len(learned[name]) :]
+        assert len(fresh) and not torch.equal(fresh, start[name][len(learned[name]) :]), name
 
     # The new scene is scored better than before its rows were trained on; old scenes barely move (they attend
     # to the new scene's interest too) and are not scored worse.
@@ -190,9 +214,11 @@ def test_finetune_cli_refreshes_on_newer_logs_on_ray_train(logs, old_model, exte
 
     out = tmp_path / "refreshed"
     config = tmp_path / "refresh.yaml"
-    config.write_text(f"data: {extended}\noutput: {out}\ntrain: {{epochs: 2, batch_size: 256, lr: 0.005}}\n"
-                      "scaling: {num_workers: 2, use_gpu: false}\n"
-                      f"run: {{name: refresh, storage_path: {tmp_path}}}\n")
+    config.write_text(
+        f"data: {extended}\noutput: {out}\ntrain: {{epochs: 2, batch_size: 256, lr: 0.005}}\n"
+        "scaling: {num_workers: 2, use_gpu: false}\n"
+        f"run: {{name: refresh, storage_path: {tmp_path}}}\n"
+    )
     code = main(["finetune", "--from", str(old_model), "--config", str(config), "--mode", "full"])
     assert code == 0
     refreshed = load_model_dir(out)
@@ -204,14 +230,27 @@ def test_finetune_cli_refreshes_on_newer_logs_on_ray_train(logs, old_model, exte
     assert refreshed.info["train"]["best_val_auc"] == pytest.approx(best)
 
 
-@pytest.mark.parametrize("data, message", [("new_prepared_missing", "feature_spec.json"),
-                                           ("old_prepared", "no scene new to")],
-                         ids=["data not prepared", "scene mode without a scene to tune"])
+@pytest.mark.parametrize(
+    "data, message",
+    [("new_prepared_missing", "feature_spec.json"), ("old_prepared", "no scene new to")],
+    ids=["data not prepared", "scene mode without a scene to tune"],
+)
 def test_finetune_cli_refuses_before_training(logs, old_model, tmp_path, capsys, data, message):
     from msit.cli import main
 
     root, _, _, _ = logs
-    code = main(["finetune", "--from", str(old_model), "--data", str(root / data),
-                 "--output", str(tmp_path / "x"), "--use-gpu", "false"])
+    code = main(
+        [
+            "finetune",
+            "--from",
+            str(old_model),
+            "--data",
+            str(root / data),
+            "--output",
+            str(tmp_path / "x"),
+            "--use-gpu",
+            "false",
+        ]
+    )
     assert code == 1
     assert message in capsys.readouterr().err

@@ -18,10 +18,16 @@ def add_histories(events: dict[str, np.ndarray], history_length: int) -> dict[st
     order = sorted_event_order(keys[0], pa.array(events["timestamp"]), keys[1], items_are_numbers(keys[1]))
     events = {k: v[order] for k, v in events.items()}
     user_index, _, position = user_runs(pa.array(events["user_key"].astype(str)), pa.array(events["timestamp"]))
-    sequences = Sequences.from_arrays(np.bincount(user_index), events["item_id"], events["scene_id"],
-                                      events["label"], events["timestamp"])
-    windows = history_windows(sequences, torch.from_numpy(user_index), torch.from_numpy(events["timestamp"]),
-                              history_length, positions=torch.from_numpy(position))
+    sequences = Sequences.from_arrays(
+        np.bincount(user_index), events["item_id"], events["scene_id"], events["label"], events["timestamp"]
+    )
+    windows = history_windows(
+        sequences,
+        torch.from_numpy(user_index),
+        torch.from_numpy(events["timestamp"]),
+        history_length,
+        positions=torch.from_numpy(position),
+    )
     return events | {k: windows[k].numpy() for k in WINDOW_FIELDS}
 
 
@@ -36,14 +42,16 @@ def _by_item(out):
 
 def test_history_holds_only_strictly_earlier_events_most_recent_first():
     # user a: items 10..14 at t = 100, 200, 200, 300, 400 across two scenes; user b: one event.
-    events = _events([
-        ("a", "13", 13, 2, 1, 300),
-        ("a", "10", 10, 2, 1, 100),
-        ("b", "20", 20, 3, 0, 150),
-        ("a", "11", 11, 3, 0, 200),
-        ("a", "14", 14, 3, 1, 400),
-        ("a", "12", 12, 2, 1, 200),
-    ])
+    events = _events(
+        [
+            ("a", "13", 13, 2, 1, 300),
+            ("a", "10", 10, 2, 1, 100),
+            ("b", "20", 20, 3, 0, 150),
+            ("a", "11", 11, 3, 0, 200),
+            ("a", "14", 14, 3, 1, 400),
+            ("a", "12", 12, 2, 1, 200),
+        ]
+    )
     out = add_histories(events, history_length=3)
     row = _by_item(out)
 
@@ -82,13 +90,15 @@ def test_history_groups_by_raw_user_key_not_encoded_id():
 def test_history_matches_a_brute_force_reference():
     rng = np.random.default_rng(0)
     n = 400
-    df = pd.DataFrame({
-        "user_key": rng.choice(list("abcdefg"), n).astype(object),
-        "item_id": rng.integers(2, 50, n),
-        "scene_id": rng.integers(2, 5, n),
-        "label": rng.integers(0, 2, n),
-        "timestamp": rng.integers(0, 60, n),  # many ties
-    })
+    df = pd.DataFrame(
+        {
+            "user_key": rng.choice(list("abcdefg"), n).astype(object),
+            "item_id": rng.integers(2, 50, n),
+            "scene_id": rng.integers(2, 5, n),
+            "label": rng.integers(0, 2, n),
+            "timestamp": rng.integers(0, 60, n),  # many ties
+        }
+    )
     df["item_key"] = df["item_id"].astype(str).astype(object)
     events = {c: df[c].to_numpy() for c in df}
     out = add_histories(events, history_length=5)
@@ -115,9 +125,12 @@ def test_chronological_split_ratios_and_minimums():
 
 def test_chronological_split_reproduces_the_movielens_protocol(shared_data):
     df = pd.read_csv(shared_data / "ml100k_genre.csv", usecols=["user_id", "item_id", "timestamp", "split"])
-    events = {"user_id": df.user_id.astype(str).to_numpy(dtype=object),
-              "item_id": df.item_id.astype(str).to_numpy(dtype=object),
-              "timestamp": df.timestamp.to_numpy(), "expected": df.split.to_numpy(dtype=object)}
+    events = {
+        "user_id": df.user_id.astype(str).to_numpy(dtype=object),
+        "item_id": df.item_id.astype(str).to_numpy(dtype=object),
+        "timestamp": df.timestamp.to_numpy(),
+        "expected": df.split.to_numpy(dtype=object),
+    }
     out = assign_split(events, (0.8, 0.1, 0.1))
     assert (out["split"] == out["expected"]).all()
 

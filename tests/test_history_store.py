@@ -18,9 +18,19 @@ from tests.model_helpers import SCENES, item_table, tiny_spec
 
 N = 4  # the model's history_length
 # Three users' sequences in event order (timestamp, ties by item key): u1 has a tie at t=300, u2 one event.
-USERS = {"u0": [], "u1": [(2, 2, 1, 100), (7, 3, 0, 200), (3, 2, 1, 300), (9, 4, 1, 300), (4, 2, 1, 400),
-                          (5, 3, 1, 500), (6, 2, 0, 600)],
-         "u2": [(8, 4, 1, 250)]}
+USERS = {
+    "u0": [],
+    "u1": [
+        (2, 2, 1, 100),
+        (7, 3, 0, 200),
+        (3, 2, 1, 300),
+        (9, 4, 1, 300),
+        (4, 2, 1, 400),
+        (5, 3, 1, 500),
+        (6, 2, 0, 600),
+    ],
+    "u2": [(8, 4, 1, 250)],
+}
 
 
 def _sequences(users: dict[str, list[tuple]]) -> Sequences:
@@ -31,16 +41,18 @@ def _sequences(users: dict[str, list[tuple]]) -> Sequences:
 
 @pytest.fixture(scope="module")
 def store() -> InMemoryHistoryStore:
-    return InMemoryHistoryStore(list(USERS), _sequences(USERS), user_ids=np.array([2, 3, 4]),
-                                features={"gender": np.array([2, 3, 2])})
+    return InMemoryHistoryStore(
+        list(USERS), _sequences(USERS), user_ids=np.array([2, 3, 4]), features={"gender": np.array([2, 3, 2])}
+    )
 
 
 @pytest.fixture(scope="module")
 def scorer(store, tmp_path_factory) -> Scorer:
     spec, config = tiny_spec(), ModelConfig(embed_dim=8, mlp_dims=(8,), history_length=N)
     torch.manual_seed(0)
-    model_dir = save_model_dir(tmp_path_factory.mktemp("m") / "model", build_model(config, spec, item_table()),
-                               config, spec)
+    model_dir = save_model_dir(
+        tmp_path_factory.mktemp("m") / "model", build_model(config, spec, item_table()), config, spec
+    )
     return Scorer(model_dir, store)
 
 
@@ -65,13 +77,25 @@ def test_from_prepared_reads_the_sequences_and_the_user_features(tmp_path):
     (tmp_path / "sequences").mkdir()
     rows = [2, 0, 1]
     keys, sequences = list(USERS), list(USERS.values())
-    table = pa.table({"sequence_row": pa.array(rows, pa.int32()), "user_key": [keys[r] for r in rows],
-                      **{name: pa.array([[e[i] for e in sequences[r]] for r in rows], pa.list_(kind))
-                         for i, (name, kind) in enumerate([("item_ids", pa.int32()), ("scene_ids", pa.int16()),
-                                                           ("labels", pa.int8()), ("timestamps", pa.int64())])}})
+    table = pa.table(
+        {
+            "sequence_row": pa.array(rows, pa.int32()),
+            "user_key": [keys[r] for r in rows],
+            **{
+                name: pa.array([[e[i] for e in sequences[r]] for r in rows], pa.list_(kind))
+                for i, (name, kind) in enumerate(
+                    [
+                        ("item_ids", pa.int32()),
+                        ("scene_ids", pa.int16()),
+                        ("labels", pa.int8()),
+                        ("timestamps", pa.int64()),
+                    ]
+                )
+            },
+        }
+    )
     pq.write_table(table, tmp_path / "sequences" / "part-0.parquet")
-    pd.DataFrame({"user_id": [4, 3], "user_key": ["u2", "u1"], "gender": [3, 2]}).to_parquet(
-        tmp_path / "users.parquet")
+    pd.DataFrame({"user_id": [4, 3], "user_key": ["u2", "u1"], "gender": [3, 2]}).to_parquet(tmp_path / "users.parquet")
     store = InMemoryHistoryStore.from_prepared(tmp_path, tiny_spec())
     assert store.user("u1").item_ids.tolist() == [2, 7, 3, 9, 4, 5, 6] and store.user("u1").user_id == 3
     assert store.user("u2").features["gender"] == 3 and store.user("u2").features["gender"].dtype == np.int64
@@ -82,8 +106,17 @@ def test_from_prepared_reads_the_sequences_and_the_user_features(tmp_path):
         InMemoryHistoryStore.from_prepared(tmp_path, tiny_spec(), events_per_user=0)
 
 
-REQUESTS = [("u1", 10**9), ("u1", 300), ("u1", 301), ("u1", 100), ("u1", 50), ("u2", 250), ("u2", 251),
-            ("u0", 500), ("nobody", 500)]  # (user, request timestamp): ties, before the first event, short users
+REQUESTS = [
+    ("u1", 10**9),
+    ("u1", 300),
+    ("u1", 301),
+    ("u1", 100),
+    ("u1", 50),
+    ("u2", 250),
+    ("u2", 251),
+    ("u0", 500),
+    ("nobody", 500),
+]  # (user, request timestamp): ties, before the first event, short users
 
 
 def test_served_windows_are_the_window_function_on_the_stores_rows(scorer, store):
@@ -105,8 +138,10 @@ def test_served_windows_are_the_window_function_on_the_stores_rows(scorer, store
 
 def _history(user: str) -> list[dict]:
     vocab = tiny_spec().vocabularies["item_id"]
-    return [{"item_id": vocab[item], "scenario": SCENES[scene - 2], "label": label, "timestamp": t}
-            for item, scene, label, t in USERS[user]]
+    return [
+        {"item_id": vocab[item], "scenario": SCENES[scene - 2], "label": label, "timestamp": t}
+        for item, scene, label, t in USERS[user]
+    ]
 
 
 def test_a_request_history_in_any_order_gets_the_stores_window_and_scores(scorer):
@@ -116,31 +151,36 @@ def test_a_request_history_in_any_order_gets_the_stores_window_and_scores(scorer
     rng = np.random.default_rng(0)
     base = {"user_id": "u1", "scenario": SCENES[1], "candidates": ["i3", "i8"]}
     for t in (301, 10**9, 300):
-        requests = [{**base, "timestamp": t}] + [{**base, "timestamp": t, "history": list(rng.permutation(history))}
-                                                 for _ in range(4)]
+        requests = [{**base, "timestamp": t}] + [
+            {**base, "timestamp": t, "history": list(rng.permutation(history))} for _ in range(4)
+        ]
         windows = scorer.windows([scorer.encode(r) for r in requests])
         for name in WINDOW_FIELDS:
             assert all(torch.equal(windows[name][0], windows[name][i]) for i in range(1, 5)), (t, name)
         scores = [s.scores for s in scorer.score(requests)]
         assert all(s == pytest.approx(scores[0], abs=1e-6) for s in scores[1:])
     # Ties by item *key*: "i7" (id 9) sorts after "i1" (id 3) as text; given in reverse, the order is the same.
-    tie = [{"item_id": "i7", "scenario": SCENES[0], "timestamp": 300}, {"item_id": "i1", "scenario": SCENES[0],
-                                                                        "timestamp": 300}]
+    tie = [
+        {"item_id": "i7", "scenario": SCENES[0], "timestamp": 300},
+        {"item_id": "i1", "scenario": SCENES[0], "timestamp": 300},
+    ]
     window = scorer.windows([scorer.encode({**base, "timestamp": 400, "history": tie})])
     assert window["history_item_ids"][0].tolist() == [9, 3, 0, 0]
 
 
 def test_explanations_list_the_window_slots_most_recent_first(scorer):
-    result, = scorer.score([{"user_id": "u1", "scenario": SCENES[0], "candidates": ["i3", "i9"], "timestamp": 301,
-                             "explain": True}])
+    (result,) = scorer.score(
+        [{"user_id": "u1", "scenario": SCENES[0], "candidates": ["i3", "i9"], "timestamp": 301, "explain": True}]
+    )
     vocab = tiny_spec().vocabularies["item_id"]
     window = [(vocab[item], SCENES[scene - 2]) for item, scene in [(9, 4), (3, 2), (7, 3), (2, 2)]]  # at t=301
     for explanation in result.explanations:
         top = explanation["top_history"]
         assert len(top) == N and sorted(t["position"] for t in top) == list(range(N))
         assert all((t["item_id"], t["scenario"]) == window[t["position"]] for t in top)
-    cold, = scorer.score([{"user_id": "u1", "scenario": SCENES[0], "candidates": ["i3"], "timestamp": 100,
-                           "explain": True}])
+    (cold,) = scorer.score(
+        [{"user_id": "u1", "scenario": SCENES[0], "candidates": ["i3"], "timestamp": 100, "explain": True}]
+    )
     assert "top_history" not in cold.explanations[0]  # no past event, nothing to list
 
 
@@ -151,10 +191,17 @@ def test_ties_in_a_request_history_break_by_item_key_as_prepare_breaks_them(tmp_
     spec, config = tiny_spec(), ModelConfig(embed_dim=8, mlp_dims=(8,), history_length=N)
     spec.source["items_numeric"] = numeric
     scorer = Scorer(save_model_dir(tmp_path / "m", build_model(config, spec, item_table()), config, spec))
-    history = [{"item_id": "10", "scenario": SCENES[0], "timestamp": 300},
-               {"item_id": 9, "scenario": SCENES[2], "timestamp": 300}]
+    history = [
+        {"item_id": "10", "scenario": SCENES[0], "timestamp": 300},
+        {"item_id": 9, "scenario": SCENES[2], "timestamp": 300},
+    ]
     for given in (history, history[::-1]):
-        window = scorer.windows([scorer.encode({"user_id": "u1", "scenario": SCENES[0], "candidates": ["i1"],
-                                                "timestamp": 400, "history": given})])
+        window = scorer.windows(
+            [
+                scorer.encode(
+                    {"user_id": "u1", "scenario": SCENES[0], "candidates": ["i1"], "timestamp": 400, "history": given}
+                )
+            ]
+        )
         # Most recent first: the later of the tie first.
         assert window["history_scene_ids"][0, :2].tolist() == ([2, 4] if numeric else [4, 2])

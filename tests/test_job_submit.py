@@ -32,19 +32,40 @@ def ray_head(tmp_path):
     # Its own short temp dir (socket paths are length-limited): the address file it leaves behind stays there.
     temp_dir = tempfile.mkdtemp(prefix="msit-head-", dir="/tmp")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=2", f"--port={gcs}",
-         f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={env_agent}", f"--ray-client-server-port={client}",
-         f"--min-worker-port={worker_low}", f"--max-worker-port={worker_low + 19}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--num-cpus=2",
+            f"--port={gcs}",
+            f"--temp-dir={temp_dir}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--ray-client-server-port={client}",
+            f"--min-worker-port={worker_low}",
+            f"--max-worker-port={worker_low + 19}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     client_env = {**env, "RAY_AUTH_MODE": "token"}  # Ray 2.60 clients must present the cluster's token
     try:
         deadline = time.monotonic() + 120
-        while subprocess.run([RAY, "job", "list", "--address", address], env=client_env,
-                             capture_output=True, check=False).returncode != 0:
+        while (
+            subprocess.run(
+                [RAY, "job", "list", "--address", address], env=client_env, capture_output=True, check=False
+            ).returncode
+            != 0
+        ):
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"`ray start --head` did not come up:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
@@ -63,21 +84,50 @@ def test_ray_job_submit_trains_and_exports_a_model(ray_head, small_prepared, tmp
     address, client_env = ray_head
     _, prepared = small_prepared
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": str(prepared), "output": str(tmp_path / "model"),
-        "model": {"embed_dim": 16, "mlp_dims": [32]},
-        "train": {"epochs": 2, "batch_size": 256, "lr": 5e-3},
-        "scaling": {"num_workers": 1, "use_gpu": "auto"},
-        "run": {"name": "job-submit", "storage_path": str(tmp_path / "ray_results")},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(prepared),
+                "output": str(tmp_path / "model"),
+                "model": {"embed_dim": 16, "mlp_dims": [32]},
+                "train": {"epochs": 2, "batch_size": 256, "lr": 5e-3},
+                "scaling": {"num_workers": 1, "use_gpu": "auto"},
+                "run": {"name": "job-submit", "storage_path": str(tmp_path / "ray_results")},
+            }
+        )
+    )
     submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--submission-id", "msit-test", "--working-dir", str(REPO),
-         "--", sys.executable, "train/main.py", "--config", str(config)],
-        env=client_env, capture_output=True, text=True, timeout=540, check=False)
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            "msit-test",
+            "--working-dir",
+            str(REPO),
+            "--",
+            sys.executable,
+            "train/main.py",
+            "--config",
+            str(config),
+        ],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
     logs = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, logs[-4000:]
-    status = subprocess.run([RAY, "job", "status", "--address", address, "msit-test"], env=client_env,
-                            capture_output=True, text=True, check=False)
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", address, "msit-test"],
+        env=client_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "succeeded" in (status.stdout + status.stderr).lower()
     assert f"exported to {tmp_path / 'model'}" in logs  # the driver ran inside the job and told the user
     loaded = load_model_dir(tmp_path / "model")

@@ -50,8 +50,9 @@ def test_explanations_are_distributions():
     assert (out.transfer_attention >= 0).all()
     assert torch.allclose(out.transfer_attention.sum(-1), torch.ones(32), atol=1e-5)
     behaviour = out.behaviour_attention  # per scene: sums to 1 where that scene has history, else 0
-    in_scene = (batch["history_scene_ids"][:, None, :] == torch.arange(2, 5)[None, :, None]) & \
-        (batch["history_item_ids"][:, None, :] != 0)
+    in_scene = (batch["history_scene_ids"][:, None, :] == torch.arange(2, 5)[None, :, None]) & (
+        batch["history_item_ids"][:, None, :] != 0
+    )
     sums = behaviour.sum(-1)
     assert (behaviour >= 0).all()
     assert torch.allclose(sums[in_scene.any(-1)], torch.ones(int(in_scene.any(-1).sum())), atol=1e-5)
@@ -88,8 +89,9 @@ def _candidates_as_rows(batch: dict, item_ids: torch.Tensor) -> dict:
     return rows
 
 
-@pytest.mark.parametrize(("family", "fusion"), [*((f, "attention") for f in FAMILIES if f != "msit"),
-                                                *(("msit", f) for f in FUSIONS)])
+@pytest.mark.parametrize(
+    ("family", "fusion"), [*((f, "attention") for f in FAMILIES if f != "msit"), *(("msit", f) for f in FUSIONS)]
+)
 def test_the_user_side_once_scores_every_candidate_as_the_whole_forward_does(family, fusion):
     """encode_user once per row, then score C candidates against it == forward on each (row, candidate) as a row."""
     model = _model(family=family, fusion=fusion, interest_heads=2, transfer_heads=2).eval()
@@ -101,14 +103,17 @@ def test_the_user_side_once_scores_every_candidate_as_the_whole_forward_does(fam
     assert split.logits.shape == (6, 5)
     torch.testing.assert_close(split.logits.flatten(), whole.logits, atol=1e-5, rtol=1e-5)
     if whole.transfer_attention is not None:
-        torch.testing.assert_close(split.transfer_attention.flatten(0, 1), whole.transfer_attention,
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            split.transfer_attention.flatten(0, 1), whole.transfer_attention, atol=1e-6, rtol=1e-5
+        )
     if whole.behaviour_attention is not None:
-        torch.testing.assert_close(split.behaviour_attention.flatten(0, 1), whole.behaviour_attention,
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            split.behaviour_attention.flatten(0, 1), whole.behaviour_attention, atol=1e-6, rtol=1e-5
+        )
     # and forward itself is the split with one candidate, the row's own item
-    torch.testing.assert_close(model(batch).logits, model.score(model.encode_user(batch),
-                                                                batch["item_id"][:, None]).logits[:, 0])
+    torch.testing.assert_close(
+        model(batch).logits, model.score(model.encode_user(batch), batch["item_id"][:, None]).logits[:, 0]
+    )
 
 
 def test_scoring_a_catalogue_in_chunks_equals_one_pass():
@@ -161,16 +166,24 @@ def test_a_model_reads_windows_of_its_history_length_cut_from_the_sequences():
     scenes = torch.randint(2, 5, (users * events,), generator=g)
 
     def sequences(items: torch.Tensor) -> Sequences:  # each user: 6 events at t = 10, 20, ..., 60
-        return Sequences.from_arrays(torch.full((users,), events).numpy(), items.flatten().numpy(), scenes.numpy(),
-                                     torch.ones(users * events).numpy(), torch.arange(10, 70, 10).repeat(users).numpy())
+        return Sequences.from_arrays(
+            torch.full((users,), events).numpy(),
+            items.flatten().numpy(),
+            scenes.numpy(),
+            torch.ones(users * events).numpy(),
+            torch.arange(10, 70, 10).repeat(users).numpy(),
+        )
 
     items = torch.randint(2, 40, (users, events), generator=g)
     older, recent = items.clone(), items.clone()
     older[:, :4] = 5  # the four oldest events
     recent[:, 4:] = 5  # the two most recent
     rows = {k: v for k, v in random_batch(users).items() if not k.startswith("history_")}
-    rows |= {"sequence_row": torch.arange(users), "timestamp": torch.full((users,), 100),
-             "position": torch.full((users,), events)}
+    rows |= {
+        "sequence_row": torch.arange(users),
+        "timestamp": torch.full((users,), 100),
+        "position": torch.full((users,), events),
+    }
     scores = [model(model_batch(rows, sequences(s), model.history_length)).logits for s in (items, older, recent)]
     assert model_batch(rows, sequences(items), 2)["history_item_ids"].tolist() == items[:, [5, 4]].tolist()
     assert torch.equal(scores[0], scores[1])
@@ -222,14 +235,17 @@ def test_transfer_kl_regulariser_only_when_weighted():
     assert out.regularization.item() == pytest.approx(expected.item(), rel=1e-5) and out.regularization.item() > 0
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"embed_dim": 30, "interest_heads": 4}, "embed_dim 30 is not divisible by interest_heads 4"),
-    ({"transfer_heads": 3}, "embed_dim 32 is not divisible by transfer_heads 3"),
-    ({"fusion": "max"}, r"fusion must be one of \['attention', 'concat', 'gate', 'sum'\], got 'max'"),
-    ({"family": "din"}, "family must be one of"),
-    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-    ({"transfer_layers": 0}, "transfer_layers must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embed_dim": 30, "interest_heads": 4}, "embed_dim 30 is not divisible by interest_heads 4"),
+        ({"transfer_heads": 3}, "embed_dim 32 is not divisible by transfer_heads 3"),
+        ({"fusion": "max"}, r"fusion must be one of \['attention', 'concat', 'gate', 'sum'\], got 'max'"),
+        ({"family": "din"}, "family must be one of"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"transfer_layers": 0}, "transfer_layers must be at least 1"),
+    ],
+)
 def test_invalid_configs_are_refused_with_a_message(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**kwargs)
@@ -247,8 +263,11 @@ def test_save_then_load_gives_identical_scores(tmp_path, family):
     assert loaded.info == {"note": "test"}
     assert torch.equal(loaded.model(batch).logits, model(batch).logits)
     save_model_dir(tmp_path / "m", model, cfg, SPEC)  # replacing an existing directory works
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["feature_spec.json", "model.json",
-                                                                   "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "feature_spec.json",
+        "model.json",
+        "model.safetensors",
+    ]
 
 
 def test_loading_a_non_model_directory_says_what_is_missing(tmp_path):

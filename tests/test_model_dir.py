@@ -45,8 +45,9 @@ def _fails_everywhere(model_dir, message, capsys, config_too=True):
 def test_a_truncated_weights_file_is_one_line(model_dir, capsys):
     weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    _fails_everywhere(model_dir, r"model\.safetensors is not a readable safetensors file .*truncated", capsys,
-                      config_too=False)
+    _fails_everywhere(
+        model_dir, r"model\.safetensors is not a readable safetensors file .*truncated", capsys, config_too=False
+    )
 
 
 def test_a_weights_file_of_random_bytes_is_one_line(model_dir, capsys):
@@ -59,29 +60,45 @@ def test_model_json_that_does_not_parse_is_one_line(model_dir, capsys):
     _fails_everywhere(model_dir, r"model\.json is not valid JSON", capsys)
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m.pop("model"), r"model\.json: missing key 'model'"),
-    (lambda m: m.update(model=[16]), r"model\.json: 'model' must be a JSON object, got list"),
-    (lambda m: m.update(format_version=7), r"model\.json: model format 7 is not supported"),
-    (lambda m: m["model"].update(embed_dim="16"), r"model\.json: model\.embed_dim: expected int, got '16'"),
-    (lambda m: m["model"].update(mlp_dims="wide"), r"model\.json: model\.mlp_dims: expected tuple\[int, \.\.\.\]"),
-    (lambda m: m["model"].update(dropout=None), r"model\.json: model\.dropout: expected float, got None"),
-    (lambda m: m["model"].update(history_length=None), r"model\.json: model\.history_length: expected int, got None"),
-    (lambda m: m["model"].update(width=3), r"model\.json: model: unknown key\(s\) \['width'\]"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("model"), r"model\.json: missing key 'model'"),
+        (lambda m: m.update(model=[16]), r"model\.json: 'model' must be a JSON object, got list"),
+        (lambda m: m.update(format_version=7), r"model\.json: model format 7 is not supported"),
+        (lambda m: m["model"].update(embed_dim="16"), r"model\.json: model\.embed_dim: expected int, got '16'"),
+        (lambda m: m["model"].update(mlp_dims="wide"), r"model\.json: model\.mlp_dims: expected tuple\[int, \.\.\.\]"),
+        (lambda m: m["model"].update(dropout=None), r"model\.json: model\.dropout: expected float, got None"),
+        (
+            lambda m: m["model"].update(history_length=None),
+            r"model\.json: model\.history_length: expected int, got None",
+        ),
+        (lambda m: m["model"].update(width=3), r"model\.json: model: unknown key\(s\) \['width'\]"),
+    ],
+)
 def test_a_bad_model_json_names_the_file_and_the_key(model_dir, capsys, edit, message):
     _edit_meta(model_dir, edit)
     _fails_everywhere(model_dir, message, capsys)
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("{not json", r"feature_spec\.json is not a valid feature spec \(Expecting property name"),
-    ('{"format_version": 1, "layout": 2, "fields": {}}', r"feature_spec\.json is not a valid feature spec .*missing"),
-    ('{"format_version": 1, "layout": 2, "fields": {"user_id": {"rol": "user"}}}',
-     r"feature_spec\.json is not a valid feature spec .*unexpected keyword argument 'rol'"),
-    ('{"format_version": 1, "fields": {}, "history_length": 50}',  # a model trained before issue 14
-     r"feature_spec\.json: written by an older msit \(data layout 1.*train again for a model directory"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", r"feature_spec\.json is not a valid feature spec \(Expecting property name"),
+        (
+            '{"format_version": 1, "layout": 2, "fields": {}}',
+            r"feature_spec\.json is not a valid feature spec .*missing",
+        ),
+        (
+            '{"format_version": 1, "layout": 2, "fields": {"user_id": {"rol": "user"}}}',
+            r"feature_spec\.json is not a valid feature spec .*unexpected keyword argument 'rol'",
+        ),
+        (
+            '{"format_version": 1, "fields": {}, "history_length": 50}',  # a model trained before issue 14
+            r"feature_spec\.json: written by an older msit \(data layout 1.*train again for a model directory",
+        ),
+    ],
+)
 def test_a_feature_spec_that_does_not_parse_is_one_line(model_dir, capsys, text, message):
     (model_dir / "feature_spec.json").write_text(text)
     _fails_everywhere(model_dir, message, capsys, config_too=False)
@@ -89,11 +106,17 @@ def test_a_feature_spec_that_does_not_parse_is_one_line(model_dir, capsys, text,
 
 def test_weights_of_other_shapes_than_the_config_name_the_tensors(model_dir, capsys):
     _edit_meta(model_dir, lambda m: m["model"].update(embed_dim=8))  # a valid config, but not these weights'
-    _fails_everywhere(model_dir, r"model\.safetensors does not match the model config beside it \(model\.json\): "
-                      r"shape of \S+ \(\d+, 16\) \(the config builds \(\d+, 8\)\)", capsys, config_too=False)
+    _fails_everywhere(
+        model_dir,
+        r"model\.safetensors does not match the model config beside it \(model\.json\): "
+        r"shape of \S+ \(\d+, 16\) \(the config builds \(\d+, 8\)\)",
+        capsys,
+        config_too=False,
+    )
     _edit_meta(model_dir, lambda m: m["model"].update(embed_dim=16, family="mmoe"))
-    _fails_everywhere(model_dir, r"does not match the model config beside it \(model\.json\): missing \[", capsys,
-                      config_too=False)
+    _fails_everywhere(
+        model_dir, r"does not match the model config beside it \(model\.json\): missing \[", capsys, config_too=False
+    )
 
 
 def test_export_never_deletes_files_it_did_not_write(tmp_path):
@@ -115,8 +138,14 @@ def test_export_never_deletes_files_it_did_not_write(tmp_path):
         save_model_dir(target, model, CONFIG, spec)
         assert sorted(p.name for p in target.iterdir()) == ["feature_spec.json", "model.json", "model.safetensors"]
     # Nothing is left beside it but the lock file: no staging or old copies.
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".empty.lock", ".file.lock", ".notes.lock", "empty",
-                                                          "file", "notes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".empty.lock",
+        ".file.lock",
+        ".notes.lock",
+        "empty",
+        "file",
+        "notes",
+    ]
 
 
 @pytest.fixture
@@ -164,6 +193,7 @@ def test_a_model_of_another_history_length_evaluates_the_same_prepared_data(smal
     assert load_model_config(longer).history_length == 25 != load_model_config(model_dir).history_length
     for directory in (model_dir, longer):
         out = tmp_path / f"{directory.name}.json"
-        assert main(["evaluate", "--model", str(directory), "--data", str(prepared), "--json", str(out)]) == 0, \
+        assert main(["evaluate", "--model", str(directory), "--data", str(prepared), "--json", str(out)]) == 0, (
             capsys.readouterr().err
+        )
         assert json.loads(out.read_text())["overall"]["rows"] == spec.row_counts["test"]

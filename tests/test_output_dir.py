@@ -51,8 +51,10 @@ def test_inputs_inside_output_refused(tmp_path):
     log.write_text("x\n")
     with pytest.raises(ConfigError, match="contains the input"), writing(out, marker="m", inputs=[str(log)]):
         pass
-    with pytest.raises(ConfigError, match="inside the input directory"), \
-            writing(tmp_path / "logs2" / "out", marker="m", inputs=[str(tmp_path)]):
+    with (
+        pytest.raises(ConfigError, match="inside the input directory"),
+        writing(tmp_path / "logs2" / "out", marker="m", inputs=[str(tmp_path)]),
+    ):
         pass
     assert log.exists()
 

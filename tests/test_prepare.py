@@ -22,9 +22,12 @@ def synth_run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     cfg = synth.SynthConfig(users=120, items=200, events_per_user=15, seed=5, users_per_shard=50)
     synth.write(cfg, root / "log", progress=False)
-    result = prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prepared"),
-                                   spec=SceneLogSpec.load(root / "log" / "spec.yaml")),
-                     log=lambda _: None)
+    result = prepare(
+        PrepareConfig(
+            inputs=[str(root / "log")], out=str(root / "prepared"), spec=SceneLogSpec.load(root / "log" / "spec.yaml")
+        ),
+        log=lambda _: None,
+    )
     return synth.generate(cfg), result
 
 
@@ -35,8 +38,9 @@ def _read(path):
 def _events(out) -> pd.DataFrame:
     """Every split's event rows with their split and raw user key (from sequences/)."""
     keys = _read(out / "sequences")[["sequence_row", "user_key"]].set_index("sequence_row").user_key
-    rows = pd.concat([_read(out / s).assign(split=s) for s in ("train", "val", "test") if (out / s).exists()],
-                     ignore_index=True)
+    rows = pd.concat(
+        [_read(out / s).assign(split=s) for s in ("train", "val", "test") if (out / s).exists()], ignore_index=True
+    )
     return rows.assign(user_key=keys.reindex(rows.sequence_row).to_numpy())
 
 
@@ -49,9 +53,18 @@ def test_round_trip_keeps_every_row_and_writes_the_feature_spec(synth_run):
     assert spec.scenarios == sorted(log.scenario.unique())
     assert spec.layout == 2
     assert {k: v.type for k, v in spec.fields.items()} == {
-        "user_id": "id", "item_id": "id", "scene_id": "id", "age_band": "categorical", "region": "categorical",
-        "category": "categorical", "price": "numeric", "tags": "multi", "title": "text", "hour": "categorical",
-        "device": "categorical"}
+        "user_id": "id",
+        "item_id": "id",
+        "scene_id": "id",
+        "age_band": "categorical",
+        "region": "categorical",
+        "category": "categorical",
+        "price": "numeric",
+        "tags": "multi",
+        "title": "text",
+        "hour": "categorical",
+        "device": "categorical",
+    }
     for split in ("train", "val", "test"):
         assert len(_read(result.out / split)) == counts[split]
     json.loads((result.out / "feature_spec.json").read_text())  # plain JSON
@@ -97,8 +110,10 @@ def test_event_rows_feed_torch_batches_with_fixed_shapes(synth_run):
     batch = next(iter(shards.iter_torch_batches(batch_size=16)))
     assert set(batch) == set(event_columns(spec)) and "tags" not in batch  # item features: the item table
     assert tuple(batch["region"].shape) == (16,) and batch["item_id"].dtype == torch.int32
-    assert spec.fields["tags"].role == "item" and len(_read(result.out / "items.parquet").tags[0]) == \
-        spec.fields["tags"].max_len
+    assert (
+        spec.fields["tags"].role == "item"
+        and len(_read(result.out / "items.parquet").tags[0]) == spec.fields["tags"].max_len
+    )
 
 
 def test_item_and_user_tables_have_one_row_per_key(synth_run):
@@ -118,8 +133,13 @@ def _log_rows(n_users=6, split=True):
     rows = []
     for u in range(n_users):
         for t in range(10):
-            row = {"User_ID": f"u{u}", "Item": f"i{(u + t) % 7}", "Category": ["a", "b"][t % 2],
-                   "clicked": (u + t) % 2, "ts": 1000 + 10 * t}
+            row = {
+                "User_ID": f"u{u}",
+                "Item": f"i{(u + t) % 7}",
+                "Category": ["a", "b"][t % 2],
+                "clicked": (u + t) % 2,
+                "ts": 1000 + 10 * t,
+            }
             if split:
                 row["split"] = "train" if t < 8 else ("val" if t == 8 else "test")
             rows.append(row)
@@ -132,8 +152,9 @@ def test_renamed_columns_split_column_glob_input_and_oov(ray_session, tmp_path):
     _write_csv(tmp_path / "part-0.csv", rows[:30])
     _write_csv(tmp_path / "part-1.csv", rows[30:])
     spec = SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category", "label": "clicked"})
-    result = prepare(PrepareConfig(inputs=[str(tmp_path / "part-*.csv")], out=str(tmp_path / "out"), spec=spec),
-                     log=lambda _: None)
+    result = prepare(
+        PrepareConfig(inputs=[str(tmp_path / "part-*.csv")], out=str(tmp_path / "out"), spec=spec), log=lambda _: None
+    )
     counts = result.feature_spec.row_counts
     assert (counts["train"], counts["val"], counts["test"]) == (48, 6, 6)  # the split column, as given
     items = _read(tmp_path / "out" / "items.parquet")
@@ -162,9 +183,11 @@ def test_bad_rows_stop_the_run_with_counts_file_and_example(ray_session, tmp_pat
 
     result = prepare(PrepareConfig(out=str(tmp_path / "dropped"), on_bad_rows="drop", **cfg), log=lambda _: None)
     counts = result.feature_spec.row_counts
-    assert counts["bad_rows_dropped"] == {"column 'clicked' (label): outside {0, 1}": 2,
-                                          "column 'ts' (timestamp): null": 1,
-                                          "column 'User_ID' (user_id): null or empty": 1}
+    assert counts["bad_rows_dropped"] == {
+        "column 'clicked' (label): outside {0, 1}": 2,
+        "column 'ts' (timestamp): null": 1,
+        "column 'User_ID' (user_id): null or empty": 1,
+    }
     assert counts["input"] == 60 and counts["train"] + counts["val"] + counts["test"] == 56
 
 
@@ -179,8 +202,10 @@ def test_empty_input_and_missing_inputs_and_missing_columns(ray_session, tmp_pat
     _write_csv(tmp_path / "a.csv", [{"user_id": 1, "item_id": 2, "scenario": "s", "label": 1, "timestamp": 5}])
     _write_csv(tmp_path / "b.csv", [{"user_id": 1, "item_id": 2, "scenario": "s", "timestamp": 5}])
     with pytest.raises(DataValidationError) as e:
-        prepare(PrepareConfig(inputs=[str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], out=str(tmp_path / "o4")),
-                log=lambda _: None)
+        prepare(
+            PrepareConfig(inputs=[str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], out=str(tmp_path / "o4")),
+            log=lambda _: None,
+        )
     assert str(tmp_path / "b.csv") in str(e.value) and "'label'" in str(e.value)
 
 
@@ -191,8 +216,10 @@ def test_refuses_to_overwrite_and_bad_options(tmp_path):
     with pytest.raises(ConfigError, match="not empty; pass --overwrite"):
         prepare(PrepareConfig(inputs=[str(tmp_path / "x.csv")], out=str(tmp_path / "out")), log=lambda _: None)
     with pytest.raises(ConfigError, match="not written by msit"):  # --overwrite only replaces msit's own output
-        prepare(PrepareConfig(inputs=[str(tmp_path / "x.csv")], out=str(tmp_path / "out"), overwrite=True),
-                log=lambda _: None)
+        prepare(
+            PrepareConfig(inputs=[str(tmp_path / "x.csv")], out=str(tmp_path / "out"), overwrite=True),
+            log=lambda _: None,
+        )
     assert (tmp_path / "out" / "x").read_text() == "keep me"
     with pytest.raises(ConfigError, match="split ratios"):
         PrepareConfig(inputs=["x"], out="y", split_ratios=(0.5, 0.1, 0.1))
@@ -203,10 +230,14 @@ def test_refuses_to_overwrite_and_bad_options(tmp_path):
 def test_filesystem_uris_take_the_pyarrow_filesystem_path(ray_session, tmp_path):
     """file:// goes through pyarrow's filesystem resolution, the same code path as s3:// and gs://."""
     _write_csv(tmp_path / "part-0.csv", _log_rows())
-    result = prepare(PrepareConfig(inputs=[f"file://{tmp_path}/part-*.csv"], out=str(tmp_path / "out"),
-                                   spec=SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category",
-                                                              "label": "clicked"})),
-                     log=lambda _: None)
+    result = prepare(
+        PrepareConfig(
+            inputs=[f"file://{tmp_path}/part-*.csv"],
+            out=str(tmp_path / "out"),
+            spec=SceneLogSpec(columns={"user_id": "User_ID", "scenario": "Category", "label": "clicked"}),
+        ),
+        log=lambda _: None,
+    )
     assert result.feature_spec.row_counts["input"] == 60
     assert result.feature_spec.source["files"] == 1
 
@@ -216,8 +247,14 @@ def test_exact_duplicates_are_found_among_rows_sharing_user_time_and_item_even_w
 
     # Rows in event order. u1's three rows at time 5 on item a: the third repeats the first (the second differs in
     # its label); u2's row equals u1's first but for the user; u1's two rows on item b differ in time.
-    table = pa.table({"user_id": ["u1", "u1", "u1", "u1", "u1", "u2"], "timestamp": [5, 5, 5, 6, 7, 5],
-                      "item_id": ["a", "a", "a", "b", "b", "a"], "label": pa.array([0, 1, 0, 1, 1, 0], pa.int8()),
-                      "price": [1.0, 1.0, 1.0, None, None, 1.0]})
+    table = pa.table(
+        {
+            "user_id": ["u1", "u1", "u1", "u1", "u1", "u2"],
+            "timestamp": [5, 5, 5, 6, 7, 5],
+            "item_id": ["a", "a", "a", "b", "b", "a"],
+            "label": pa.array([0, 1, 0, 1, 1, 0], pa.int8()),
+            "price": [1.0, 1.0, 1.0, None, None, 1.0],
+        }
+    )
     assert _exact_duplicates(table) == 1
     assert _exact_duplicates(table.slice(3)) == 0

@@ -17,7 +17,8 @@ from msit.training.trainer import TrainConfig, evaluate
 
 def _config(prepared, tmp_path, name, epochs, **run):
     return TrainRunConfig(
-        data=str(prepared), output=str(tmp_path / "model"),
+        data=str(prepared),
+        output=str(tmp_path / "model"),
         model=ModelConfig(embed_dim=16, mlp_dims=(32,)),
         train=TrainConfig(epochs=epochs, batch_size=256, lr=5e-3, patience=epochs),
         scaling=ScalingSpec(num_workers=2, use_gpu=False, cpus_per_worker=1),
@@ -61,8 +62,16 @@ def test_a_dead_worker_resumes_from_the_checkpoint_not_from_epoch_one(small_prep
 
 def test_rank_0_killed_mid_epoch_loses_only_that_epoch_and_the_metrics_are_the_weights(small_prepared, tmp_path):
     _, prepared = small_prepared
-    cfg = _config(prepared, tmp_path, "rank0-mid-epoch", epochs=3, max_failures=1, kill_worker_after_epoch=1,
-                  kill_rank=0, kill_after_batches=4)
+    cfg = _config(
+        prepared,
+        tmp_path,
+        "rank0-mid-epoch",
+        epochs=3,
+        max_failures=1,
+        kill_worker_after_epoch=1,
+        kill_rank=0,
+        kill_after_batches=4,
+    )
     cfg.model, cfg.run.keep_checkpoints = ModelConfig(embed_dim=8, mlp_dims=(8,)), 3
     run_training(cfg, log=lambda _: None)
     marker = tmp_path / "ray_results" / "rank0-mid-epoch" / ".fault_drill_done"
@@ -104,14 +113,24 @@ def test_a_truncated_latest_checkpoint_resumes_from_the_newest_valid_one(small_p
 
     # A new learning rate or a wider model under the same name is refused at once, before Ray Train starts.
     cfg.train.lr = 1e-2
-    with pytest.raises(ConfigError, match=r"was started with another config \(train\.lr: 0\.005 -> 0\.01\); .*"
-                                          r"pick a new run name"):
+    with pytest.raises(
+        ConfigError,
+        match=r"was started with another config \(train\.lr: 0\.005 -> 0\.01\); .*"
+        r"pick a new run name",
+    ):
         run_training(cfg, log=lambda _: None)
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({"data": str(prepared), "output": str(tmp_path / "model"),
-                                      "model": {"embed_dim": 16, "mlp_dims": [8]},
-                                      "train": {"epochs": 3, "batch_size": 256, "lr": 5e-3, "patience": 3},
-                                      "run": {"name": "truncated", "storage_path": str(tmp_path / "ray_results")}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": str(prepared),
+                "output": str(tmp_path / "model"),
+                "model": {"embed_dim": 16, "mlp_dims": [8]},
+                "train": {"epochs": 3, "batch_size": 256, "lr": 5e-3, "patience": 3},
+                "run": {"name": "truncated", "storage_path": str(tmp_path / "ray_results")},
+            }
+        )
+    )
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--num-workers", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -48,9 +48,12 @@ def replicas(small_model, redis_server, loaded):
 
 
 def _same(a, b) -> bool:
-    return a.user_id == b.user_id and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in
-                                          ("item_ids", "scene_ids", "labels", "timestamps")) and \
-        a.features.keys() == b.features.keys() and all(np.array_equal(a.features[k], b.features[k]) for k in a.features)
+    return (
+        a.user_id == b.user_id
+        and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("item_ids", "scene_ids", "labels", "timestamps"))
+        and a.features.keys() == b.features.keys()
+        and all(np.array_equal(a.features[k], b.features[k]) for k in a.features)
+    )
 
 
 def test_bulk_load_matches_the_in_memory_store_user_for_user(replicas, memory, small_model, redis_server, loaded):
@@ -60,8 +63,9 @@ def test_bulk_load_matches_the_in_memory_store_user_for_user(replicas, memory, s
         assert record is not None and _same(record, memory.user(key)), key
     assert sorted(store.scan_users()) == sorted(keys) and store.user("nobody") is None
     # Loading again changes nothing, never duplicates.
-    RedisHistoryStore(redis_server.url, FeatureSpec.load(small_model[0]), EVENTS_PER_USER,
-                      namespace=loaded).load(memory, progress=False)
+    RedisHistoryStore(redis_server.url, FeatureSpec.load(small_model[0]), EVENTS_PER_USER, namespace=loaded).load(
+        memory, progress=False
+    )
     assert _same(store.user(keys[0]), memory.user(keys[0]))
 
 
@@ -75,9 +79,18 @@ def test_loading_again_keeps_the_events_posted_since_the_snapshot(small_model, r
     snapshot = memory.user(user)
     # One event after the snapshot, one in the middle of it (a late event), both with ids.
     middle = int(snapshot.timestamps[len(snapshot.timestamps) // 2])
-    posted = [NewEvents(user, snapshot.user_id, np.array([4, 6]), np.array([2, 3]), np.array([1, 0]),
-                        np.array([int(snapshot.timestamps[-1]) + 10, middle]), [str(items[4]), str(items[6])],
-                        ["late-1", "late-2"])]
+    posted = [
+        NewEvents(
+            user,
+            snapshot.user_id,
+            np.array([4, 6]),
+            np.array([2, 3]),
+            np.array([1, 0]),
+            np.array([int(snapshot.timestamps[-1]) + 10, middle]),
+            [str(items[4]), str(items[6])],
+            ["late-1", "late-2"],
+        )
+    ]
     assert store.append(posted).applied == 2
     with_posted = store.user(user)
     assert len(with_posted.item_ids) == min(len(snapshot.item_ids) + 2, EVENTS_PER_USER)
@@ -91,9 +104,15 @@ def test_loading_again_keeps_the_events_posted_since_the_snapshot(small_model, r
 
 def _raw_history(scorer: Scorer, record) -> list[dict]:
     items = scorer.spec.vocabularies["item_id"]
-    return [{"item_id": items[i], "scenario": scorer.spec.scenarios[scene_slot(s)], "label": int(label),
-             "timestamp": int(t)}
-            for i, s, label, t in zip(record.item_ids, record.scene_ids, record.labels, record.timestamps, strict=True)]
+    return [
+        {
+            "item_id": items[i],
+            "scenario": scorer.spec.scenarios[scene_slot(s)],
+            "label": int(label),
+            "timestamp": int(t),
+        }
+        for i, s, label, t in zip(record.item_ids, record.scene_ids, record.labels, record.timestamps, strict=True)
+    ]
 
 
 def test_posted_events_change_the_next_score_as_the_same_events_in_the_request_history_would(replicas, memory):
@@ -103,16 +122,23 @@ def test_posted_events_change_the_next_score_as_the_same_events_in_the_request_h
     before = _raw_history(scorer, scorer.store.user(user))
     last = before[-1]["timestamp"]
     # One event ties with the stored last event (ordered by item key), one is later, one has an unknown item.
-    new = [{"user_id": user, "item_id": items[5], "scenario": scenes[-1], "label": 1, "timestamp": last + 100},
-           {"user_id": user, "item_id": items[3], "scenario": scenes[0], "label": 0, "timestamp": last},
-           {"user_id": user, "item_id": "never-seen", "scenario": scenes[0], "label": 1, "timestamp": last + 50}]
+    new = [
+        {"user_id": user, "item_id": items[5], "scenario": scenes[-1], "label": 1, "timestamp": last + 100},
+        {"user_id": user, "item_id": items[3], "scenario": scenes[0], "label": 0, "timestamp": last},
+        {"user_id": user, "item_id": "never-seen", "scenario": scenes[0], "label": 1, "timestamp": last + 50},
+    ]
     request = {"user_id": user, "scenario": scenes[0], "candidates": items[2:8], "timestamp": last + 1000}
     score_before = client.post("/v1/score", json=request).json()["scores"]
 
     posted = client.post("/v1/events", json={"events": new})
     assert posted.status_code == 200 and posted.json() == {"applied": 3, "duplicates": 0}
-    with_history = client.post("/v1/score", json={**request, "history": before + [
-        {k: e[k] for k in ("item_id", "scenario", "label", "timestamp")} for e in new]}).json()["scores"]
+    with_history = client.post(
+        "/v1/score",
+        json={
+            **request,
+            "history": before + [{k: e[k] for k in ("item_id", "scenario", "label", "timestamp")} for e in new],
+        },
+    ).json()["scores"]
     for replica in (client, other):  # the other replica sees them as well
         after = replica.post("/v1/score", json=request).json()["scores"]
         assert after == with_history and after != score_before
@@ -124,27 +150,41 @@ def test_posted_events_change_the_next_score_as_the_same_events_in_the_request_h
 def test_a_new_user_gets_a_record_and_event_ids_apply_once(replicas):
     (scorer, client), (_, other) = replicas
     items, scene = scorer.spec.vocabularies["item_id"], scorer.spec.scenarios[0]
-    event = {"user_id": "fresh-user", "item_id": items[2], "scenario": scene, "label": 1, "timestamp": 10,
-             "event_id": "e1"}
+    event = {
+        "user_id": "fresh-user",
+        "item_id": items[2],
+        "scenario": scene,
+        "label": 1,
+        "timestamp": 10,
+        "event_id": "e1",
+    }
     assert client.post("/v1/events", json={"events": [event, event]}).json() == {"applied": 1, "duplicates": 1}
     assert other.post("/v1/events", json={"events": [event]}).json() == {"applied": 0, "duplicates": 1}
     record = scorer.store.user("fresh-user")
     assert record.user_id == 1 and record.item_ids.tolist() == [2] and record.features == {}
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"scenario": "moon"}, ["body", "events", 1, "scenario"]),
-    ({"label": 2}, ["body", "events", 1, "label"]),
-    ({"timestamp": -1}, ["body", "events", 1, "timestamp"]),
-    ({"context": {"weather": "rain"}}, ["body", "events", 1, "context", "weather"]),
-    ({"item": "x"}, ["body", "events", 1, "item"]),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"scenario": "moon"}, ["body", "events", 1, "scenario"]),
+        ({"label": 2}, ["body", "events", 1, "label"]),
+        ({"timestamp": -1}, ["body", "events", 1, "timestamp"]),
+        ({"context": {"weather": "rain"}}, ["body", "events", 1, "context", "weather"]),
+        ({"item": "x"}, ["body", "events", 1, "item"]),
+    ],
+)
 def test_a_bad_event_gets_422_naming_its_index_and_field_and_nothing_is_applied(replicas, memory, change, field):
     scorer, client = replicas[0]
     user = list(memory)[2]
     before = scorer.store.user(user)
-    good = {"user_id": user, "item_id": scorer.spec.vocabularies["item_id"][2], "scenario": scorer.spec.scenarios[0],
-            "label": 1, "timestamp": 5}
+    good = {
+        "user_id": user,
+        "item_id": scorer.spec.vocabularies["item_id"][2],
+        "scenario": scorer.spec.scenarios[0],
+        "label": 1,
+        "timestamp": 5,
+    }
     response = client.post("/v1/events", json={"events": [good, {**good, **change}]})
     assert response.status_code == 422, response.text
     assert response.json()["detail"][0]["loc"] == field
@@ -158,8 +198,20 @@ def test_concurrent_appends_to_one_user_lose_nothing(small_model, redis_server, 
 
     def post(store: RedisHistoryStore, writer: int) -> None:
         for i in range(25):
-            store.append([NewEvents("contended", 1, np.array([2]), np.array([2]), np.array([1]),
-                                    np.array([writer * 1000 + i]), [str(spec.vocabularies["item_id"][2])], [None])])
+            store.append(
+                [
+                    NewEvents(
+                        "contended",
+                        1,
+                        np.array([2]),
+                        np.array([2]),
+                        np.array([1]),
+                        np.array([writer * 1000 + i]),
+                        [str(spec.vocabularies["item_id"][2])],
+                        [None],
+                    )
+                ]
+            )
 
     threads = [threading.Thread(target=post, args=(s, w)) for w, s in enumerate(stores)]
     for t in threads:
@@ -173,11 +225,14 @@ def test_concurrent_appends_to_one_user_lose_nothing(small_model, redis_server, 
 
 def test_the_in_memory_store_refuses_events_with_409(small_model, memory):
     model_dir, prepared = small_model
-    client = TestClient(create_app(LocalBackend(Scorer(model_dir, memory, catalogue_from=prepared)), ApiSettings()),
-                        raise_server_exceptions=False)
+    client = TestClient(
+        create_app(LocalBackend(Scorer(model_dir, memory, catalogue_from=prepared)), ApiSettings()),
+        raise_server_exceptions=False,
+    )
     scene = FeatureSpec.load(prepared).scenarios[0]
-    response = client.post("/v1/events", json={"events": [
-        {"user_id": "u", "item_id": "i", "scenario": scene, "label": 1, "timestamp": 1}]})
+    response = client.post(
+        "/v1/events", json={"events": [{"user_id": "u", "item_id": "i", "scenario": scene, "label": 1, "timestamp": 1}]}
+    )
     assert response.status_code == 409 and "--history redis://" in response.json()["detail"]
     assert client.get("/v1/health").json()["history_store"]["kind"] == "in-memory"
 
@@ -189,16 +244,28 @@ def test_redis_down_gives_503_then_serving_recovers(small_model, memory, tmp_pat
         RedisHistoryStore(server.url, FeatureSpec.load(model_dir), EVENTS_PER_USER).load(memory, progress=False)
         scorer, client = _replica(small_model, server.url, "msit")
         user = next(iter(memory))
-        request = {"user_id": user, "scenario": scorer.spec.scenarios[0],
-                   "candidates": scorer.spec.vocabularies["item_id"][2:5], "timestamp": 10**9}
-        event = {"user_id": user, "item_id": request["candidates"][0], "scenario": request["scenario"], "label": 1,
-                 "timestamp": 10**9 - 5}
+        request = {
+            "user_id": user,
+            "scenario": scorer.spec.scenarios[0],
+            "candidates": scorer.spec.vocabularies["item_id"][2:5],
+            "timestamp": 10**9,
+        }
+        event = {
+            "user_id": user,
+            "item_id": request["candidates"][0],
+            "scenario": request["scenario"],
+            "label": 1,
+            "timestamp": 10**9 - 5,
+        }
         expected = client.post("/v1/score", json=request)
         assert expected.status_code == 200 and client.get("/v1/health").json()["status"] == "ok"
 
         server.stop()
-        for method, route, body in (("post", "/v1/score", request), ("post", "/v1/events", {"events": [event]}),
-                                    ("post", "/v1/recommend", {"user_id": user, "scenario": request["scenario"]})):
+        for method, route, body in (
+            ("post", "/v1/score", request),
+            ("post", "/v1/events", {"events": [event]}),
+            ("post", "/v1/recommend", {"user_id": user, "scenario": request["scenario"]}),
+        ):
             response = getattr(client, method)(route, json=body)
             assert response.status_code == 503 and "history store" in response.json()["detail"], response.text
         own_history = [{k: v for k, v in event.items() if k != "user_id"}]

@@ -34,8 +34,14 @@ def _train_and_save(prepared, family, directory, train=True):
     config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=10)  # as `small_model`
     model = build_for_data(config, prepared, spec)
     if train:  # trained as the `small_model` fixture is
-        fit(model, load_split(prepared, "train", spec), load_split(prepared, "val", spec), spec,
-            TrainConfig(epochs=1, batch_size=256, lr=5e-3), log=lambda _: None)
+        fit(
+            model,
+            load_split(prepared, "train", spec),
+            load_split(prepared, "val", spec),
+            spec,
+            TrainConfig(epochs=1, batch_size=256, lr=5e-3),
+            log=lambda _: None,
+        )
     return save_model_dir(directory, model, config, spec)
 
 
@@ -157,10 +163,11 @@ def test_target_scene_counts_are_of_the_models_window(small_prepared):
     spec = FeatureSpec.load(prepared)
     data = load_split(prepared, "test", spec)
     sequences = load_sequences(prepared)
-    offsets, scenes, stamps = (sequences.offsets.numpy(), sequences.scene_ids.numpy(),
-                               sequences.timestamps.numpy())
-    rows = [(int(r), int(t), int(s)) for r, t, s in zip(data.events["sequence_row"], data.events["timestamp"],
-                                                         data.events["scene_id"], strict=True)][:300]
+    offsets, scenes, stamps = (sequences.offsets.numpy(), sequences.scene_ids.numpy(), sequences.timestamps.numpy())
+    rows = [
+        (int(r), int(t), int(s))
+        for r, t, s in zip(data.events["sequence_row"], data.events["timestamp"], data.events["scene_id"], strict=True)
+    ][:300]
     for n in (3, 10):
         expected = []
         for row, t, scene in rows:
@@ -174,13 +181,15 @@ def test_target_scene_counts_are_of_the_models_window(small_prepared):
 def test_history_bucketing_counts_exactly():
     # scene ids: 2 and 3 are scenes, 0 is padding; histories are most recent first
     scene_ids = torch.tensor([2, 3, 2, 2, 3])
-    history_scene_ids = torch.tensor([
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # no history
-        [3, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # two in scene 3
-        [2, 2, 2, 3, 2, 2, 0, 0, 0, 0, 0, 0],  # five in scene 2
-        [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2],  # twelve, but only the first 7 are within history_length
-        [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3],  # twelve in scene 3
-    ])
+    history_scene_ids = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # no history
+            [3, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # two in scene 3
+            [2, 2, 2, 3, 2, 2, 0, 0, 0, 0, 0, 0],  # five in scene 2
+            [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2],  # twelve, but only the first 7 are within history_length
+            [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3],  # twelve in scene 3
+        ]
+    )
     history_length = torch.tensor([0, 3, 6, 7, 12])
     counts = target_scene_history(scene_ids, history_scene_ids, history_length)
     assert counts.tolist() == [0, 2, 5, 7, 12]
@@ -192,7 +201,18 @@ def test_history_bucketing_counts_exactly():
     buckets = history_buckets(counts, 12)
     assert buckets.tolist() == [0, 1, 2, 3, 4]
     assert history_buckets(np.array([0, 1, 2, 3, 5, 6, 10, 11, 20, 21, 50]), 50).tolist() == [
-        0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        5,
+        5,
+    ]
     rows = bucket_rows(scene_ids.numpy(), buckets, 5, {2: "home", 3: "search", 4: "unseen"})
     assert rows == {"home": [1, 0, 1, 1, 0], "search": [0, 1, 0, 0, 1]}
 

@@ -14,9 +14,13 @@ from tests.model_helpers import tiny_spec
 def _config(tmp_path, **changes) -> TrainRunConfig:
     if not (tmp_path / "data").exists():
         tiny_spec().save(tmp_path / "data")
-    cfg = TrainRunConfig(data=str(tmp_path / "data"), output=str(tmp_path / "model"),
-                         model=ModelConfig(embed_dim=8, mlp_dims=(8,)), train=TrainConfig(epochs=2, lr=0.002),
-                         run=RunSpec(name="r", storage_path=str(tmp_path / "runs")))
+    cfg = TrainRunConfig(
+        data=str(tmp_path / "data"),
+        output=str(tmp_path / "model"),
+        model=ModelConfig(embed_dim=8, mlp_dims=(8,)),
+        train=TrainConfig(epochs=2, lr=0.002),
+        run=RunSpec(name="r", storage_path=str(tmp_path / "runs")),
+    )
     for key, value in changes.items():
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)
@@ -31,10 +35,13 @@ def test_the_first_start_records_the_config_and_a_hash(tmp_path):
     assert set(stored["config"]["data"]) == {"encoding", "rows"}
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"train__lr": 0.004}, "train.lr: 0.002 -> 0.004"),
-    ({"model__embed_dim": 16, "model__mlp_dims": (16,)}, "model.embed_dim: 8 -> 16; model.mlp_dims: [8] -> [16]"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train__lr": 0.004}, "train.lr: 0.002 -> 0.004"),
+        ({"model__embed_dim": 16, "model__mlp_dims": (16,)}, "model.embed_dim: 8 -> 16; model.mlp_dims: [8] -> [16]"),
+    ],
+)
 def test_a_different_config_under_the_same_name_is_refused_with_the_differences(tmp_path, changes, message):
     check_run_config(_config(tmp_path))
     with pytest.raises(ConfigError) as error:
@@ -57,9 +64,18 @@ def test_other_data_under_the_same_name_is_refused(tmp_path):
 def test_what_does_not_change_the_training_still_resumes(tmp_path):
     check_run_config(_config(tmp_path))
     # More epochs, other patience, resources, failure budget, checkpoints kept, drills and output: the same run.
-    check_run_config(_config(tmp_path, train__epochs=5, train__patience=9, train__eval_batch_size=7,
-                             scaling__num_workers=1, run__max_failures=0, run__keep_checkpoints=5,
-                             run__kill_worker_after_epoch=1))
+    check_run_config(
+        _config(
+            tmp_path,
+            train__epochs=5,
+            train__patience=9,
+            train__eval_batch_size=7,
+            scaling__num_workers=1,
+            run__max_failures=0,
+            run__keep_checkpoints=5,
+            run__kill_worker_after_epoch=1,
+        )
+    )
     cfg = _config(tmp_path)
     cfg.output, cfg.scaling = str(tmp_path / "elsewhere"), ScalingSpec(num_workers=8, use_gpu=True)
     check_run_config(cfg)
@@ -76,8 +92,14 @@ def test_a_workers_msit_error_surfaces_as_that_one_line(monkeypatch, tmp_path):
 
     class FailingTrainer:
         def fit(self):
-            raise ray.train.WorkerGroupError("rank 0 failed", {0: UserExceptionWithTraceback(
-                MsitError("no checkpoint of the run in /runs/r loads (2 tried, each damaged)"), "Traceback ...")})
+            raise ray.train.WorkerGroupError(
+                "rank 0 failed",
+                {
+                    0: UserExceptionWithTraceback(
+                        MsitError("no checkpoint of the run in /runs/r loads (2 tried, each damaged)"), "Traceback ..."
+                    )
+                },
+            )
 
     monkeypatch.setattr(ray_train, "make_trainer", lambda cfg, log: FailingTrainer())
     with pytest.raises(MsitError, match=r"^no checkpoint of the run in /runs/r loads \(2 tried, each damaged\)$"):

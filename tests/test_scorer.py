@@ -43,16 +43,27 @@ def _test_rows(small_model, count=40):
 
 
 def _context(spec, row):
-    return {c: spec.vocabularies[c][getattr(row, c)] for c, f in spec.fields.items()
-            if f.role == "context" and getattr(row, c) >= 2}
+    return {
+        c: spec.vocabularies[c][getattr(row, c)]
+        for c, f in spec.fields.items()
+        if f.role == "context" and getattr(row, c) >= 2
+    }
 
 
 def test_scores_equal_the_offline_model_on_the_same_rows(scorer, small_model):
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
     rows = _test_rows(small_model)
-    requests = [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)], "candidates": [r.item_key],
-                 "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
+    requests = [
+        {
+            "user_id": r.user_key,
+            "scenario": spec.scenarios[scene_slot(r.scene_id)],
+            "candidates": [r.item_key],
+            "timestamp": int(r.timestamp),
+            "context": _context(spec, r),
+        }
+        for r in rows.itertuples()
+    ]
     served = [s.scores[0] for s in scorer.score(requests)]
 
     offline = _offline(model_dir, prepared, rows)
@@ -65,14 +76,22 @@ def test_a_history_in_the_request_is_used_as_given(scorer, small_model):
     spec = FeatureSpec.load(prepared)
     row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 3)
     items, scenes = spec.vocabularies["item_id"], spec.scenarios
-    history = [{"item_id": items[i], "scenario": scenes[s - 2], "label": int(lab),
-                "timestamp": int(row.timestamp - gap)}
-               for i, s, lab, gap in zip(row.history_item_ids, row.history_scene_ids, row.history_labels,
-                                         row.history_time_gaps, strict=True)][: row.history_length]
-    base = {"user_id": row.user_key, "scenario": scenes[scene_slot(row.scene_id)], "candidates": [row.item_key],
-            "timestamp": int(row.timestamp), "context": _context(spec, row)}
-    from_store, given, shuffled, none = scorer.score([base, {**base, "history": history},
-                                                      {**base, "history": history[::-1]}, {**base, "history": []}])
+    history = [
+        {"item_id": items[i], "scenario": scenes[s - 2], "label": int(lab), "timestamp": int(row.timestamp - gap)}
+        for i, s, lab, gap in zip(
+            row.history_item_ids, row.history_scene_ids, row.history_labels, row.history_time_gaps, strict=True
+        )
+    ][: row.history_length]
+    base = {
+        "user_id": row.user_key,
+        "scenario": scenes[scene_slot(row.scene_id)],
+        "candidates": [row.item_key],
+        "timestamp": int(row.timestamp),
+        "context": _context(spec, row),
+    }
+    from_store, given, shuffled, none = scorer.score(
+        [base, {**base, "history": history}, {**base, "history": history[::-1]}, {**base, "history": []}]
+    )
     assert given.scores == pytest.approx(from_store.scores, abs=1e-6) == shuffled.scores  # order does not matter
     assert none.scores != given.scores  # an empty history is a real (cold) history, not "use the store"
 
@@ -81,9 +100,17 @@ def test_explanations_are_distributions_over_scenes_and_past_events(scorer, smal
     _, prepared = small_model
     spec = FeatureSpec.load(prepared)
     row = next(r for r in _test_rows(small_model).itertuples() if r.history_length >= 6)
-    result, = scorer.score([{"user_id": row.user_key, "scenario": spec.scenarios[scene_slot(row.scene_id)],
-                             "candidates": [row.item_key, "never-seen-item"], "timestamp": int(row.timestamp),
-                             "explain": True}])
+    (result,) = scorer.score(
+        [
+            {
+                "user_id": row.user_key,
+                "scenario": spec.scenarios[scene_slot(row.scene_id)],
+                "candidates": [row.item_key, "never-seen-item"],
+                "timestamp": int(row.timestamp),
+                "explain": True,
+            }
+        ]
+    )
     assert len(result.explanations) == 2
     for explanation in result.explanations:
         transfer = explanation["transfer_attention"]
@@ -96,20 +123,34 @@ def test_explanations_are_distributions_over_scenes_and_past_events(scorer, smal
 
 
 def test_unknown_users_and_items_are_scored_as_out_of_vocabulary(scorer):
-    result, = scorer.score([{"user_id": "nobody", "scenario": scorer.spec.scenarios[0],
-                             "candidates": ["no-such-item", "another"], "timestamp": 10**10}])
+    (result,) = scorer.score(
+        [
+            {
+                "user_id": "nobody",
+                "scenario": scorer.spec.scenarios[0],
+                "candidates": ["no-such-item", "another"],
+                "timestamp": 10**10,
+            }
+        ]
+    )
     assert len(result.scores) == 2 and all(0 < s < 1 for s in result.scores)
     assert result.scores[0] == result.scores[1] and result.oov_ids == 3
 
 
-@pytest.mark.parametrize("change, field, message", [
-    ({"scenario": "moon"}, ("scenario",), "unknown scenario 'moon'"),
-    ({"candidates": []}, ("candidates",), "candidates is empty"),
-    ({"candidates": ["x"] * 51}, ("candidates",), "at most 50 candidates per request, got 51"),
-    ({"context": {"weather": "rain"}}, ("context", "weather"), "unknown context feature 'weather'"),
-    ({"history": [{"item_id": "1", "scenario": "moon", "timestamp": 1}]}, ("history", 0, "scenario"),
-     "unknown scenario"),
-])
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"scenario": "moon"}, ("scenario",), "unknown scenario 'moon'"),
+        ({"candidates": []}, ("candidates",), "candidates is empty"),
+        ({"candidates": ["x"] * 51}, ("candidates",), "at most 50 candidates per request, got 51"),
+        ({"context": {"weather": "rain"}}, ("context", "weather"), "unknown context feature 'weather'"),
+        (
+            {"history": [{"item_id": "1", "scenario": "moon", "timestamp": 1}]},
+            ("history", 0, "scenario"),
+            "unknown scenario",
+        ),
+    ],
+)
 def test_client_mistakes_name_their_field_and_do_not_fail_other_requests(scorer, change, field, message):
     good = {"user_id": "1", "scenario": scorer.spec.scenarios[0], "candidates": ["1"]}
     bad, ok = scorer.score([{**good, **change}, good])
@@ -159,14 +200,25 @@ def test_a_poisoned_request_fails_alone_and_the_others_get_the_offline_scores(sc
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
     rows = _test_rows(small_model, count=6)
-    good = [{"user_id": r.user_key, "scenario": spec.scenarios[scene_slot(r.scene_id)], "candidates": [r.item_key],
-             "timestamp": int(r.timestamp), "context": _context(spec, r)} for r in rows.itertuples()]
+    good = [
+        {
+            "user_id": r.user_key,
+            "scenario": spec.scenarios[scene_slot(r.scene_id)],
+            "candidates": [r.item_key],
+            "timestamp": int(r.timestamp),
+            "context": _context(spec, r),
+        }
+        for r in rows.itertuples()
+    ]
     base, scene = good[0], spec.scenarios[0]
     poisoned = [
-        {**base, "candidates": ["\ud800"]}, {**base, "user_id": "\udfff"}, {**base, "timestamp": 2**63},
+        {**base, "candidates": ["\ud800"]},
+        {**base, "user_id": "\udfff"},
+        {**base, "timestamp": 2**63},
         {**base, "history": [{"item_id": "\ud800", "scenario": scene, "timestamp": 1}]},
         {**base, "history": [{"item_id": "1", "scenario": scene, "timestamp": 2**64}]},
-        {**base, "timestamp": float("nan")}, {**base, "context": {"\ud800": 1}},
+        {**base, "timestamp": float("nan")},
+        {**base, "context": {"\ud800": 1}},
     ]
     batch = [good[0], *poisoned[:3], good[1], good[2], *poisoned[3:], *good[3:]]  # poison among the good
     results = scorer.score(batch)
@@ -203,12 +255,13 @@ class _Faulty(torch.nn.Module):
         return output
 
 
-@pytest.mark.parametrize("nan, message", [(False, "could not be scored (RuntimeError)"),
-                                          (True, "non-finite score")])
+@pytest.mark.parametrize("nan, message", [(False, "could not be scored (RuntimeError)"), (True, "non-finite score")])
 def test_a_request_that_breaks_the_forward_pass_fails_alone(scorer, monkeypatch, nan, message):
     items = scorer.spec.vocabularies["item_id"]
-    good = [{"user_id": "1", "scenario": scorer.spec.scenarios[0], "candidates": items[2 + i:4 + i],
-             "timestamp": 10**9} for i in range(4)]
+    good = [
+        {"user_id": "1", "scenario": scorer.spec.scenarios[0], "candidates": items[2 + i : 4 + i], "timestamp": 10**9}
+        for i in range(4)
+    ]
     alone = [scorer.score([g])[0].scores for g in good]
     poison = {**good[0], "candidates": [items[2], items[20]]}
     monkeypatch.setattr(scorer, "model", _Faulty(scorer.model, poison=20, nan=nan))  # items[20] is id 20
@@ -220,14 +273,14 @@ def test_a_request_that_breaks_the_forward_pass_fails_alone(scorer, monkeypatch,
 def test_timestamp_zero_is_1970_not_now(scorer):
     user = next(u for u in scorer.store if len(scorer.store.user(u).item_ids) >= 3)
     base = {"user_id": user, "scenario": scorer.spec.scenarios[0], "candidates": ["1", "2"]}
-    at_zero, cold_at_zero, now = scorer.score([{**base, "timestamp": 0}, {**base, "timestamp": 0, "history": []},
-                                               base])
+    at_zero, cold_at_zero, now = scorer.score([{**base, "timestamp": 0}, {**base, "timestamp": 0, "history": []}, base])
     assert at_zero.scores == cold_at_zero.scores  # no event is before 1970: the history is empty
     assert now.scores != at_zero.scores  # "now" sees the user's history
 
 
-def test_the_self_test_scores_a_tiny_request_and_fails_on_a_model_that_cannot(scorer, small_model, tmp_path,
-                                                                              monkeypatch):
+def test_the_self_test_scores_a_tiny_request_and_fails_on_a_model_that_cannot(
+    scorer, small_model, tmp_path, monkeypatch
+):
     scorer.self_test()
     broken = Scorer(nan_weights(small_model[1], tmp_path / "nan"))  # loads fine
     with pytest.raises(ScoringError, match=r"self-test failed.*non-finite"):
@@ -243,15 +296,20 @@ def numeric_scorer(small_model, tmp_path_factory):
     return Scorer(numeric_context_model(prepared, tmp_path_factory.mktemp("numeric") / "model"))
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e300, -1e40, MEAN + 2e6 * STD,
-                                   10**400, "warm", True])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), -float("inf"), 1e300, -1e40, MEAN + 2e6 * STD, 10**400, "warm", True]
+)
 def test_numeric_context_must_stay_finite_once_standardised(numeric_scorer, value):
     good = {"user_id": "1", "scenario": numeric_scorer.spec.scenarios[0], "candidates": ["1"]}
-    bad, ok, far = numeric_scorer.score([{**good, "context": {NUMERIC_CONTEXT: value}}, good,
-                                         {**good, "context": {NUMERIC_CONTEXT: MEAN - 1e6 * STD}}])
+    bad, ok, far = numeric_scorer.score(
+        [{**good, "context": {NUMERIC_CONTEXT: value}}, good, {**good, "context": {NUMERIC_CONTEXT: MEAN - 1e6 * STD}}]
+    )
     assert isinstance(bad, RequestError) and bad.field == ("context", NUMERIC_CONTEXT), bad
-    assert ("must be a number" if isinstance(value, str | bool) else
-            f"within 1e+06 standard deviations of its training mean (mean {MEAN:g}, std {STD:g})") in bad.message
+    assert (
+        "must be a number"
+        if isinstance(value, str | bool)
+        else f"within 1e+06 standard deviations of its training mean (mean {MEAN:g}, std {STD:g})"
+    ) in bad.message
     assert len(bad.message) < 300  # a 400-digit int is cut short in the message
     assert isinstance(ok, Scored) and isinstance(far, Scored) and all(0 <= x <= 1 for x in far.scores)
 
@@ -279,10 +337,22 @@ def test_serving_encodes_raw_values_as_prepare_encoded_them(ray_session, tmp_pat
 
     n = 10  # events per user
     users = {" alice ": (True, "x| y"), "1 ": (False, "y")}  # user -> (flag, tags), one context per user
-    log = pd.DataFrame([{"user_id": user, "item_id": float(7 + i % 3), "scenario": f"s{i % 2}", "label": i % 2,
-                         "timestamp": 1_000 + 10 * i, "split": "train" if i < n - 2 else ("val", "test")[i - n + 2],
-                         "flag": flag, "tags": tags}
-                        for user, (flag, tags) in users.items() for i in range(n)])
+    log = pd.DataFrame(
+        [
+            {
+                "user_id": user,
+                "item_id": float(7 + i % 3),
+                "scenario": f"s{i % 2}",
+                "label": i % 2,
+                "timestamp": 1_000 + 10 * i,
+                "split": "train" if i < n - 2 else ("val", "test")[i - n + 2],
+                "flag": flag,
+                "tags": tags,
+            }
+            for user, (flag, tags) in users.items()
+            for i in range(n)
+        ]
+    )
     (tmp_path / "log").mkdir()
     log.to_parquet(tmp_path / "log" / "part-0.parquet")
     spec = SceneLogSpec(context=FeatureGroup(categorical=["flag"], multi={"tags": "|"}))
@@ -300,8 +370,13 @@ def test_serving_encodes_raw_values_as_prepare_encoded_them(ray_session, tmp_pat
     for raw_user, request_user, (flag, tags) in [(" alice ", "alice", users[" alice "]), ("1 ", True, users["1 "])]:
         rows = events[events.user_id == user_codes[raw_user.strip()]]
         for context in ({"flag": flag, "tags": tags}, {"flag": flag, "tags": tags.split("|")}):
-            request = {"user_id": request_user, "scenario": "s0", "candidates": [7, 7.0, "7.0", " 7 ", 8.0],
-                       "context": context, "timestamp": 2_000}
+            request = {
+                "user_id": request_user,
+                "scenario": "s0",
+                "candidates": [7, 7.0, "7.0", " 7 ", 8.0],
+                "context": context,
+                "timestamp": 2_000,
+            }
             encoded = scorer.encode(request, record=None)
             assert encoded.shared["user_id"] == user_codes[raw_user.strip()] and encoded.oov_ids == 0
             assert encoded.item_ids.tolist() == [item_codes["7"]] * 4 + [item_codes["8"]]

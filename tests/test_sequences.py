@@ -10,11 +10,14 @@ from tests.reference_histories import add_histories
 
 def random_events(seed: int = 0, users: int = 30, events: int = 600) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"user_key": rng.integers(0, users, events).astype(str),
-            "item_key": rng.integers(0, 50, events).astype(str),
-            "timestamp": rng.integers(0, 40, events) * 100,  # many ties
-            "item_id": rng.integers(2, 52, events), "scene_id": rng.integers(2, 6, events),
-            "label": rng.integers(0, 2, events)}
+    return {
+        "user_key": rng.integers(0, users, events).astype(str),
+        "item_key": rng.integers(0, 50, events).astype(str),
+        "timestamp": rng.integers(0, 40, events) * 100,  # many ties
+        "item_id": rng.integers(2, 52, events),
+        "scene_id": rng.integers(2, 6, events),
+        "label": rng.integers(0, 2, events),
+    }
 
 
 def as_sequences(events: dict[str, np.ndarray]) -> tuple[Sequences, dict[str, np.ndarray]]:
@@ -24,8 +27,9 @@ def as_sequences(events: dict[str, np.ndarray]) -> tuple[Sequences, dict[str, np
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     lengths = np.diff(np.r_[starts, len(users)])
     rows = np.repeat(np.arange(len(starts)), lengths)
-    sequences = Sequences.from_arrays(lengths, ordered["item_id"], ordered["scene_id"], ordered["label"],
-                                      ordered["timestamp"])
+    sequences = Sequences.from_arrays(
+        lengths, ordered["item_id"], ordered["scene_id"], ordered["label"], ordered["timestamp"]
+    )
     return sequences, {**ordered, "row": rows}
 
 

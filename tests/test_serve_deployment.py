@@ -40,8 +40,12 @@ def _request(prepared, count=3):
     spec = FeatureSpec.load(prepared)
     store = InMemoryHistoryStore.from_prepared(prepared, spec)
     user = next(iter(store))
-    return {"user_id": user, "scenario": spec.scenarios[1], "candidates": spec.vocabularies["item_id"][2:2 + count],
-            "timestamp": 2_000_000_000}
+    return {
+        "user_id": user,
+        "scenario": spec.scenarios[1],
+        "candidates": spec.vocabularies["item_id"][2 : 2 + count],
+        "timestamp": 2_000_000_000,
+    }
 
 
 def test_the_endpoint_serves_the_offline_scores_and_batches_concurrent_requests(endpoint, small_model):
@@ -56,8 +60,10 @@ def test_the_endpoint_serves_the_offline_scores_and_batches_concurrent_requests(
 
     # Concurrent requests with different candidate lists (batched, and the batches merged) each get their own
     # answer; a bad request among them gets its 422 without failing the others.
-    bodies = [{**body, "candidates": body["candidates"][: 1 + i % 3], "scenario": "moon" if i % 7 == 3 else
-               body["scenario"]} for i in range(32)]
+    bodies = [
+        {**body, "candidates": body["candidates"][: 1 + i % 3], "scenario": "moon" if i % 7 == 3 else body["scenario"]}
+        for i in range(32)
+    ]
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda b: requests.post(f"{endpoint}/v1/score", json=b, timeout=30), bodies))
     for b, a in zip(bodies, answers, strict=True):
@@ -103,8 +109,12 @@ def test_a_poisoned_request_inside_a_loaded_batch_fails_no_other(endpoint, small
     offline = Scorer(model_dir, InMemoryHistoryStore.from_prepared(prepared, FeatureSpec.load(prepared)))
     expected = offline.score([body])[0].scores
     scene = body["scenario"]
-    poisoned = [{**body, "candidates": ["\ud800"]}, {**body, "timestamp": 2**64}, {**body, "user_id": "\udfff"},
-                {**body, "history": [{"item_id": "\ud800", "scenario": scene, "timestamp": 1}]}]
+    poisoned = [
+        {**body, "candidates": ["\ud800"]},
+        {**body, "timestamp": 2**64},
+        {**body, "user_id": "\udfff"},
+        {**body, "history": [{"item_id": "\ud800", "scenario": scene, "timestamp": 1}]},
+    ]
     handle = serve.get_deployment_handle(DEPLOYMENT, app_name="msit")
     with _Load(f"{endpoint}/v1/score", body) as load:
         calls = [handle.score_many.remote([body, p, body]) for p in poisoned for _ in range(3)]
@@ -122,8 +132,12 @@ def test_a_new_model_directory_is_swapped_in_without_dropping_requests(endpoint,
 
     model_dir, prepared = small_model
     spec = FeatureSpec.load(prepared)
-    second = save_model_dir(tmp_path / "second", build_for_data(ModelConfig(embed_dim=8, mlp_dims=(8,)), prepared,
-                                                                spec), ModelConfig(embed_dim=8, mlp_dims=(8,)), spec)
+    second = save_model_dir(
+        tmp_path / "second",
+        build_for_data(ModelConfig(embed_dim=8, mlp_dims=(8,)), prepared, spec),
+        ModelConfig(embed_dim=8, mlp_dims=(8,)),
+        spec,
+    )
     new_version = Scorer(second).version
     body, statuses, stop = _request(prepared), [], threading.Event()
 
@@ -134,8 +148,11 @@ def test_a_new_model_directory_is_swapped_in_without_dropping_requests(endpoint,
     threads = [threading.Thread(target=load) for _ in range(2)]
     for t in threads:
         t.start()
-    serve.run(build({"model": str(model_dir), "data": str(prepared), **ARGS, "user_config": {"model": str(second)}}),
-              name="msit", route_prefix="/")
+    serve.run(
+        build({"model": str(model_dir), "data": str(prepared), **ARGS, "user_config": {"model": str(second)}}),
+        name="msit",
+        route_prefix="/",
+    )
     deadline = time.monotonic() + 120
     while requests.get(f"{endpoint}/v1/model", timeout=10).json()["version"] != new_version:
         assert time.monotonic() < deadline, "the new model was never served"
@@ -154,9 +171,13 @@ def _deploy_config(endpoint: str, model_dir, prepared, user_config: dict) -> Non
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    app = {"name": "msit", "route_prefix": "/", "import_path": "serve.app:build",
-           "args": {"model": str(model_dir), "data": str(prepared), **ARGS},
-           "deployments": [{"name": DEPLOYMENT, "user_config": user_config}]}
+    app = {
+        "name": "msit",
+        "route_prefix": "/",
+        "import_path": "serve.app:build",
+        "args": {"model": str(model_dir), "data": str(prepared), **ARGS},
+        "deployments": [{"name": DEPLOYMENT, "user_config": user_config}],
+    }
     http = {"host": "127.0.0.1", "port": int(endpoint.rsplit(":", 1)[1])}
     _get_global_client().deploy_apps(ServeDeploySchema(http_options=http, applications=[app]), _blocking=True)
 
@@ -196,8 +217,15 @@ def test_the_serve_config_file_names_a_working_builder():
 def test_a_reload_self_tests_the_new_model_and_keeps_the_old_one_if_it_fails(small_model, tmp_path):
     """The scorer deployment's reconfigure, in process: a model that loads but cannot score is never swapped in."""
     model_dir, prepared = small_model
-    replica = MsitScorer.func_or_class({"model": str(model_dir), "data": str(prepared), "max_candidates": 10,
-                                        "max_batch_size": 8, "base_dir": str(tmp_path)})
+    replica = MsitScorer.func_or_class(
+        {
+            "model": str(model_dir),
+            "data": str(prepared),
+            "max_candidates": 10,
+            "max_batch_size": 8,
+            "base_dir": str(tmp_path),
+        }
+    )
     version = replica.current_version()
     replica.reconfigure({"model": str(nan_weights(prepared, tmp_path / "nan"))})
     assert replica.current_version() == version  # still the old model
@@ -213,8 +241,13 @@ def test_the_history_store_keeps_the_latest_events_asked_for_but_never_fewer_tha
     from msit.errors import ConfigError
 
     model_dir, prepared = small_model
-    settings = {"model": str(model_dir), "data": str(prepared), "max_candidates": 10, "max_batch_size": 8,
-                "base_dir": str(tmp_path)}
+    settings = {
+        "model": str(model_dir),
+        "data": str(prepared),
+        "max_candidates": 10,
+        "max_batch_size": 8,
+        "base_dir": str(tmp_path),
+    }
     window = Scorer(model_dir).config.history_length
     every = MsitScorer.func_or_class(settings).scorer.store
     capped = MsitScorer.func_or_class({**settings, "history_events_per_user": window}).scorer.store
@@ -231,8 +264,15 @@ def test_the_scorer_health_check_scores_a_request(small_model, tmp_path):
     model_dir, prepared = small_model
     options = MsitScorer._deployment_config
     assert options.health_check_period_s == 10 and options.health_check_timeout_s == 30
-    replica = MsitScorer.func_or_class({"model": str(model_dir), "data": str(prepared), "max_candidates": 10,
-                                        "max_batch_size": 8, "base_dir": str(tmp_path)})
+    replica = MsitScorer.func_or_class(
+        {
+            "model": str(model_dir),
+            "data": str(prepared),
+            "max_candidates": 10,
+            "max_batch_size": 8,
+            "base_dir": str(tmp_path),
+        }
+    )
     asyncio.run(replica.check_health())
     replica.scorer.model = None  # a model that cannot score
     with pytest.raises(AttributeError, match="encode_user"):
@@ -256,8 +296,9 @@ def test_msit_serve_sets_a_request_timeout_and_the_request_bounds(monkeypatch, s
     start_serving(parser.parse_args(base), str(model_dir), str(prepared))
     assert started == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 30.0}
     assert ran["app"]._bound_deployment.init_args[1]["history_events_per_user"] is None  # default: every event
-    args = parser.parse_args([*base, "--request-timeout-s", "5", "--max-history", "7", "--history-events-per-user",
-                              "20"])
+    args = parser.parse_args(
+        [*base, "--request-timeout-s", "5", "--max-history", "7", "--history-events-per-user", "20"]
+    )
     start_serving(args, str(model_dir), str(prepared))
     assert started["request_timeout_s"] == 5.0
     settings = ran["app"]._bound_deployment.init_args[1]  # MsitApi(scorer, settings)

@@ -40,25 +40,45 @@ def app_and_words(small_model, tmp_path_factory):
     spec = FeatureSpec.load(prepared)
     store = InMemoryHistoryStore.from_prepared(prepared, spec)
     scorer = Scorer(model, store, max_candidates=20, catalogue_from=prepared)
-    client = TestClient(create_app(LocalBackend(scorer), ApiSettings(max_body_bytes=100_000, max_history=20)),
-                        raise_server_exceptions=False)
+    client = TestClient(
+        create_app(LocalBackend(scorer), ApiSettings(max_body_bytes=100_000, max_history=20)),
+        raise_server_exceptions=False,
+    )
     context = [c for c, f in scorer.spec.fields.items() if f.role == "context"]
     assert NUMERIC_CONTEXT in context
-    words = {"text": [*spec.scenarios, *spec.vocabularies["item_id"][2:6], *list(store)[:3],
-                      *spec.vocabularies["hour"][2:4]], "keys": context}
+    words = {
+        "text": [
+            *spec.scenarios,
+            *spec.vocabularies["item_id"][2:6],
+            *list(store)[:3],
+            *spec.vocabularies["hour"][2:4],
+        ],
+        "keys": context,
+    }
     return client, words
 
 
 def _hostile_text():
-    return st.text(max_size=8) | st.builds(lambda a, s, b: a + s + b, st.text(max_size=3),
-                                           st.sampled_from(SURROGATES), st.text(max_size=3))
+    return st.text(max_size=8) | st.builds(
+        lambda a, s, b: a + s + b, st.text(max_size=3), st.sampled_from(SURROGATES), st.text(max_size=3)
+    )
 
 
 def _any_json():
-    leaves = (st.none() | st.booleans() | st.sampled_from(EXTREME_INTS) | st.integers()
-              | st.sampled_from(EXTREME_FLOATS) | st.floats() | _hostile_text())
-    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(_hostile_text(), inner, max_size=3), max_leaves=6)
+    leaves = (
+        st.none()
+        | st.booleans()
+        | st.sampled_from(EXTREME_INTS)
+        | st.integers()
+        | st.sampled_from(EXTREME_FLOATS)
+        | st.floats()
+        | _hostile_text()
+    )
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_hostile_text(), inner, max_size=3),
+        max_leaves=6,
+    )
 
 
 def from_schema(schema: dict, components: dict, words: dict[str, list[str]], depth: int = 0):  # noqa: C901  (one branch per JSON Schema keyword)
@@ -89,6 +109,7 @@ def from_schema(schema: dict, components: dict, words: dict[str, list[str]], dep
             if required and draw(st.integers(0, 19)) == 0:  # a required field missing
                 out.pop(draw(st.sampled_from(sorted(required))), None)
             return out
+
         return build()
     if kind == "array":
         items = from_schema(schema.get("items", {}), components, words, depth + 1)
@@ -116,8 +137,9 @@ def _operations(openapi: dict) -> list[tuple[str, str, dict | None]]:
     return out
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_fuzz_over_the_openapi_schema_finds_no_5xx(app_and_words, data):
     client, words = app_and_words

@@ -36,12 +36,18 @@ def test_inference_leaves_a_per_event_outcome_out(shared_data):
 
 
 def test_spec_maps_renamed_columns_and_aliases(tmp_path):
-    (tmp_path / "spec.yaml").write_text("columns: {user_id: User_ID, scenario: Category}\n"
-                                        "context: {categorical: [Hour]}\n")
+    (tmp_path / "spec.yaml").write_text(
+        "columns: {user_id: User_ID, scenario: Category}\ncontext: {categorical: [Hour]}\n"
+    )
     spec = SceneLogSpec.load(tmp_path / "spec.yaml")
     roles = resolve_roles(spec, ["User_ID", "ItemID", "Category", "Click", "ts", "Hour"], where="f.csv")
-    assert roles == {"user_id": "User_ID", "item_id": "ItemID", "scenario": "Category", "label": "Click",
-                     "timestamp": "ts"}
+    assert roles == {
+        "user_id": "User_ID",
+        "item_id": "ItemID",
+        "scenario": "Category",
+        "label": "Click",
+        "timestamp": "ts",
+    }
 
 
 def test_missing_required_column_names_file_role_and_columns():
@@ -57,14 +63,17 @@ def test_spec_column_mapped_but_absent():
         resolve_roles(spec, ["user_id", "item_id", "scenario", "label", "timestamp"], where="f.parquet")
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("colums: {}\n", r"unknown key\(s\) \['colums'\]"),
-    ("columns: {usr: a}\n", r"unknown role\(s\) \['usr'\]"),
-    ("user: {categorical: [a]}\nitem: {numeric: [a]}\n", "declared twice"),
-    ("item: {multi: [genres]}\n", "multi: expected a mapping"),
-    ("user: {text: [bio]}\n", "text features belong to items"),
-    ("user: {categorical: [label]}\n", "required role"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colums: {}\n", r"unknown key\(s\) \['colums'\]"),
+        ("columns: {usr: a}\n", r"unknown role\(s\) \['usr'\]"),
+        ("user: {categorical: [a]}\nitem: {numeric: [a]}\n", "declared twice"),
+        ("item: {multi: [genres]}\n", "multi: expected a mapping"),
+        ("user: {text: [bio]}\n", "text features belong to items"),
+        ("user: {categorical: [label]}\n", "required role"),
+    ],
+)
 def test_invalid_spec_files_are_refused_with_the_reason(tmp_path, text, message):
     path = tmp_path / "spec.yaml"
     path.write_text(text)
@@ -76,8 +85,16 @@ def test_invalid_spec_files_are_refused_with_the_reason(tmp_path, text, message)
 def test_list_columns_are_left_out_of_inference_with_a_note():
     import numpy as np
 
-    sample = pd.DataFrame({"user_id": ["a", "a", "b"], "item_id": ["1", "2", "3"], "scenario": "s", "label": 1,
-                           "timestamp": [1, 2, 3], "tags": [np.array(["x"]), np.array(["y"]), None]})
+    sample = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b"],
+            "item_id": ["1", "2", "3"],
+            "scenario": "s",
+            "label": 1,
+            "timestamp": [1, 2, 3],
+            "tags": [np.array(["x"]), np.array(["y"]), None],
+        }
+    )
     spec, notes = infer_spec(sample)
     assert "tags" not in spec.feature_columns()
     assert any(n.startswith("tags: left out (it holds lists or structs") for n in notes)

@@ -48,16 +48,22 @@ def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log
     Using the history from every scene must beat using the sparse scene's own history."""
     cfg = synth.SynthConfig(users=1500, items=800, seed=3)
     world = synth._World(cfg)
-    df = log.assign(user_key=log.user_id.astype(str), item_key=log.item_id.astype(str),
-                    scene_id=log.scenario.map({s: i for i, s in enumerate(world.scene_names)}))
-    events = add_histories({c: df[c].to_numpy() for c in ["user_key", "item_key", "item_id", "scene_id", "label",
-                                                          "timestamp"]}, history_length=50)
+    df = log.assign(
+        user_key=log.user_id.astype(str),
+        item_key=log.item_id.astype(str),
+        scene_id=log.scenario.map({s: i for i, s in enumerate(world.scene_names)}),
+    )
+    events = add_histories(
+        {c: df[c].to_numpy() for c in ["user_key", "item_key", "item_id", "scene_id", "label", "timestamp"]},
+        history_length=50,
+    )
     vec = world.item_vec
     sparse = world.scene_names.index("video")
     target = events["scene_id"] == sparse
     hist_items, hist_scenes = events["history_item_ids"][target], events["history_scene_ids"][target]
-    signs = np.where(events["history_labels"][target] == 1, 1.0, -1.0) * (np.arange(50) < events["history_length"]
-                                                                         [target][:, None])
+    signs = np.where(events["history_labels"][target] == 1, 1.0, -1.0) * (
+        np.arange(50) < events["history_length"][target][:, None]
+    )
     target_vec = vec[events["item_id"][target]]
 
     def score(mask):
@@ -71,11 +77,14 @@ def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log
     assert auc_all > 0.6
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"scenes": 1}, "scenes must be between"),
-    ({"sparse_scene_share": 1.5}, "sparse_scene_share"),
-    ({"items": 2, "scenes": 4}, "one item per scene"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scenes": 1}, "scenes must be between"),
+        ({"sparse_scene_share": 1.5}, "sparse_scene_share"),
+        ({"items": 2, "scenes": 4}, "one item per scene"),
+    ],
+)
 def test_invalid_configs_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         synth.SynthConfig(**kwargs)

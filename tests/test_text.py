@@ -25,9 +25,29 @@ from msit.text import (
 from msit.text import encoder as encoder_module
 
 TINY_DIM = 32
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "#", ".", "a", "the", "of", "and", "with", "match", "recipe",
-         "football", "goal", *synth.CATEGORY_NAMES, *synth.ADJECTIVES, *synth.NOUNS,
-         *(str(d) for d in range(10)), *(f"##{d}" for d in range(10))]
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "#",
+    ".",
+    "a",
+    "the",
+    "of",
+    "and",
+    "with",
+    "match",
+    "recipe",
+    "football",
+    "goal",
+    *synth.CATEGORY_NAMES,
+    *synth.ADJECTIVES,
+    *synth.NOUNS,
+    *(str(d) for d in range(10)),
+    *(f"##{d}" for d in range(10)),
+]
 
 
 def _tiny_bert(folder, seed: int):
@@ -38,8 +58,14 @@ def _tiny_bert(folder, seed: int):
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(dict.fromkeys(WORDS)) + "\n")
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(dict.fromkeys(WORDS)), hidden_size=TINY_DIM, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(WORDS)),
+        hidden_size=TINY_DIM,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     # from_pretrained reads vocab.txt under transformers 4 and 5 alike (the constructor's keyword was renamed).
     tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
@@ -62,8 +88,12 @@ def tiny_encoder(tiny):
 def prepared(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("text")
     synth.write(synth.SynthConfig(users=60, items=80, events_per_user=8, seed=1), root / "log", progress=False)
-    prepare(PrepareConfig(inputs=[str(root / "log")], out=str(root / "prep"),
-                          spec=SceneLogSpec.load(root / "log" / "spec.yaml")), log=lambda _: None)
+    prepare(
+        PrepareConfig(
+            inputs=[str(root / "log")], out=str(root / "prep"), spec=SceneLogSpec.load(root / "log" / "spec.yaml")
+        ),
+        log=lambda _: None,
+    )
     return root / "prep"
 
 
@@ -92,6 +122,7 @@ def _cache_rows(directory) -> dict[int, np.ndarray]:
 
 
 # --- the encoder ---------------------------------------------------------------------------------------------
+
 
 def test_encode_gives_unit_float32_rows_and_is_deterministic(tiny_encoder, tiny):
     texts = ["wild sports show", "the golden cooking recipe with a bold goal", "music", "quiet travel diary # 42"]
@@ -126,18 +157,25 @@ def test_a_folder_without_a_model_or_a_missing_default_package_is_a_clear_error(
 def test_the_default_minilm_puts_football_titles_together():
     encoder = TextEncoder()
     assert encoder.dim == 384
-    a, b, c = encoder.encode(["Late goal wins the football derby", "Premier League football match highlights",
-                              "Easy pasta recipe with garlic and tomatoes"])
+    a, b, c = encoder.encode(
+        [
+            "Late goal wins the football derby",
+            "Premier League football match highlights",
+            "Easy pasta recipe with garlic and tomatoes",
+        ]
+    )
     assert float(a @ b) > float(a @ c) + 0.1
 
 
 def test_text_columns_are_joined_and_empty_ones_skipped():
-    frame = pd.DataFrame({"title": ["Wild lab", None, "", "Bold show "], "blurb": ["Fun science", "Only blurb", None,
-                                                                                  float("nan")]})
+    frame = pd.DataFrame(
+        {"title": ["Wild lab", None, "", "Bold show "], "blurb": ["Fun science", "Only blurb", None, float("nan")]}
+    )
     assert item_texts(frame, ["title", "blurb"]) == ["Wild lab. Fun science", "Only blurb", "", "Bold show"]
 
 
 # --- item text embeddings on Ray Data ------------------------------------------------------------------------
+
 
 def test_embed_item_text_writes_one_row_per_item_equal_to_the_encoder(embedded, tiny, tiny_encoder):
     items = _items(embedded)
@@ -196,8 +234,9 @@ def test_a_changed_encoder_or_changed_texts_invalidate_the_cache(embedded, tiny,
     items.loc[items.item_id == changed, "title"] = "golden football match"
     items.to_parquet(prep / "items.parquet", index=False)
     embed_item_text(prep, other, log=lambda _: None)
-    np.testing.assert_allclose(_cache_rows(prep)[changed], TextEncoder(other).encode(["golden football match"])[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        _cache_rows(prep)[changed], TextEncoder(other).encode(["golden football match"])[0], atol=1e-5
+    )
 
 
 def test_loading_without_a_cache_or_for_another_vocabulary_is_a_clear_error(embedded, prepared, tmp_path):
@@ -214,6 +253,7 @@ def test_loading_without_a_cache_or_for_another_vocabulary_is_a_clear_error(embe
 
 # --- scene descriptions --------------------------------------------------------------------------------------
 
+
 def test_scene_descriptions_give_zero_rows_for_scenes_without_text(prepared, tiny, tiny_encoder, tmp_path):
     spec = FeatureSpec.load(prepared)
     scenes = spec.vocabularies["scenario"]
@@ -221,8 +261,11 @@ def test_scene_descriptions_give_zero_rows_for_scenes_without_text(prepared, tin
     assert none.shape == (len(scenes), TINY_DIM) and none.dtype == np.float32
     np.testing.assert_array_equal(none, 0.0)
 
-    spec.source["spec"]["scene_descriptions"] = {"search": "results of a typed query", "shop": "",
-                                                 "radio": "not a scene of this data"}
+    spec.source["spec"]["scene_descriptions"] = {
+        "search": "results of a typed query",
+        "shop": "",
+        "radio": "not a scene of this data",
+    }
     spec.save(tmp_path)
     notes = []
     table = embed_scene_descriptions(tmp_path, tiny, log=notes.append)

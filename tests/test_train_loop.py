@@ -25,22 +25,35 @@ def tiny_split(users: int = N_USERS - 2, events_per_user: int = 12, seed: int = 
     labels = (rng.random(n) < np.where(items % 2 == 0, 0.8, 0.2)).astype(np.int8)
     scenes = rng.integers(2, 5, n)
     stamps = np.tile(np.arange(events_per_user) * 100, users) + 1_000
-    sequences = Sequences.from_arrays(np.full(users, events_per_user), items.astype(np.int32),
-                                      scenes.astype(np.int16), labels, stamps.astype(np.int64))
+    sequences = Sequences.from_arrays(
+        np.full(users, events_per_user),
+        items.astype(np.int32),
+        scenes.astype(np.int16),
+        labels,
+        stamps.astype(np.int64),
+    )
     rows = np.repeat(np.arange(users), events_per_user)
-    events = {"user_id": torch.from_numpy(rows + 2).int(), "item_id": torch.from_numpy(items).int(),
-              "scene_id": torch.from_numpy(scenes).short(), "label": torch.from_numpy(labels),
-              "gender": torch.from_numpy(rng.integers(2, 4, n)).int(),
-              "hour": torch.from_numpy(rng.integers(2, 26, n)).int(),
-              "timestamp": torch.from_numpy(stamps), "sequence_row": torch.from_numpy(rows).int(),
-              "position": torch.from_numpy(np.tile(np.arange(events_per_user), users)).int()}
+    events = {
+        "user_id": torch.from_numpy(rows + 2).int(),
+        "item_id": torch.from_numpy(items).int(),
+        "scene_id": torch.from_numpy(scenes).short(),
+        "label": torch.from_numpy(labels),
+        "gender": torch.from_numpy(rng.integers(2, 4, n)).int(),
+        "hour": torch.from_numpy(rng.integers(2, 26, n)).int(),
+        "timestamp": torch.from_numpy(stamps),
+        "sequence_row": torch.from_numpy(rows).int(),
+        "position": torch.from_numpy(np.tile(np.arange(events_per_user), users)).int(),
+    }
     return EventSplit(events, sequences)
 
 
 def tiny_model(family: str = "msit", dropout: float = 0.1):
     seed_everything(0)
-    return build_model(ModelConfig(family=family, embed_dim=8, mlp_dims=(8,), history_length=6, dropout=dropout),
-                       tiny_spec(), item_table())
+    return build_model(
+        ModelConfig(family=family, embed_dim=8, mlp_dims=(8,), history_length=6, dropout=dropout),
+        tiny_spec(),
+        item_table(),
+    )
 
 
 def scripted_loop(aucs: list[float], cfg: TrainConfig, world: World | None = None, **hooks) -> tuple[EpochLoop, list]:
@@ -53,10 +66,18 @@ def scripted_loop(aucs: list[float], cfg: TrainConfig, world: World | None = Non
         auc = next(scores)
         return {"overall": {"auc": auc, "logloss": 1 - auc}, "scenes": {"feed": {"auc": auc}}}
 
-    loop = EpochLoop(cfg, step=lambda batch: 0.5, train_batches=lambda epoch: [{"label": torch.zeros(4)}] * 3,
-                     validate=validate, on_epoch=lambda end: calls.append(("epoch", end.epoch, end.improved)),
-                     world=world or World(), after_batch=lambda epoch, n: calls.append(("batch", epoch, n)),
-                     after_epoch=lambda epoch: calls.append(("after", epoch)), log=lambda _: None, **hooks)
+    loop = EpochLoop(
+        cfg,
+        step=lambda batch: 0.5,
+        train_batches=lambda epoch: [{"label": torch.zeros(4)}] * 3,
+        validate=validate,
+        on_epoch=lambda end: calls.append(("epoch", end.epoch, end.improved)),
+        world=world or World(),
+        after_batch=lambda epoch, n: calls.append(("batch", epoch, n)),
+        after_epoch=lambda epoch: calls.append(("after", epoch)),
+        log=lambda _: None,
+        **hooks,
+    )
     return loop, calls
 
 
@@ -65,11 +86,19 @@ def test_the_loop_stops_after_patience_epochs_without_a_better_val_auc():
     state = loop.run()
     assert (state.best_epoch, state.best_auc) == (2, 0.7)
     assert [h["epoch"] for h in state.history] == [1, 2, 3, 4]  # epoch 5 never ran
-    assert [c for c in calls if c[0] == "epoch"] == [("epoch", 1, True), ("epoch", 2, True), ("epoch", 3, False),
-                                                    ("epoch", 4, False)]
+    assert [c for c in calls if c[0] == "epoch"] == [
+        ("epoch", 1, True),
+        ("epoch", 2, True),
+        ("epoch", 3, False),
+        ("epoch", 4, False),
+    ]
     assert [c[1] for c in calls if c[0] == "after"] == [1, 2, 3]  # the run went on after these
-    assert [c for c in calls if c[0] == "batch"][:4] == [("batch", 0, 1), ("batch", 0, 2), ("batch", 0, 3),
-                                                         ("batch", 1, 1)]
+    assert [c for c in calls if c[0] == "batch"][:4] == [
+        ("batch", 0, 1),
+        ("batch", 0, 2),
+        ("batch", 0, 3),
+        ("batch", 1, 1),
+    ]
     record = state.history[0]
     assert record["train_samples"] == 12 and record["train_loss"] == 0.5 and record["val_auc/feed"] == 0.6
     assert record["first_epoch_of_attempt"] == 1
@@ -120,8 +149,9 @@ def test_fit_trains_reproducibly_and_ends_with_the_best_epochs_weights():
     runs = []
     for _ in range(2):
         model = tiny_model()
-        result = fit(model, train, val, spec, TrainConfig(epochs=4, batch_size=32, lr=1e-2, patience=4),
-                     log=lambda _: None)
+        result = fit(
+            model, train, val, spec, TrainConfig(epochs=4, batch_size=32, lr=1e-2, patience=4), log=lambda _: None
+        )
         runs.append(result)
     assert [h["train_loss"] for h in runs[0].history] == [h["train_loss"] for h in runs[1].history]
     result = runs[1]
@@ -129,7 +159,8 @@ def test_fit_trains_reproducibly_and_ends_with_the_best_epochs_weights():
     assert result.history[0]["train_samples"] == len(train)
     assert set(result.history[0]) >= {"train_loss", "val_auc", "val_logloss", "val_auc/feed", "train_samples_per_s"}
     assert evaluate(model, val, spec, batch_size=50)["overall"]["auc"] == pytest.approx(
-        result.best_val["overall"]["auc"], abs=1e-12)
+        result.best_val["overall"]["auc"], abs=1e-12
+    )
     assert result.best_val["overall"]["auc"] > 0.6  # the planted signal (chance is 0.5)
 
 
@@ -139,8 +170,13 @@ def test_validation_metrics_in_one_process_are_scene_metrics_of_every_row():
     local = predictions(model, val.batches(37, model.history_length))
     ours = validation_metrics(World(), local, spec.scene_names())
     events = val.events
-    assert ours == scene_metrics(events["label"].numpy(), local["prob"].numpy(), events["scene_id"].numpy(),
-                                 events["user_id"].numpy(), spec.scene_names())
+    assert ours == scene_metrics(
+        events["label"].numpy(),
+        local["prob"].numpy(),
+        events["scene_id"].numpy(),
+        events["user_id"].numpy(),
+        spec.scene_names(),
+    )
     assert ours["overall"]["auc"] == pytest.approx(evaluate(model, val, spec)["overall"]["auc"], abs=1e-12)
 
 
@@ -161,7 +197,7 @@ def _two_ranks(rank: int, port: int, out: dict) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2))
     batch = next(tiny_split(seed=2).batches(32, 6))
-    train_step(ddp, {k: v[rank * 16:(rank + 1) * 16] for k, v in batch.items()}, optimizer)
+    train_step(ddp, {k: v[rank * 16 : (rank + 1) * 16] for k, v in batch.items()}, optimizer)
     if rank == 0:
         out["gathered"] = gathered
         out["grads"] = {k: p.grad.numpy().copy() for k, p in model.named_parameters() if p.grad is not None}
@@ -196,7 +232,8 @@ def test_two_ranks_gather_every_val_row_and_a_global_batch_steps_like_one_proces
     for part in ("auc", "logloss", "gauc"):
         assert out["gathered"]["overall"][part] == pytest.approx(whole["overall"][part], abs=1e-6)
         assert {s: m[part] for s, m in out["gathered"]["scenes"].items()} == pytest.approx(
-            {s: m[part] for s, m in whole["scenes"].items()}, abs=1e-6)
+            {s: m[part] for s, m in whole["scenes"].items()}, abs=1e-6
+        )
     optimizer = make_optimizer(model, TrainConfig(lr=1e-2))
     train_step(model, next(tiny_split(seed=2).batches(32, 6)), optimizer)
     grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
@@ -246,7 +283,7 @@ def test_a_kept_shard_streams_its_first_epoch_then_reshuffles_the_same_rows_in_m
     def stream(epoch):  # what Ray Data hands the rank in its first epoch: 10 rows in batches of 4
         streamed.append(epoch)
         rows = torch.arange(10)
-        yield from ({"item_id": rows[i:i + 4], "label": rows[i:i + 4] % 2} for i in range(0, 10, 4))
+        yield from ({"item_id": rows[i : i + 4], "label": rows[i : i + 4] % 2} for i in range(0, 10, 4))
 
     shard = KeptShard(stream, batch_size=4, epoch_seed=lambda epoch: 100 + epoch)
     first = list(shard.epoch(1))

@@ -65,8 +65,24 @@ def test_evaluate_command_prints_the_per_scene_table(data, small_prepared, tmp_p
     prepared, spec, _ = data
     model, _ = _fit(data, epochs=1)
     save_model_dir(tmp_path / "model", model, ModelConfig(embed_dim=16, mlp_dims=(32,)), spec)
-    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(prepared),
-                 "--json", str(tmp_path / "m.json"), "--ranking-k", "5", "--ranking-queries", "20"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(prepared),
+                "--json",
+                str(tmp_path / "m.json"),
+                "--ranking-k",
+                "5",
+                "--ranking-queries",
+                "20",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert all(scene in out for scene in spec.scenarios) and "overall" in out and "GAUC" in out
     ranking = json.loads((tmp_path / "m.json").read_text())["ranking"]
@@ -75,8 +91,10 @@ def test_evaluate_command_prints_the_per_scene_table(data, small_prepared, tmp_p
 
     # New logs encoded with the model's vocabularies evaluate; a differently encoded directory is refused.
     log, _ = small_prepared
-    again = prepare(PrepareConfig(inputs=[str(log)], out=str(tmp_path / "again"),
-                                  encoding_from=str(tmp_path / "model")), log=lambda _: None)
+    again = prepare(
+        PrepareConfig(inputs=[str(log)], out=str(tmp_path / "again"), encoding_from=str(tmp_path / "model")),
+        log=lambda _: None,
+    )
     assert again.feature_spec.fingerprint() == load_model_dir(tmp_path / "model").spec.fingerprint()
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "again")]) == 0
     other = prepare(PrepareConfig(inputs=[str(log)], out=str(tmp_path / "other"), min_count=3), log=lambda _: None)
@@ -110,8 +128,13 @@ def test_deterministic_kernels_by_default_on_the_cpu_only_and_compile_when_asked
 def _tiny_model(family: str) -> nn.Module:
     """A model of `family` with every optional part: numeric item features, item and scene text, scene bias."""
     config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=6, use_text=True, text_dim=8)
-    return build_model(config, tiny_spec(), item_table(), np.zeros((N_ITEMS, 8), np.float32),
-                       np.zeros((len(SCENES) + 2, 8), np.float32))
+    return build_model(
+        config,
+        tiny_spec(),
+        item_table(),
+        np.zeros((N_ITEMS, 8), np.float32),
+        np.zeros((len(SCENES) + 2, 8), np.float32),
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)

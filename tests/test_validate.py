@@ -12,9 +12,16 @@ from msit.data.spec import FeatureGroup, SceneLogSpec
 from msit.data.validate import BAD_EXAMPLE, BAD_REASON, BadRowReport, check_batch, summarize_bad_rows
 from msit.errors import DataValidationError
 
-SPEC = SceneLogSpec(columns={"user_id": "user_id", "item_id": "item_id", "scenario": "scenario",
-                             "label": "label", "timestamp": "timestamp"},
-                    user=FeatureGroup(numeric=["age"]))
+SPEC = SceneLogSpec(
+    columns={
+        "user_id": "user_id",
+        "item_id": "item_id",
+        "scenario": "scenario",
+        "label": "label",
+        "timestamp": "timestamp",
+    },
+    user=FeatureGroup(numeric=["age"]),
+)
 
 
 def _batch(**overrides):
@@ -29,17 +36,20 @@ def _concat(*batches):
     return pa.concat_tables(batches)
 
 
-@pytest.mark.parametrize(("overrides", "reason"), [
-    ({"user_id": None}, "column 'user_id': null or empty"),
-    ({"item_id": ""}, "column 'item_id': null or empty"),
-    ({"scenario": None}, "column 'scenario': null or empty"),
-    ({"timestamp": None}, "column 'timestamp': null"),
-    ({"timestamp": "yesterday"}, "column 'timestamp': not a number or ISO-8601 datetime"),
-    ({"label": None}, "column 'label': null"),
-    ({"label": "yes"}, "column 'label': not a number"),
-    ({"label": "2"}, "column 'label': outside {0, 1}"),
-    ({"age": "thirty"}, "column 'age': not a number"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"user_id": None}, "column 'user_id': null or empty"),
+        ({"item_id": ""}, "column 'item_id': null or empty"),
+        ({"scenario": None}, "column 'scenario': null or empty"),
+        ({"timestamp": None}, "column 'timestamp': null"),
+        ({"timestamp": "yesterday"}, "column 'timestamp': not a number or ISO-8601 datetime"),
+        ({"label": None}, "column 'label': null"),
+        ({"label": "yes"}, "column 'label': not a number"),
+        ({"label": "2"}, "column 'label': outside {0, 1}"),
+        ({"age": "thirty"}, "column 'age': not a number"),
+    ],
+)
 def test_each_bad_value_gets_its_reason_and_an_example(overrides, reason):
     out = check_batch(_batch(**overrides), SPEC).to_pandas()
     assert out[BAD_REASON].tolist() == [reason]
@@ -95,8 +105,21 @@ def test_datetime_columns_become_epoch_seconds():
 
 
 def test_timestamp_units_and_range():
-    seconds = parse.seconds(pa.array(["1700000000", "1700000000000", "1700000000000000", "1700000000000000000",
-                                      "1e20", "inf", "-9e18", "2024-13-01", " 2024-01-01T00:00:00+01:00 "]))
+    seconds = parse.seconds(
+        pa.array(
+            [
+                "1700000000",
+                "1700000000000",
+                "1700000000000000",
+                "1700000000000000000",
+                "1e20",
+                "inf",
+                "-9e18",
+                "2024-13-01",
+                " 2024-01-01T00:00:00+01:00 ",
+            ]
+        )
+    )
     assert seconds.values[:4].tolist() == [1_700_000_000] * 4
     assert seconds.unit[:4].tolist() == ["", "ms", "us", "ns"]
     assert seconds.out_of_range.tolist() == [False] * 4 + [True, True, True, False, False]
@@ -112,8 +135,7 @@ def test_one_spelling_per_key_in_every_format(values):
 
 def test_scalar_and_vectorised_keys_agree():
     values = [0.1, 7.5, 1e20, 1e-7, -3.25, 2**40, -0.0, "", None, "NA", float("nan"), "x\ty "]
-    assert [parse.normalize_key(v) for v in values] == [
-        parse.keys(pa.array([v]))[0].to_pylist()[0] for v in values]
+    assert [parse.normalize_key(v) for v in values] == [parse.keys(pa.array([v]))[0].to_pylist()[0] for v in values]
     assert parse.normalize_key("") is None and parse.normalize_key(float("nan")) is None
     assert parse.normalize_key("NA") == "NA"  # text, not a missing value
 

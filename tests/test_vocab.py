@@ -10,12 +10,18 @@ SPEC = SceneLogSpec(columns={}, user=FeatureGroup(numeric=["age"]), item=Feature
 
 
 def _rows():
-    return pd.DataFrame({
-        "user_id": ["a", "a", "b", "c", "z"], "item_id": ["1", "1", "2", "3", "9"],
-        "scenario": ["s2", "s1", "s1", "s1", "s3"], "label": [1, 0, 1, 0, 1], "timestamp": [1, 2, 3, 4, 5],
-        "split": ["train", "train", "train", "train", "test"], "age": [20.0, 20.0, 40.0, None, 99.0],
-        "genres": ["x|y", "x|y", "y", None, "w|x|y|q"],
-    })
+    return pd.DataFrame(
+        {
+            "user_id": ["a", "a", "b", "c", "z"],
+            "item_id": ["1", "1", "2", "3", "9"],
+            "scenario": ["s2", "s1", "s1", "s1", "s3"],
+            "label": [1, 0, 1, 0, 1],
+            "timestamp": [1, 2, 3, 4, 5],
+            "split": ["train", "train", "train", "train", "test"],
+            "age": [20.0, 20.0, 40.0, None, 99.0],
+            "genres": ["x|y", "x|y", "y", None, "w|x|y|q"],
+        }
+    )
 
 
 def test_vocabulary_reserves_padding_and_oov_and_applies_min_count():

@@ -33,10 +33,17 @@ def tied_log(seed: int = 3) -> pd.DataFrame:
     frames = []
     for user in range(40):
         n = [1, 2, 3, 5, 12, 30][user % 6]
-        frames.append(pd.DataFrame({
-            "user_id": user + 1, "item_id": rng.choice(np.arange(1, 80), n, replace=False),  # no duplicate rows
-            "scenario": rng.choice(["feed", "search", "shop"], n), "label": rng.integers(0, 2, n),
-            "timestamp": 1_000_000_000 + 1000 * rng.integers(0, 8, n)}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "user_id": user + 1,
+                    "item_id": rng.choice(np.arange(1, 80), n, replace=False),  # no duplicate rows
+                    "scenario": rng.choice(["feed", "search", "shop"], n),
+                    "label": rng.integers(0, 2, n),
+                    "timestamp": 1_000_000_000 + 1000 * rng.integers(0, 8, n),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -72,8 +79,10 @@ def training_windows(prepared, spec, history_length: int) -> dict[str, dict[str,
 
 def serving_windows(scorer: Scorer, requests: list[dict], per_batch: int = 16) -> dict[str, np.ndarray]:
     """The windows the scorer cuts for these requests, several requests per batch as in serving."""
-    parts = [scorer.windows([scorer.encode(r) for r in requests[i:i + per_batch]])
-             for i in range(0, len(requests), per_batch)]
+    parts = [
+        scorer.windows([scorer.encode(r) for r in requests[i : i + per_batch]])
+        for i in range(0, len(requests), per_batch)
+    ]
     return {name: torch.cat([p[name] for p in parts]).numpy() for name in WINDOW}
 
 
@@ -91,19 +100,34 @@ def test_training_and_serving_cut_identical_windows_for_every_event(tied):
     events = dict(iter(log.groupby(log["user_id"].astype(str))))
     lengths, ties = [], 0
     for split, rows in trained.items():
-        base = [{"user_id": user, "scenario": spec.scenarios[0], "candidates": ["1"], "timestamp": int(t)}
-                for user, t in zip(rows["user_key"], rows["timestamp"], strict=True)]
+        base = [
+            {"user_id": user, "scenario": spec.scenarios[0], "candidates": ["1"], "timestamp": int(t)}
+            for user, t in zip(rows["user_key"], rows["timestamp"], strict=True)
+        ]
         assert_same_windows(serving_windows(scorer, base), rows, f"{split}, the store's sequences")
 
         # The user's whole log in the request instead, in a random order: put in event order, ties alike.
-        given = [{**r, "history": [{"item_id": int(e.item_id), "scenario": e.scenario, "label": int(e.label),
-                                    "timestamp": int(e.timestamp)}
-                                   for e in events[r["user_id"]].sample(frac=1, random_state=rng).itertuples()]}
-                 for r in base]
+        given = [
+            {
+                **r,
+                "history": [
+                    {
+                        "item_id": int(e.item_id),
+                        "scenario": e.scenario,
+                        "label": int(e.label),
+                        "timestamp": int(e.timestamp),
+                    }
+                    for e in events[r["user_id"]].sample(frac=1, random_state=rng).itertuples()
+                ],
+            }
+            for r in base
+        ]
         assert_same_windows(serving_windows(scorer, given), rows, f"{split}, the request's history")
         lengths += rows["history_length"].tolist()
-        ties += sum(int((events[u]["timestamp"] == t).sum() > 1) for u, t in zip(rows["user_key"], rows["timestamp"],
-                                                                                   strict=True))
+        ties += sum(
+            int((events[u]["timestamp"] == t).sum() > 1)
+            for u, t in zip(rows["user_key"], rows["timestamp"], strict=True)
+        )
     # The log exercises what it is made for: events that tie, empty, partial and full windows.
     assert ties > 100 and {0, N} <= set(lengths) and any(0 < n < N for n in lengths)
     assert len(lengths) == len(log)
@@ -116,10 +140,15 @@ def test_identical_windows_on_the_synthetic_logs_with_user_and_context_features(
     scorer = Scorer(model_dir, InMemoryHistoryStore.from_prepared(prepared, spec))
     assert scorer.config.history_length == load_model_config(model_dir).history_length
     rows = training_windows(prepared, spec, scorer.config.history_length)["test"]
-    requests = [{"user_id": user, "scenario": spec.scenarios[0], "candidates": ["1"], "timestamp": int(t)}
-                for user, t in zip(rows["user_key"], rows["timestamp"], strict=True)]
+    requests = [
+        {"user_id": user, "scenario": spec.scenarios[0], "candidates": ["1"], "timestamp": int(t)}
+        for user, t in zip(rows["user_key"], rows["timestamp"], strict=True)
+    ]
     for per_batch in (1, 64):
-        assert_same_windows(serving_windows(scorer, requests[:200], per_batch),
-                            {k: v[:200] for k, v in rows.items()}, f"batches of {per_batch}")
+        assert_same_windows(
+            serving_windows(scorer, requests[:200], per_batch),
+            {k: v[:200] for k, v in rows.items()},
+            f"batches of {per_batch}",
+        )
     assert_same_windows(serving_windows(scorer, requests, 64), rows, "the whole test split")
     assert (rows["history_length"] > 0).mean() > 0.8

@@ -39,8 +39,10 @@ def _windows(out, spec) -> pd.DataFrame:
     for split in SPLITS:
         events = load_split(out, split, spec, sequences)
         batches = list(events.batches(batch_size=4096, history_length=N))
-        columns = {name: torch.cat([b[name] for b in batches]).numpy()
-                   for name in ("item_id", "scene_id", "label", *WINDOW_FIELDS)}
+        columns = {
+            name: torch.cat([b[name] for b in batches]).numpy()
+            for name in ("item_id", "scene_id", "label", *WINDOW_FIELDS)
+        }
         frame = pd.DataFrame({k: list(v) if v.ndim == 2 else v for k, v in columns.items()})
         frame["user_key"] = user_key[events.events["sequence_row"].numpy()]
         frame["timestamp"] = events.events["timestamp"].numpy()
@@ -53,11 +55,15 @@ def _reference(raw: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
     """The histories built from the raw CSV by the old per-row builder, ids encoded with the prepared
     vocabularies."""
     items, scenes = spec.vocabulary("item_id"), spec.vocabulary("scenario")
-    events = {"user_key": raw.user_id.astype(str).to_numpy(dtype=object),
-              "item_key": raw.item_id.astype(str).to_numpy(dtype=object),
-              "item_id": items.encode(raw.item_id.astype(str)), "scene_id": scenes.encode(raw.scenario),
-              "label": raw.label.to_numpy(np.int64), "timestamp": raw.timestamp.to_numpy(np.int64),
-              "split": raw.split.to_numpy(dtype=object)}
+    events = {
+        "user_key": raw.user_id.astype(str).to_numpy(dtype=object),
+        "item_key": raw.item_id.astype(str).to_numpy(dtype=object),
+        "item_id": items.encode(raw.item_id.astype(str)),
+        "scene_id": scenes.encode(raw.scenario),
+        "label": raw.label.to_numpy(np.int64),
+        "timestamp": raw.timestamp.to_numpy(np.int64),
+        "split": raw.split.to_numpy(dtype=object),
+    }
     out = add_histories(events, history_length=N)
     return pd.DataFrame({k: list(v) if v.ndim == 2 else v for k, v in out.items()}).drop(columns=["item_key"])
 
@@ -81,8 +87,15 @@ def test_prepared_layout_holds_each_event_once_in_compact_types(ml100k):
     sequences = load_sequences(out)
     assert len(sequences) == raw.user_id.nunique() and int(sequences.lengths().sum()) == len(raw)
     assert all(spec.row_counts[s] == (raw.split == s).sum() for s in SPLITS)
-    types = {"user_id": "int32", "item_id": "int32", "scene_id": "int16", "label": "int8", "timestamp": "int64",
-             "sequence_row": "int32", "position": "int32"}
+    types = {
+        "user_id": "int32",
+        "item_id": "int32",
+        "scene_id": "int16",
+        "label": "int8",
+        "timestamp": "int64",
+        "sequence_row": "int32",
+        "position": "int32",
+    }
     for split in SPLITS:
         schema = pq.read_schema(next((out / split).glob("*.parquet")))
         assert set(schema.names) == set(event_columns(spec))
@@ -91,5 +104,10 @@ def test_prepared_layout_holds_each_event_once_in_compact_types(ml100k):
         assert (np.diff(rows) == 0).mean() < 0.1  # not grouped by user (grouped, 99% of neighbours would match)
     schema = pq.read_schema(next((out / "sequences").glob("*.parquet")))
     assert {n: str(schema.field(n).type) for n in schema.names} == {
-        "sequence_row": "int32", "user_key": "string", "item_ids": "list<element: int32>",
-        "scene_ids": "list<element: int16>", "labels": "list<element: int8>", "timestamps": "list<element: int64>"}
+        "sequence_row": "int32",
+        "user_key": "string",
+        "item_ids": "list<element: int32>",
+        "scene_ids": "list<element: int16>",
+        "labels": "list<element: int8>",
+        "timestamps": "list<element: int64>",
+    }

@@ -89,12 +89,16 @@ class FeatureSpec:
             raise MsitError(f"no {FEATURE_SPEC_FILE} at {directory}: run `msit data prepare` first")
         data = json.loads(path.read_text())
         if data.get("format_version") != FORMAT_VERSION:
-            raise MsitError(f"{path}: feature spec format {data.get('format_version')} is not supported "
-                            f"(expected {FORMAT_VERSION}); re-run `msit data prepare`")
+            raise MsitError(
+                f"{path}: feature spec format {data.get('format_version')} is not supported "
+                f"(expected {FORMAT_VERSION}); re-run `msit data prepare`"
+            )
         if data.get("layout", 1) != LAYOUT_VERSION:
-            raise MsitError(f"{path}: written by an older msit (data layout {data.get('layout', 1)}, which copied a "
-                            f"history onto every row; this msit reads layout {LAYOUT_VERSION}): run `msit data "
-                            "prepare` on the logs again (and train again for a model directory)")
+            raise MsitError(
+                f"{path}: written by an older msit (data layout {data.get('layout', 1)}, which copied a "
+                f"history onto every row; this msit reads layout {LAYOUT_VERSION}): run `msit data "
+                "prepare` on the logs again (and train again for a model directory)"
+            )
         data["fields"] = {k: FieldInfo(**v) for k, v in data["fields"].items()}
         return cls(**data)
 

@@ -34,14 +34,14 @@ def items_are_numbers(item_keys: pa.Array | pa.ChunkedArray) -> bool:
     return x.null_count == 0 and bool(pc.all(pc.is_finite(x)).as_py() is not False)
 
 
-def sorted_event_order(user_keys: pa.Array, timestamps: pa.Array, item_keys: pa.Array,
-                       items_numeric: bool) -> np.ndarray:
+def sorted_event_order(
+    user_keys: pa.Array, timestamps: pa.Array, item_keys: pa.Array, items_numeric: bool
+) -> np.ndarray:
     """`event_order` on Arrow columns (a stable Arrow sort): `items_numeric` says how items break ties, decided
     once for the whole log (`items_are_numbers`), so that every part of the log orders alike."""
     tiebreak = pc.cast(item_keys, pa.float64()) if items_numeric else item_keys
     table = pa.table({"u": user_keys, "t": timestamps, "i": tiebreak})
-    return pc.sort_indices(table, sort_keys=[("u", "ascending"), ("t", "ascending"), ("i", "ascending")]
-                           ).to_numpy()
+    return pc.sort_indices(table, sort_keys=[("u", "ascending"), ("t", "ascending"), ("i", "ascending")]).to_numpy()
 
 
 def run_starts(*keys: np.ndarray | pa.Array) -> np.ndarray:
@@ -57,7 +57,6 @@ def run_starts(*keys: np.ndarray | pa.Array) -> np.ndarray:
     return np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
 
 
-
 def user_runs(user_keys: pa.Array, timestamps: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For events in event order: (each event's user index 0..U-1 in this order, its index within its user's
     events, its position: how many of its user's events have a strictly earlier timestamp)."""
@@ -67,8 +66,11 @@ def user_runs(user_keys: pa.Array, timestamps: pa.Array) -> tuple[np.ndarray, np
     return np.cumsum(index_in_user == 0) - 1, index_in_user, position
 
 
-def split_codes(position: np.ndarray, sizes: np.ndarray, ratios: tuple[float, float, float],
-                ) -> tuple[np.ndarray, np.ndarray]:
+def split_codes(
+    position: np.ndarray,
+    sizes: np.ndarray,
+    ratios: tuple[float, float, float],
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-user chronological split of sorted events, from each event's index in its user's run and the run's
     size: (codes 0 train / 1 val / 2 test as int8, mask of events whose user has no training event)."""
     _, val_ratio, test_ratio = ratios

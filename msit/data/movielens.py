@@ -26,8 +26,22 @@ GENRE_SCENES = {
     "thrill": ["Action", "Adventure", "Sci-Fi", "Thriller", "Crime", "Horror", "Mystery", "Western"],
 }
 PROTOCOLS = ("age", "genre")
-COLUMNS = ["user_id", "item_id", "scenario", "label", "rating", "timestamp", "split",
-           "age", "gender", "occupation", "zip", "title", "genres", "release_year"]
+COLUMNS = [
+    "user_id",
+    "item_id",
+    "scenario",
+    "label",
+    "rating",
+    "timestamp",
+    "split",
+    "age",
+    "gender",
+    "occupation",
+    "zip",
+    "title",
+    "genres",
+    "release_year",
+]
 RAW_FILES = ("u.data", "u.user", "u.item", "u.genre")
 
 
@@ -52,11 +66,15 @@ def _read_raw(raw: Path) -> pd.DataFrame:
     items["genres"] = ["|".join(g for g, on in zip(genre_names, row, strict=True) if on) for row in flags]
     year = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
     items["release_year"] = year.fillna(0).astype(int)
-    users = pd.read_csv(raw / "u.user", sep="|", header=None,
-                        names=["user_id", "age", "gender", "occupation", "zip"], dtype={"zip": str})
+    users = pd.read_csv(
+        raw / "u.user",
+        sep="|",
+        header=None,
+        names=["user_id", "age", "gender", "occupation", "zip"],
+        dtype={"zip": str},
+    )
     ratings = pd.read_csv(raw / "u.data", sep="\t", header=None, names=["user_id", "item_id", "rating", "timestamp"])
-    return ratings.merge(users, on="user_id").merge(items[["item_id", "title", "genres", "release_year"]],
-                                                    on="item_id")
+    return ratings.merge(users, on="user_id").merge(items[["item_id", "title", "genres", "release_year"]], on="item_id")
 
 
 def _split(df: pd.DataFrame) -> pd.Series:

@@ -36,8 +36,13 @@ _EXACT_FLOAT_INT = 2.0**53  # integral floats below this print as the integer
 MIN_SECONDS, MAX_SECONDS = -2_208_988_800, 10_413_792_000
 # Numbers at or above each bound (in absolute value) are taken to be in the next unit.
 UNITS = (("s", 1e11, 1.0), ("ms", 1e14, 1e3), ("us", 1e17, 1e6), ("ns", 1e20, 1e9))
-TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
-              pa.types.is_fixed_size_binary)
+TEXT_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_binary,
+    pa.types.is_large_binary,
+    pa.types.is_fixed_size_binary,
+)
 
 
 def plain(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -105,9 +110,14 @@ def keys(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
         out, bad = text(encoded.dictionary if encoded is not None else arr)
         out = pc.replace_substring_regex(out, pattern=_INT_AS_DECIMAL, replacement=r"\1")
         if encoded is not None:
-            bad = np.zeros(len(arr), dtype=bool) if not bad.any() else \
-                np.asarray(pc.fill_null(pc.take(pa.array(bad), encoded.indices), False).to_numpy(
-                    zero_copy_only=False), dtype=bool)
+            bad = (
+                np.zeros(len(arr), dtype=bool)
+                if not bad.any()
+                else np.asarray(
+                    pc.fill_null(pc.take(pa.array(bad), encoded.indices), False).to_numpy(zero_copy_only=False),
+                    dtype=bool,
+                )
+            )
             out = pc.take(out, encoded.indices)
     elif pa.types.is_temporal(t):
         out = arr.cast(pa.string())
@@ -203,10 +213,10 @@ def seconds(column: pa.Array | pa.ChunkedArray) -> Seconds:
             iso = unparsable & _mask(pc.match_substring_regex(s, pattern=_ISO_8601))
             if iso.any():
                 strings = pc.filter(s, pa.array(iso)).to_numpy(zero_copy_only=False)
-                parsed = pd.to_datetime(pd.Series(strings, dtype=object), utc=True, errors="coerce",
-                                        format="ISO8601")
+                parsed = pd.to_datetime(pd.Series(strings, dtype=object), utc=True, errors="coerce", format="ISO8601")
                 from_iso = ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(
-                    dtype=np.float64, na_value=np.nan)
+                    dtype=np.float64, na_value=np.nan
+                )
                 secs[iso] = from_iso
                 unparsable[iso] = np.isnan(from_iso)
     valid = ~missing & ~unparsable

@@ -91,8 +91,10 @@ class PrepareConfig:
             raise ConfigError(f"min_count must be at least 1, got {self.min_count}")
         ratios = tuple(float(r) for r in self.split_ratios)
         if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6 or ratios[0] <= 0:
-            raise ConfigError(f"split ratios must be three non-negative numbers train,val,test summing to 1 "
-                              f"with train > 0, got {self.split_ratios}")
+            raise ConfigError(
+                f"split ratios must be three non-negative numbers train,val,test summing to 1 "
+                f"with train > 0, got {self.split_ratios}"
+            )
         self.split_ratios = ratios
         if self.extend_vocab and not self.encoding_from:
             raise ConfigError("extend_vocab grows the encoding of another directory: set encoding_from as well")
@@ -136,8 +138,10 @@ def prepare(cfg: PrepareConfig, log=print) -> PrepareResult:
     inputs = [*sources.files, *(p for p in cfg.inputs if Path(p).is_dir())]
     with writing(cfg.out, marker=FEATURE_SPEC_FILE, overwrite=cfg.overwrite, inputs=inputs) as staging:
         result = _prepare(cfg, sources, staging, log)
-    log(f"done: {result.feature_spec.row_counts['train']:,} train / {result.feature_spec.row_counts['val']:,} val / "
-        f"{result.feature_spec.row_counts['test']:,} test rows in {result.out}")
+    log(
+        f"done: {result.feature_spec.row_counts['train']:,} train / {result.feature_spec.row_counts['val']:,} val / "
+        f"{result.feature_spec.row_counts['test']:,} test rows in {result.out}"
+    )
     return result
 
 
@@ -155,8 +159,9 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     reused = FeatureSpec.load(cfg.encoding_from) if cfg.encoding_from else None
     if reused is not None:  # the same roles and features as the data the encoding was fitted on (the
         # caller's config is left as it was)
-        cfg = replace(cfg, spec=from_dict(SceneLogSpec, reused.source["spec"],
-                                          where=f"{cfg.encoding_from} feature spec"))
+        cfg = replace(
+            cfg, spec=from_dict(SceneLogSpec, reused.source["spec"], where=f"{cfg.encoding_from} feature spec")
+        )
     spec, notes = infer_spec(sample, cfg.spec, where=sources.files[0])
     for text in notes:
         log(f"      note: {text}")
@@ -166,8 +171,9 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
         resolve_roles(spec, present, where=path)
         missing = [c for c in spec.feature_columns() if c not in present]
         if missing:
-            raise DataValidationError(f"{path}: missing feature column(s) {missing} declared in the spec; "
-                                      f"columns present: {present}")
+            raise DataValidationError(
+                f"{path}: missing feature column(s) {missing} declared in the spec; columns present: {present}"
+            )
     if "path" in needed:
         raise DataValidationError("a column named 'path' clashes with msit's record of each row's file; rename it")
     schema = src.read_schema(schemas, needed, lists=list(multi_fields(spec)))
@@ -178,8 +184,10 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     pieces = _read_pieces(sources, cpus)
     groups = _partitions(cfg, sum(rows for *_, rows in pieces), cpus)
     # A list of 1 + groups refs each (ray's stubs type any num_returns as one ref).
-    blocks = [cast(list, _read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups))
-              for piece in pieces]
+    blocks = [
+        cast(list, _read_block.options(num_returns=1 + groups).remote(sources, piece, schema, spec, groups))
+        for piece in pieces
+    ]
     results = ray.get([refs[0] for refs in blocks])
     for result in results:
         if result["error"]:
@@ -198,51 +206,76 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     items_numeric = all(r["items_numeric"] for r in results)
 
     chronological = "split" not in spec.columns
-    steps.start(f"ordering each user's events{' and splitting them chronologically' if chronological else ''} "
-                f"({groups} groups of users)")
-    ordered = [_per_group.options(num_returns=2).remote(
-        spec, cfg.split_ratios if chronological else None, items_numeric, *[refs[1 + g] for refs in blocks])
-        for g in range(groups)]
+    steps.start(
+        f"ordering each user's events{' and splitting them chronologically' if chronological else ''} "
+        f"({groups} groups of users)"
+    )
+    ordered = [
+        _per_group.options(num_returns=2).remote(
+            spec, cfg.split_ratios if chronological else None, items_numeric, *[refs[1 + g] for refs in blocks]
+        )
+        for g in range(groups)
+    ]
     del blocks
     group_stats = ray.get([refs[1] for refs in ordered])
     split_counts = {s: sum(g["splits"][i] for g in group_stats) for i, s in enumerate(SPLITS)}
-    where = f"the chronological split {cfg.split_ratios}" if chronological else \
-        f"the split column {spec.columns['split']!r}"
+    where = (
+        f"the chronological split {cfg.split_ratios}"
+        if chronological
+        else f"the split column {spec.columns['split']!r}"
+    )
     if not split_counts["train"]:
-        raise DataValidationError(f"the training split is empty: {where} gives 0 train rows "
-                                  f"({split_counts['val']:,} val, {split_counts['test']:,} test)")
+        raise DataValidationError(
+            f"the training split is empty: {where} gives 0 train rows "
+            f"({split_counts['val']:,} val, {split_counts['test']:,} test)"
+        )
 
     if reused is not None and not cfg.extend_vocab:
         steps.start(f"reusing the encoding of {cfg.encoding_from} (ids it has not seen become out-of-vocabulary)")
         encoders = encoders_from_feature_spec(reused)
     else:
-        steps.start("fitting vocabularies on the training split" if reused is None else
-                    f"extending the encoding of {cfg.encoding_from} by the new ids and scenes of the training split")
+        steps.start(
+            "fitting vocabularies on the training split"
+            if reused is None
+            else f"extending the encoding of {cfg.encoding_from} by the new ids and scenes of the training split"
+        )
         counts = pd.concat([g["counts"] for g in group_stats], ignore_index=True)
         counts = counts.groupby(["field", "value"], as_index=False, sort=False)["count"].sum()
         if reused is None:
             encoders = Encoders.fit(counts, spec, cfg.min_count, cfg.multi_max_len)
         else:
             encoders = encoders_from_feature_spec(reused).extended(counts, spec, cfg.min_count)
-            log("      " + ", ".join(f"{name}: +{len(encoders.vocabularies[name]) - len(values):,}"
-                                     for name, values in reused.vocabularies.items()))
+            log(
+                "      "
+                + ", ".join(
+                    f"{name}: +{len(encoders.vocabularies[name]) - len(values):,}"
+                    for name, values in reused.vocabularies.items()
+                )
+            )
         stats = split_stats(counts)
-        for text in [*note_on.scenes(stats.scenes, real_values(encoders.vocabularies["scenario"].values)),
-                     *note_on.users_without_train(stats.users_without_train, stats.events_without_train,
-                                                  cfg.split_ratios)]:
+        for text in [
+            *note_on.scenes(stats.scenes, real_values(encoders.vocabularies["scenario"].values)),
+            *note_on.users_without_train(stats.users_without_train, stats.events_without_train, cfg.split_ratios),
+        ]:
             note(text)
     if not real_count(encoders.vocabularies["item_id"].values):
         raise DataValidationError("the training split is empty: no rows have split == 'train'")
     for col, n in encoders.multi_truncated.items():
         if n:
-            log(f"      note: {n:,} training rows have more than {encoders.multi_max_len[col]} {col!r} values; "
-                "the rest are cut (raise --multi-max-len to keep them)")
+            log(
+                f"      note: {n:,} training rows have more than {encoders.multi_max_len[col]} {col!r} values; "
+                "the rest are cut (raise --multi-max-len to keep them)"
+            )
 
     steps.start(f"encoding and writing events and sequences to {cfg.out}")
     offsets = np.concatenate([[0], np.cumsum([g["users"] for g in group_stats])])
     encoders_ref = ray.put(encoders)  # once, not once per group: the vocabularies are O(users + items)
-    written = ray.get([_write_group.remote(refs[0], g, int(offsets[g]), encoders_ref, spec, str(staging), cfg.seed)
-                       for g, refs in enumerate(ordered)])
+    written = ray.get(
+        [
+            _write_group.remote(refs[0], g, int(offsets[g]), encoders_ref, spec, str(staging), cfg.seed)
+            for g, refs in enumerate(ordered)
+        ]
+    )
     del ordered
     for text in note_on.duplicates(sum(g["duplicates"] for g in group_stats)):
         note(text)
@@ -250,8 +283,7 @@ def _prepare(cfg: PrepareConfig, sources: src.Sources, staging: Path, log) -> Pr
     _write_table(pa.concat_tables([w["users"] for w in written]), "user_key", staging / "users.parquet")
 
     steps.start("writing the feature spec")
-    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes,
-                                 items_numeric)
+    feature_spec = _feature_spec(spec, encoders, cfg, sources, report, total_rows, split_counts, notes, items_numeric)
     feature_spec.save(staging)
     steps.done()
     return PrepareResult(Path(cfg.out), feature_spec, report, notes, steps.seconds)
@@ -301,14 +333,21 @@ def _read_block(sources: src.Sources, piece: tuple, schema: pa.Schema, spec: Sce
     good = drop_bad_rows(checked)
     users = pc.dictionary_encode(good["user_id"]).combine_chunks()
     bucket_of_user = pd.util.hash_array(np.asarray(users.dictionary.to_numpy(zero_copy_only=False), dtype=object))
-    bucket = (bucket_of_user % np.uint64(groups)).astype(np.int64)[users.indices.to_numpy(zero_copy_only=False)] \
-        if len(good) else np.zeros(0, np.int64)
+    bucket = (
+        (bucket_of_user % np.uint64(groups)).astype(np.int64)[users.indices.to_numpy(zero_copy_only=False)]
+        if len(good)
+        else np.zeros(0, np.int64)
+    )
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(groups + 1))
     good = good.take(pa.array(order))
     parts_by_group = [good.slice(bounds[g], bounds[g + 1] - bounds[g]) for g in range(groups)]
-    return {"error": None, "rows": table.num_rows, "summary": summary,
-            "items_numeric": items_are_numbers(good["item_id"])}, *parts_by_group
+    return {
+        "error": None,
+        "rows": table.num_rows,
+        "summary": summary,
+        "items_numeric": items_are_numbers(good["item_id"]),
+    }, *parts_by_group
 
 
 def _read_piece(sources: src.Sources, path: str, row_groups: list[int] | None, schema: pa.Schema) -> pa.Table:
@@ -319,8 +358,13 @@ def _read_piece(sources: src.Sources, path: str, row_groups: list[int] | None, s
     # Every CSV column is read as bytes and parsed by our own validation, so that a bad value (a word in a
     # number, a byte that is not UTF-8) is reported with its row count instead of failing the read.
     # Only an empty cell is null: "NA" or "null" are text, as they are in Parquet.
-    convert = pacsv.ConvertOptions(column_types={c: pa.binary() for c in schema.names}, include_columns=schema.names,
-                                   strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=True)
+    convert = pacsv.ConvertOptions(
+        column_types={c: pa.binary() for c in schema.names},
+        include_columns=schema.names,
+        strings_can_be_null=True,
+        null_values=[""],
+        quoted_strings_can_be_null=True,
+    )
     with sources.filesystem.open_input_stream(path, compression="detect") as stream:
         return pacsv.read_csv(stream, convert_options=convert)
 
@@ -334,17 +378,20 @@ def _partitions(cfg: PrepareConfig, rows: int, cpus: int) -> int:
 
 
 @ray.remote
-def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, items_numeric: bool,
-               *parts: pa.Table) -> tuple[pa.Table, dict]:
+def _per_group(
+    spec: SceneLogSpec, ratios: tuple[float, float, float] | None, items_numeric: bool, *parts: pa.Table
+) -> tuple[pa.Table, dict]:
     """Whole users: their events in event order with each event's split (chronological when `ratios` are given,
     else the split column), index of its user in the group and position, and the group's counts (vocabularies,
     scenes, rows per split, users, exact duplicates)."""
     table = pa.concat_tables(parts).combine_chunks()
-    table = table.take(pa.array(sorted_event_order(table["user_id"], table["timestamp"], table["item_id"],
-                                                   items_numeric)))
+    table = table.take(
+        pa.array(sorted_event_order(table["user_id"], table["timestamp"], table["item_id"], items_numeric))
+    )
     n = table.num_rows
-    user_index, index_in_user, position = user_runs(table["user_id"].combine_chunks(),
-                                                    table["timestamp"].combine_chunks())
+    user_index, index_in_user, position = user_runs(
+        table["user_id"].combine_chunks(), table["timestamp"].combine_chunks()
+    )
     duplicates = _exact_duplicates(table)  # before the split column goes: a duplicate repeats it too
     without_train = None
     if ratios is not None:
@@ -355,9 +402,12 @@ def _per_group(spec: SceneLogSpec, ratios: tuple[float, float, float] | None, it
         codes = pc.index_in(table["split"], value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
         codes = codes.astype(np.int8)
         table = table.drop_columns(["split"])
-    stats = {"counts": count_table(table, spec, train=codes == 0, without_train=without_train),
-             "splits": np.bincount(codes, minlength=len(SPLITS)).tolist(), "users": int(user_index[-1] + 1) if n else 0,
-             "duplicates": duplicates}
+    stats = {
+        "counts": count_table(table, spec, train=codes == 0, without_train=without_train),
+        "splits": np.bincount(codes, minlength=len(SPLITS)).tolist(),
+        "users": int(user_index[-1] + 1) if n else 0,
+        "duplicates": duplicates,
+    }
     table = table.append_column(SPLIT_CODE, pa.array(codes, pa.int8()))
     table = table.append_column(USER_INDEX, pa.array(user_index, pa.int32()))
     return table.append_column(POSITION, pa.array(position, pa.int32())), stats
@@ -376,21 +426,34 @@ def _exact_duplicates(table: pa.Table) -> int:
 
 
 @ray.remote
-def _write_group(table: pa.Table, group: int, first_row: int, encoders: Encoders, spec: SceneLogSpec,
-                 staging: str, seed: int) -> dict[str, pa.Table]:
+def _write_group(
+    table: pa.Table, group: int, first_row: int, encoders: Encoders, spec: SceneLogSpec, staging: str, seed: int
+) -> dict[str, pa.Table]:
     """Encodes one group of users and writes its event rows (per split, in a seeded random order) and its
     sequences into `staging`; returns the latest values of each of its items and users, for their tables."""
     staging_dir = Path(staging)
     item_columns = ["item_id", *spec.item.columns()]
     user_columns = ["user_id", *spec.user.columns()]
     event_features = feature_columns_of(spec)
-    encoded = encode_table(table, encoders, spec, list(dict.fromkeys(
-        ["user_id", "item_id", "scene_id", *event_features, *item_columns, *user_columns])))
+    encoded = encode_table(
+        table,
+        encoders,
+        spec,
+        list(dict.fromkeys(["user_id", "item_id", "scene_id", *event_features, *item_columns, *user_columns])),
+    )
     sequence_row = pa.array(table[USER_INDEX].to_numpy() + first_row, pa.int32())
-    events = pa.table({"user_id": encoded["user_id"], "item_id": encoded["item_id"], "scene_id": encoded["scene_id"],
-                       "label": table["label"].cast(pa.int8()), "timestamp": table["timestamp"].cast(pa.int64()),
-                       **{c: encoded[c] for c in event_features}, "sequence_row": sequence_row,
-                       POSITION: table[POSITION]})
+    events = pa.table(
+        {
+            "user_id": encoded["user_id"],
+            "item_id": encoded["item_id"],
+            "scene_id": encoded["scene_id"],
+            "label": table["label"].cast(pa.int8()),
+            "timestamp": table["timestamp"].cast(pa.int64()),
+            **{c: encoded[c] for c in event_features},
+            "sequence_row": sequence_row,
+            POSITION: table[POSITION],
+        }
+    )
     rng = np.random.default_rng([seed, group])
     codes = table[SPLIT_CODE].to_numpy()
     for code, split in enumerate(SPLITS):
@@ -400,32 +463,43 @@ def _write_group(table: pa.Table, group: int, first_row: int, encoders: Encoders
         rows = rng.permutation(rows)
         (staging_dir / split).mkdir(exist_ok=True)
         for k, start in enumerate(range(0, len(rows), FILE_ROWS)):
-            pq.write_table(events.take(pa.array(rows[start:start + FILE_ROWS])),
-                           staging_dir / split / f"part-{group:05d}-{k:03d}.parquet",
-                           compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(
+                events.take(pa.array(rows[start : start + FILE_ROWS])),
+                staging_dir / split / f"part-{group:05d}-{k:03d}.parquet",
+                compression=COMPRESSION,
+                row_group_size=ROW_GROUP_ROWS,
+            )
 
     user_index = table[USER_INDEX].to_numpy()
     lengths = np.bincount(user_index, minlength=int(user_index[-1]) + 1 if len(user_index) else 0)
     list_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     first = list_offsets.to_numpy()[:-1]
-    sequences = pa.table({
-        "sequence_row": pa.array(np.arange(len(lengths)) + first_row, pa.int32()),
-        "user_key": table["user_id"].take(pa.array(first)),
-        "item_ids": pa.ListArray.from_arrays(list_offsets, encoded["item_id"]),
-        "scene_ids": pa.ListArray.from_arrays(list_offsets, encoded["scene_id"]),
-        "labels": pa.ListArray.from_arrays(list_offsets, table["label"].combine_chunks().cast(pa.int8())),
-        "timestamps": pa.ListArray.from_arrays(list_offsets, table["timestamp"].combine_chunks().cast(pa.int64())),
-    })
+    sequences = pa.table(
+        {
+            "sequence_row": pa.array(np.arange(len(lengths)) + first_row, pa.int32()),
+            "user_key": table["user_id"].take(pa.array(first)),
+            "item_ids": pa.ListArray.from_arrays(list_offsets, encoded["item_id"]),
+            "scene_ids": pa.ListArray.from_arrays(list_offsets, encoded["scene_id"]),
+            "labels": pa.ListArray.from_arrays(list_offsets, table["label"].combine_chunks().cast(pa.int8())),
+            "timestamps": pa.ListArray.from_arrays(list_offsets, table["timestamp"].combine_chunks().cast(pa.int64())),
+        }
+    )
     (staging_dir / SEQUENCES_DIR).mkdir(exist_ok=True)
-    pq.write_table(sequences, staging_dir / SEQUENCES_DIR / f"part-{group:05d}.parquet", compression=COMPRESSION,
-                   row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(
+        sequences,
+        staging_dir / SEQUENCES_DIR / f"part-{group:05d}.parquet",
+        compression=COMPRESSION,
+        row_group_size=ROW_GROUP_ROWS,
+    )
 
     # A user's latest event is the last of its run; an item's, the last of its run sorted by (item, time).
     last_of_user = np.concatenate([first[1:] - 1, [len(user_index) - 1]]) if len(first) else first
     users = pa.table({"user_key": table["user_id"], **{c: encoded[c] for c in user_columns}}).take(
-        pa.array(last_of_user))
-    items = pa.table({"item_key": table["item_id"], "timestamp": table["timestamp"],
-                      **{c: encoded[c] for c in item_columns}})
+        pa.array(last_of_user)
+    )
+    items = pa.table(
+        {"item_key": table["item_id"], "timestamp": table["timestamp"], **{c: encoded[c] for c in item_columns}}
+    )
     return {"items": _latest(items, "item_key"), "users": users}
 
 
@@ -442,8 +516,9 @@ def _latest(table: pa.Table, key: str) -> pa.Table:
     # Sorted by the key's dictionary code rather than the key itself: integers sort several times faster than
     # strings. Arrow's sort is stable: rows tied on (key, time) keep the table's order.
     codes = pc.fill_null(pc.dictionary_encode(table[key]).combine_chunks().indices, -1)
-    order = pc.sort_indices(pa.table({"key": codes, "time": table["timestamp"]}),
-                            sort_keys=[("key", "ascending"), ("time", "ascending")]).to_numpy()
+    order = pc.sort_indices(
+        pa.table({"key": codes, "time": table["timestamp"]}), sort_keys=[("key", "ascending"), ("time", "ascending")]
+    ).to_numpy()
     sorted_codes = codes.to_numpy()[order]
     return table.take(pa.array(order[np.append(sorted_codes[1:] != sorted_codes[:-1], True)]))
 
@@ -457,9 +532,17 @@ def _write_table(table: pa.Table, key: str, path: Path) -> None:
     pq.write_table(table, path, compression=COMPRESSION)
 
 
-def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, sources: src.Sources,
-                  report: BadRowReport, total_rows: int, split_counts: dict[str, int],
-                  notes: list[str], items_numeric: bool) -> FeatureSpec:
+def _feature_spec(
+    spec: SceneLogSpec,
+    encoders: Encoders,
+    cfg: PrepareConfig,
+    sources: src.Sources,
+    report: BadRowReport,
+    total_rows: int,
+    split_counts: dict[str, int],
+    notes: list[str],
+    items_numeric: bool,
+) -> FeatureSpec:
     vocabs = encoders.vocabularies
     fields = {
         "user_id": FieldInfo("user", "id", len(vocabs["user_id"])),
@@ -474,20 +557,30 @@ def _feature_spec(spec: SceneLogSpec, encoders: Encoders, cfg: PrepareConfig, so
             stats = encoders.numeric_stats[col]
             fields[col] = FieldInfo(role, "numeric", mean=stats["mean"], std=stats["std"])
         for col in group.multi:
-            fields[col] = FieldInfo(role, "multi", len(vocabs[col]), sep=multi[col],
-                                    max_len=encoders.multi_max_len[col])
+            fields[col] = FieldInfo(
+                role, "multi", len(vocabs[col]), sep=multi[col], max_len=encoders.multi_max_len[col]
+            )
         for col in group.text:
             fields[col] = FieldInfo(role, "text")
     return FeatureSpec(
         scenarios=list(real_values(vocabs["scenario"].values)),
         fields=fields,
         vocabularies={name: v.values for name, v in vocabs.items()},
-        row_counts={"input": total_rows, "bad_rows_dropped": report.per_reason(),
-                    **{s: int(split_counts.get(s, 0)) for s in SPLITS}},
-        source={"inputs": list(cfg.inputs), "files": len(sources.files), "format": sources.format,
-                "spec": spec.to_dict(), "min_count": cfg.min_count, "encoding_from": cfg.encoding_from,
-                "extend_vocab": cfg.extend_vocab,
-                "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)},
-                "notes": list(notes),
-                "items_numeric": items_numeric},  # how ties break in event order: serving breaks them alike
+        row_counts={
+            "input": total_rows,
+            "bad_rows_dropped": report.per_reason(),
+            **{s: int(split_counts.get(s, 0)) for s in SPLITS},
+        },
+        source={
+            "inputs": list(cfg.inputs),
+            "files": len(sources.files),
+            "format": sources.format,
+            "spec": spec.to_dict(),
+            "min_count": cfg.min_count,
+            "encoding_from": cfg.encoding_from,
+            "extend_vocab": cfg.extend_vocab,
+            "split": "column" if "split" in spec.columns else {"chronological": list(cfg.split_ratios)},
+            "notes": list(notes),
+            "items_numeric": items_numeric,
+        },  # how ties break in event order: serving breaks them alike
     )

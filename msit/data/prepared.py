@@ -52,10 +52,14 @@ def event_columns(spec: FeatureSpec) -> list[str]:
 def model_batch(events: Batch, sequences: Sequences, history_length: int) -> Batch:
     """Event rows (on the sequences' device) -> the model's batch: integer columns as int64, and each
     row's history window of `history_length` events."""
-    batch = {name: values.long() if not values.is_floating_point() else values
-             for name, values in events.items() if name not in WINDOW_COLUMNS}
-    return batch | history_windows(sequences, events["sequence_row"], events["timestamp"], history_length,
-                                   positions=events["position"])
+    batch = {
+        name: values.long() if not values.is_floating_point() else values
+        for name, values in events.items()
+        if name not in WINDOW_COLUMNS
+    }
+    return batch | history_windows(
+        sequences, events["sequence_row"], events["timestamp"], history_length, positions=events["position"]
+    )
 
 
 @dataclass
@@ -72,14 +76,19 @@ class EventSplit:
         """The rows where `keep` (a bool mask or indices) holds; sequences are shared, never cut."""
         return EventSplit({k: v[keep] for k, v in self.events.items()}, self.sequences)
 
-    def batches(self, batch_size: int, history_length: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                ) -> Iterator[Batch]:
+    def batches(
+        self,
+        batch_size: int,
+        history_length: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Iterator[Batch]:
         """Model batches in row order (or a fresh permutation), windows cut on `device`."""
         sequences = self.sequences if device is None else self.sequences.to(device)
         order = torch.randperm(len(self), generator=generator) if shuffle else None
         for start in range(0, len(self), batch_size):
-            index = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+            index = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
             rows = {k: v[index].to(sequences.device, non_blocking=True) for k, v in self.events.items()}
             yield model_batch(rows, sequences, history_length)
 
@@ -92,8 +101,9 @@ def load_sequences(prepared_dir: str | Path) -> Sequences:
     try:
         table = pq.ParquetDataset(path).read(columns=["sequence_row", *SEQUENCE_FIELDS])
     except (pa.ArrowException, OSError) as e:
-        raise MsitError(f"{path}: the sequences cannot be read ({' '.join(str(e).split())[:200]}); "
-                        "prepare the data again") from None
+        raise MsitError(
+            f"{path}: the sequences cannot be read ({' '.join(str(e).split())[:200]}); prepare the data again"
+        ) from None
     rows = table["sequence_row"].to_numpy()
     if not np.array_equal(np.sort(rows), np.arange(len(rows))):
         raise MsitError(f"{path}: sequence_row is not 0..{len(rows) - 1} once each; prepare the data again")
@@ -115,12 +125,16 @@ def load_events(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batc
         dataset = pq.ParquetDataset(path)
         missing = [c for c in columns if c not in dataset.schema.names]
         if missing:
-            raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs: the data was "
-                            "prepared with other fields; prepare it with `--encoding-from MODEL`")
+            raise MsitError(
+                f"{path} lacks column(s) {missing} that the model's feature spec needs: the data was "
+                "prepared with other fields; prepare it with `--encoding-from MODEL`"
+            )
         table = dataset.read(columns=columns)
     except (pa.ArrowException, OSError) as e:
-        raise MsitError(f"{path}: the split's Parquet shards cannot be read ({' '.join(str(e).split())[:200]}); "
-                        "prepare the data again") from None
+        raise MsitError(
+            f"{path}: the split's Parquet shards cannot be read ({' '.join(str(e).split())[:200]}); "
+            "prepare the data again"
+        ) from None
     out = {}
     for name in table.column_names:
         column = table.column(name).combine_chunks()
@@ -136,8 +150,9 @@ def load_events(prepared_dir: str | Path, split: str, spec: FeatureSpec) -> Batc
     return out
 
 
-def load_split(prepared_dir: str | Path, split: str, spec: FeatureSpec,
-               sequences: Sequences | None = None) -> EventSplit:
+def load_split(
+    prepared_dir: str | Path, split: str, spec: FeatureSpec, sequences: Sequences | None = None
+) -> EventSplit:
     """One split in memory; pass `sequences` to share one loaded copy between splits."""
     events = load_events(prepared_dir, split, spec)
     return EventSplit(events, sequences if sequences is not None else load_sequences(prepared_dir))

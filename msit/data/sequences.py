@@ -28,8 +28,7 @@ from msit.data.schema import (
 )
 
 SEQUENCE_FIELDS = ("item_ids", "scene_ids", "labels", "timestamps")  # list columns of sequences/, in this order
-SEQUENCE_DTYPES = {"item_ids": torch.int32, "scene_ids": torch.int16, "labels": torch.int8,
-                   "timestamps": torch.int64}
+SEQUENCE_DTYPES = {"item_ids": torch.int32, "scene_ids": torch.int16, "labels": torch.int8, "timestamps": torch.int64}
 
 
 @dataclass
@@ -59,8 +58,14 @@ class Sequences:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
 
     @classmethod
-    def from_arrays(cls, lengths: np.ndarray, item_ids: np.ndarray, scene_ids: np.ndarray, labels: np.ndarray,
-                    timestamps: np.ndarray) -> Sequences:
+    def from_arrays(
+        cls,
+        lengths: np.ndarray,
+        item_ids: np.ndarray,
+        scene_ids: np.ndarray,
+        labels: np.ndarray,
+        timestamps: np.ndarray,
+    ) -> Sequences:
         """From per-user lengths and the concatenated events (each user's in event order)."""
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -68,18 +73,25 @@ class Sequences:
         for name, array in values.items():
             if len(array) != offsets[-1]:
                 raise ValueError(f"sequences: {name} holds {len(array)} events, the lengths sum to {offsets[-1]}")
+
         def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             array = np.ascontiguousarray(array)  # Arrow hands read-only buffers: copy those for torch
             return torch.from_numpy(array if array.flags.writeable else array.copy()).to(dtype)
 
-        return cls(torch.from_numpy(offsets), **{name: tensor(array, SEQUENCE_DTYPES[name])
-                                                 for name, array in values.items()})
+        return cls(
+            torch.from_numpy(offsets), **{name: tensor(array, SEQUENCE_DTYPES[name]) for name, array in values.items()}
+        )
 
     @classmethod
     def single(cls, item_ids, scene_ids, labels, timestamps) -> Sequences:
         """One user's sequence (e.g. a serving request's history), already in event order."""
-        return cls.from_arrays(np.array([len(item_ids)]), np.asarray(item_ids), np.asarray(scene_ids),
-                               np.asarray(labels), np.asarray(timestamps))
+        return cls.from_arrays(
+            np.array([len(item_ids)]),
+            np.asarray(item_ids),
+            np.asarray(scene_ids),
+            np.asarray(labels),
+            np.asarray(timestamps),
+        )
 
 
 def window_ends(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Tensor) -> torch.Tensor:
@@ -97,8 +109,9 @@ def window_ends(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Tensor)
     return low
 
 
-def history_windows(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Tensor, length: int,
-                    positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def history_windows(
+    sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Tensor, length: int, positions: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The (B, length) history tensors (module docstring) of a batch of (user row, cutoff time).
 
     `positions`, where known (prepared event rows carry it), is how many of the user's events lie strictly
@@ -106,8 +119,11 @@ def history_windows(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Ten
     rows = rows.to(sequences.device, torch.int64)
     cutoffs = cutoffs.to(sequences.device, torch.int64)
     start = sequences.offsets[rows]  # (B,)
-    end = start + positions.to(sequences.device, torch.int64) if positions is not None else \
-        window_ends(sequences, rows, cutoffs)
+    end = (
+        start + positions.to(sequences.device, torch.int64)
+        if positions is not None
+        else window_ends(sequences, rows, cutoffs)
+    )
     past = end[:, None] - 1 - torch.arange(length, device=sequences.device)[None, :]  # (B, N), most recent first
     real = past >= start[:, None]
     past = torch.where(real, past, torch.zeros_like(past))
@@ -119,8 +135,10 @@ def history_windows(sequences: Sequences, rows: torch.Tensor, cutoffs: torch.Ten
     def gather(values: torch.Tensor) -> torch.Tensor:
         return torch.where(real, values[past].to(torch.int64), 0)
 
-    return {HISTORY_ITEM_IDS: gather(sequences.item_ids),
-            HISTORY_SCENE_IDS: gather(sequences.scene_ids),
-            HISTORY_LABELS: gather(sequences.labels),
-            HISTORY_TIME_GAPS: torch.where(real, cutoffs[:, None] - sequences.timestamps[past], 0),
-            HISTORY_LENGTH: real.sum(dim=1)}
+    return {
+        HISTORY_ITEM_IDS: gather(sequences.item_ids),
+        HISTORY_SCENE_IDS: gather(sequences.scene_ids),
+        HISTORY_LABELS: gather(sequences.labels),
+        HISTORY_TIME_GAPS: torch.where(real, cutoffs[:, None] - sequences.timestamps[past], 0),
+        HISTORY_LENGTH: real.sum(dim=1),
+    }

@@ -97,9 +97,13 @@ def _expand(fs: pafs.FileSystem, path: str) -> list[str]:
 
 
 # Leading bytes of files that are not CSV text, whatever their name says.
-_NOT_TEXT = {b"\x1f\x8b": "gzip-compressed data (name it .csv.gz)", b"PAR1": "a Parquet file (name it .parquet)",
-             b"BZh": "bzip2-compressed data", b"\x28\xb5\x2f\xfd": "zstd-compressed data",
-             b"PK\x03\x04": "a zip archive"}
+_NOT_TEXT = {
+    b"\x1f\x8b": "gzip-compressed data (name it .csv.gz)",
+    b"PAR1": "a Parquet file (name it .parquet)",
+    b"BZh": "bzip2-compressed data",
+    b"\x28\xb5\x2f\xfd": "zstd-compressed data",
+    b"PK\x03\x04": "a zip archive",
+}
 
 
 def _one_line(error: BaseException) -> str:
@@ -116,15 +120,19 @@ def _csv_header(sources: Sources, path: str) -> list[str]:
             if head.startswith(magic):
                 raise DataValidationError(f"{path}: not CSV text but {what}")
         if b"\x00" in head:
-            raise DataValidationError(f"{path}: not CSV text (it holds NUL bytes: binary data or UTF-16 text); "
-                                      "save it as UTF-8 CSV")
+            raise DataValidationError(
+                f"{path}: not CSV text (it holds NUL bytes: binary data or UTF-16 text); save it as UTF-8 CSV"
+            )
     elif not head.startswith(b"\x1f\x8b"):
         raise DataValidationError(f"{path}: named .gz but not gzip-compressed")
     try:
         with fs.open_input_stream(path, compression="detect") as stream:
             # Only the header is used; the values are checked row by row later.
-            reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=1 << 16),
-                                    convert_options=pacsv.ConvertOptions(check_utf8=False))
+            reader = pacsv.open_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=1 << 16),
+                convert_options=pacsv.ConvertOptions(check_utf8=False),
+            )
             return list(reader.schema.names)
     except UnicodeDecodeError:
         raise DataValidationError(f"{path}: the header line is not valid UTF-8 text") from None
@@ -142,8 +150,10 @@ def inspect_files(sources: Sources) -> dict[str, pa.Schema]:
     infos = sources.filesystem.get_file_info(sources.files)
     for path, info in zip(sources.files, infos, strict=True):
         if info.size == 0:
-            raise DataValidationError(f"{path}: the file is empty (0 bytes), so it is not a {sources.format} file; "
-                                      "remove it or write it again")
+            raise DataValidationError(
+                f"{path}: the file is empty (0 bytes), so it is not a {sources.format} file; "
+                "remove it or write it again"
+            )
         if sources.format == "parquet":
             try:
                 schema = pq.read_schema(path, filesystem=sources.filesystem)
@@ -153,8 +163,9 @@ def inspect_files(sources: Sources) -> dict[str, pa.Schema]:
             schema = pa.schema([pa.field(name, pa.binary()) for name in _csv_header(sources, path)])
         repeated = sorted({n for n in schema.names if schema.names.count(n) > 1})
         if repeated:
-            raise DataValidationError(f"{path}: column name(s) {repeated} appear more than once; "
-                                      "give every column its own name")
+            raise DataValidationError(
+                f"{path}: column name(s) {repeated} appear more than once; give every column its own name"
+            )
         schemas[path] = schema
     return schemas
 
@@ -180,9 +191,12 @@ def _kind(type_: pa.DataType) -> str:
 
 
 _COMMON = {  # kinds that differ between files -> the type they are all read as (then parsed per value)
-    frozenset({"int", "float"}): pa.float64(), frozenset({"string", "binary"}): pa.binary(),
-    frozenset({"time", "string"}): pa.string(), frozenset({"int", "string"}): pa.string(),
-    frozenset({"float", "string"}): pa.string(), frozenset({"int", "float", "string"}): pa.string(),
+    frozenset({"int", "float"}): pa.float64(),
+    frozenset({"string", "binary"}): pa.binary(),
+    frozenset({"time", "string"}): pa.string(),
+    frozenset({"int", "string"}): pa.string(),
+    frozenset({"float", "string"}): pa.string(),
+    frozenset({"int", "float", "string"}): pa.string(),
 }
 
 
@@ -198,8 +212,10 @@ def read_schema(schemas: dict[str, pa.Schema], columns: list[str], lists: Sequen
             by_type.setdefault(schema.field(col).type, path)
         for type_, path in by_type.items():
             if _kind(type_) == "other" or (_kind(type_) == "list" and col not in lists):
-                raise DataValidationError(f"{path}: column {col!r} has type {type_}, which msit cannot read; "
-                                          "expected numbers, strings, booleans or datetimes")
+                raise DataValidationError(
+                    f"{path}: column {col!r} has type {type_}, which msit cannot read; "
+                    "expected numbers, strings, booleans or datetimes"
+                )
         if len(by_type) == 1:
             fields.append(pa.field(col, next(iter(by_type))))
             continue
@@ -207,14 +223,21 @@ def read_schema(schemas: dict[str, pa.Schema], columns: list[str], lists: Sequen
         target = None
         if len(kinds) == 1:
             kind = kinds.pop()
-            target = {"int": pa.int64(), "float": pa.float64(), "string": pa.string(), "binary": pa.binary(),
-                      "time": pa.string(), "list": pa.list_(pa.string())}[kind]
+            target = {
+                "int": pa.int64(),
+                "float": pa.float64(),
+                "string": pa.string(),
+                "binary": pa.binary(),
+                "time": pa.string(),
+                "list": pa.list_(pa.string()),
+            }[kind]
         elif kinds:
             target = _COMMON.get(frozenset(kinds))
         if target is None or not all(_castable(t, target) for t in by_type):
             (t1, p1), (t2, p2) = list(by_type.items())[:2]
-            raise DataValidationError(f"column {col!r} has type {t1} in {p1} but {t2} in {p2}; "
-                                      "write every shard with one type for it")
+            raise DataValidationError(
+                f"column {col!r} has type {t1} in {p1} but {t2} in {p2}; write every shard with one type for it"
+            )
         fields.append(pa.field(col, target))
     return pa.schema(fields)
 
@@ -256,8 +279,10 @@ def _sample_file(sources: Sources, path: str, max_rows: int) -> list[pa.RecordBa
         if "UTF8" not in str(e):
             raise
     with sources.filesystem.open_input_stream(path, compression="detect") as stream:
-        return _first_rows(pacsv.open_csv(stream, read_options=pacsv.ReadOptions(encoding="latin-1"),
-                                          convert_options=convert), max_rows)
+        return _first_rows(
+            pacsv.open_csv(stream, read_options=pacsv.ReadOptions(encoding="latin-1"), convert_options=convert),
+            max_rows,
+        )
 
 
 def _first_rows(batches, max_rows: int) -> list[pa.RecordBatch]:

@@ -114,8 +114,7 @@ def resolve_roles(spec: SceneLogSpec, available: list[str], where: str) -> dict[
             col = spec.columns[role]
             if col not in available:
                 raise DataValidationError(
-                    f"{where}: missing column {col!r} (the spec maps {role} -> {col!r}); "
-                    f"columns present: {available}"
+                    f"{where}: missing column {col!r} (the spec maps {role} -> {col!r}); columns present: {available}"
                 )
             roles[role] = col
             continue
@@ -130,9 +129,9 @@ def resolve_roles(spec: SceneLogSpec, available: list[str], where: str) -> dict[
     return roles
 
 
-def infer_spec(sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: str = "input") -> tuple[
-    SceneLogSpec, list[str]
-]:
+def infer_spec(
+    sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: str = "input"
+) -> tuple[SceneLogSpec, list[str]]:
     """Complete `spec` from a data sample. Returns the spec and notes on what was left out and why.
 
     Required roles come from the spec or the aliases. Side features are inferred only when the
@@ -144,7 +143,10 @@ def infer_spec(sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: st
     columns = dict(roles)
     if spec.feature_columns():
         return SceneLogSpec(
-            columns=columns, user=spec.user, item=spec.item, context=spec.context,
+            columns=columns,
+            user=spec.user,
+            item=spec.item,
+            context=spec.context,
             scene_descriptions=spec.scene_descriptions,
         ), []
 
@@ -154,8 +156,10 @@ def infer_spec(sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: st
         if col in roles.values() or col == "path":
             continue
         values = sample[col]
-        if values.dtype == object and values.map(lambda v: not isinstance(v, str | bytes | int | float | bool)
-                                                 and v is not None).any():
+        if (
+            values.dtype == object
+            and values.map(lambda v: not isinstance(v, str | bytes | int | float | bool) and v is not None).any()
+        ):
             notes.append(f"{col}: left out (it holds lists or structs; declare a list column under multi: to use it)")
             continue
         if values.nunique(dropna=True) <= 1:
@@ -166,8 +170,10 @@ def infer_spec(sample: pd.DataFrame, spec: SceneLogSpec | None = None, where: st
         elif _constant_within(values, items):
             group = item
         else:
-            notes.append(f"{col}: left out (varies per event; declare it under context: if it is known "
-                         "before the event and is not an outcome)")
+            notes.append(
+                f"{col}: left out (varies per event; declare it under context: if it is known "
+                "before the event and is not an outcome)"
+            )
             continue
         kind = _feature_type(values, is_item=group is item)
         if kind == "multi":
@@ -201,5 +207,3 @@ def _feature_type(values: pd.Series, is_item: bool) -> str:
     if is_item and text.str.len().mean() >= 12 and words.mean() >= 2 and text.nunique() > 50:
         return "text"
     return "categorical"
-
-

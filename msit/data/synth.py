@@ -32,8 +32,24 @@ from msit.output_dir import writing
 
 SYNTH_INFO = "synth.json"  # written last: marks a directory as a complete synthetic log
 SCENE_NAMES = ["home_feed", "search", "shop", "video", "live", "music", "news", "games"]
-CATEGORY_NAMES = ["sports", "cooking", "travel", "music", "science", "fashion", "gaming", "finance",
-                  "comedy", "nature", "history", "art", "cars", "health", "movies", "books"]
+CATEGORY_NAMES = [
+    "sports",
+    "cooking",
+    "travel",
+    "music",
+    "science",
+    "fashion",
+    "gaming",
+    "finance",
+    "comedy",
+    "nature",
+    "history",
+    "art",
+    "cars",
+    "health",
+    "movies",
+    "books",
+]
 ADJECTIVES = ["quiet", "bright", "wild", "golden", "hidden", "rapid", "gentle", "bold", "classic", "urban"]
 NOUNS = ["guide", "stories", "journey", "secrets", "moments", "lab", "show", "picks", "challenge", "diary"]
 
@@ -93,12 +109,21 @@ class _World:
         self.item_bias = rng.normal(0, 0.4, cfg.items)
         self.item_price = np.round(np.exp(rng.normal(3, 0.8, cfg.items)), 2)
         second = rng.integers(0, cfg.categories, cfg.items)
-        self.item_tags = [f"{CATEGORY_NAMES[a]}|{CATEGORY_NAMES[b]}" if a != b else CATEGORY_NAMES[a]
-                          for a, b in zip(self.item_category, second, strict=True)]
-        self.item_title = [f"{ADJECTIVES[a].title()} {CATEGORY_NAMES[c]} {NOUNS[n]} #{i}"
-                           for i, (a, c, n) in enumerate(zip(rng.integers(0, len(ADJECTIVES), cfg.items),
-                                                             self.item_category,
-                                                             rng.integers(0, len(NOUNS), cfg.items), strict=True))]
+        self.item_tags = [
+            f"{CATEGORY_NAMES[a]}|{CATEGORY_NAMES[b]}" if a != b else CATEGORY_NAMES[a]
+            for a, b in zip(self.item_category, second, strict=True)
+        ]
+        self.item_title = [
+            f"{ADJECTIVES[a].title()} {CATEGORY_NAMES[c]} {NOUNS[n]} #{i}"
+            for i, (a, c, n) in enumerate(
+                zip(
+                    rng.integers(0, len(ADJECTIVES), cfg.items),
+                    self.item_category,
+                    rng.integers(0, len(NOUNS), cfg.items),
+                    strict=True,
+                )
+            )
+        ]
         self.scene_items = [np.flatnonzero(self.item_scene == s) for s in range(k)]
         share = np.full(k, (1 - cfg.sparse_scene_share) / (k - 1))
         share[-1] = cfg.sparse_scene_share
@@ -132,32 +157,40 @@ def _shard(cfg: SynthConfig, world: _World, first_user: int, n_users: int) -> pd
     device = np.where(rng.random(rows) < mobile_share[user], "mobile", "desktop")
 
     affinity = np.einsum("rd,rd->r", z_scene[user, scene], world.item_vec[item]) / np.sqrt(d)
-    logit = (cfg.sharpness * affinity + world.item_bias[item] + world.scene_bias[scene]
-             + 0.2 * (device == "mobile") - 0.3)
+    logit = (
+        cfg.sharpness * affinity + world.item_bias[item] + world.scene_bias[scene] + 0.2 * (device == "mobile") - 0.3
+    )
     label = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
 
-    return pd.DataFrame({
-        "user_id": first_user + user,
-        "item_id": item,
-        "scenario": np.array(world.scene_names)[scene],
-        "label": label,
-        "timestamp": timestamp,
-        "age_band": age_band[user],
-        "region": region[user],
-        "category": np.array(CATEGORY_NAMES)[world.item_category[item]],
-        "price": world.item_price[item],
-        "tags": np.array(world.item_tags, dtype=object)[item],
-        "title": np.array(world.item_title, dtype=object)[item],
-        "hour": hour,
-        "device": device,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": first_user + user,
+            "item_id": item,
+            "scenario": np.array(world.scene_names)[scene],
+            "label": label,
+            "timestamp": timestamp,
+            "age_band": age_band[user],
+            "region": region[user],
+            "category": np.array(CATEGORY_NAMES)[world.item_category[item]],
+            "price": world.item_price[item],
+            "tags": np.array(world.item_tags, dtype=object)[item],
+            "title": np.array(world.item_title, dtype=object)[item],
+            "hour": hour,
+            "device": device,
+        }
+    )
 
 
 def generate(cfg: SynthConfig) -> pd.DataFrame:
     """The whole log in memory (for tests and small sizes)."""
     world = _World(cfg)
-    return pd.concat([_shard(cfg, world, s, min(cfg.users_per_shard, cfg.users - s))
-                      for s in range(0, cfg.users, cfg.users_per_shard)], ignore_index=True)
+    return pd.concat(
+        [
+            _shard(cfg, world, s, min(cfg.users_per_shard, cfg.users - s))
+            for s in range(0, cfg.users, cfg.users_per_shard)
+        ],
+        ignore_index=True,
+    )
 
 
 def write(cfg: SynthConfig, out: str | Path, fmt: str = "parquet", progress: bool = True) -> dict:
@@ -178,7 +211,6 @@ def write(cfg: SynthConfig, out: str | Path, fmt: str = "parquet", progress: boo
             else:
                 shard.to_csv(staging / "scene_log.csv", index=False, mode="a" if i else "w", header=not i)
         (staging / "spec.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
-        info = {"rows": rows, "config": asdict(cfg), "scenes": world.scene_names,
-                "sparse_scene": world.scene_names[-1]}
+        info = {"rows": rows, "config": asdict(cfg), "scenes": world.scene_names, "sparse_scene": world.scene_names[-1]}
         (staging / SYNTH_INFO).write_text(json.dumps(info, indent=1))
     return info

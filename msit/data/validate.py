@@ -61,8 +61,11 @@ def check_batch(batch: pa.Table, spec: SceneLogSpec) -> pa.Table:
     label = column_label(spec, "timestamp")
     flag(ts.missing, f"{label}: null")
     flag(ts.unparsable, f"{label}: not a number or ISO-8601 datetime")
-    flag(ts.out_of_range, f"{label}: out of range (expected a time from 1900 to 2300, in seconds since the epoch, "
-                          "milliseconds, microseconds or nanoseconds, or a datetime)")
+    flag(
+        ts.out_of_range,
+        f"{label}: out of range (expected a time from 1900 to 2300, in seconds since the epoch, "
+        "milliseconds, microseconds or nanoseconds, or a datetime)",
+    )
     out["timestamp"] = pa.array(ts.values, pa.int64())
 
     lab = parse.labels(batch[spec.columns["label"]])
@@ -84,8 +87,11 @@ def check_batch(batch: pa.Table, spec: SceneLogSpec) -> pa.Table:
             flag(num.not_a_number, f"column {col!r}: not a number")
             flag(np.isinf(num.values), f"column {col!r}: not a finite number")
             out[col] = pa.array(num.values, pa.float64(), mask=~np.isfinite(num.values))
-        for col, sep in [*((c, None) for c in group.categorical), *group.multi.items(),
-                         *((c, None) for c in group.text)]:
+        for col, sep in [
+            *((c, None) for c in group.categorical),
+            *group.multi.items(),
+            *((c, None) for c in group.text),
+        ]:
             raw = batch[col]
             if sep is not None and pa.types.is_list(parse.plain(raw).type):
                 raw = parse.joined(raw, sep)
@@ -124,8 +130,11 @@ def _column_hash(column: pa.Array) -> np.ndarray:
     encoded = pc.dictionary_encode(column)
     per_value = pd.util.hash_array(np.asarray(encoded.dictionary.to_numpy(zero_copy_only=False), dtype=object))
     indices = encoded.indices
-    hashes = per_value[np.asarray(pc.fill_null(indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64)] \
-        if len(per_value) else np.zeros(len(column), dtype=np.uint64)
+    hashes = (
+        per_value[np.asarray(pc.fill_null(indices, 0).to_numpy(zero_copy_only=False), dtype=np.int64)]
+        if len(per_value)
+        else np.zeros(len(column), dtype=np.uint64)
+    )
     return np.where(np.asarray(indices.is_valid().to_numpy(zero_copy_only=False), dtype=bool), hashes, _NULL_HASH)
 
 
@@ -153,8 +162,15 @@ def _jsonable(value: object) -> object:
     return value
 
 
-SUMMARY_SCHEMA = pa.schema([("kind", pa.string()), ("reason", pa.string()), ("file", pa.string()),
-                            ("rows", pa.int64()), ("example", pa.string())])
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),
+        ("reason", pa.string()),
+        ("file", pa.string()),
+        ("rows", pa.int64()),
+        ("example", pa.string()),
+    ]
+)
 
 
 def summarize_bad_rows(batch: pa.Table) -> pa.Table:
@@ -164,24 +180,38 @@ def summarize_bad_rows(batch: pa.Table) -> pa.Table:
     parts = []
     if bad.num_rows:
         grouped = bad.group_by([BAD_REASON, SOURCE_FILE], use_threads=False).aggregate(
-            [(BAD_REASON, "count"), (BAD_EXAMPLE, "first")])
-        parts.append(pa.table({"kind": pa.array(["bad"] * grouped.num_rows, pa.string()),
-                               "reason": grouped[BAD_REASON], "file": grouped[SOURCE_FILE],
-                               "rows": grouped[f"{BAD_REASON}_count"].cast(pa.int64()),
-                               "example": grouped[f"{BAD_EXAMPLE}_first"]}))
+            [(BAD_REASON, "count"), (BAD_EXAMPLE, "first")]
+        )
+        parts.append(
+            pa.table(
+                {
+                    "kind": pa.array(["bad"] * grouped.num_rows, pa.string()),
+                    "reason": grouped[BAD_REASON],
+                    "file": grouped[SOURCE_FILE],
+                    "rows": grouped[f"{BAD_REASON}_count"].cast(pa.int64()),
+                    "example": grouped[f"{BAD_EXAMPLE}_first"],
+                }
+            )
+        )
     converted = batch.filter(pc.and_(pc.equal(batch[BAD_REASON], ""), pc.not_equal(batch[TIME_UNIT], "")))
     if converted.num_rows:
         grouped = converted.group_by([TIME_UNIT, SOURCE_FILE], use_threads=False).aggregate([(TIME_UNIT, "count")])
-        parts.append(pa.table({"kind": pa.array(["unit"] * grouped.num_rows, pa.string()),
-                               "reason": grouped[TIME_UNIT], "file": grouped[SOURCE_FILE],
-                               "rows": grouped[f"{TIME_UNIT}_count"].cast(pa.int64()),
-                               "example": pa.nulls(grouped.num_rows, pa.string())}))
+        parts.append(
+            pa.table(
+                {
+                    "kind": pa.array(["unit"] * grouped.num_rows, pa.string()),
+                    "reason": grouped[TIME_UNIT],
+                    "file": grouped[SOURCE_FILE],
+                    "rows": grouped[f"{TIME_UNIT}_count"].cast(pa.int64()),
+                    "example": pa.nulls(grouped.num_rows, pa.string()),
+                }
+            )
+        )
     return pa.concat_tables([p.cast(SUMMARY_SCHEMA) for p in parts]) if parts else SUMMARY_SCHEMA.empty_table()
 
 
 def drop_bad_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.equal(batch[BAD_REASON], "")).drop_columns([BAD_REASON, BAD_EXAMPLE, SOURCE_FILE,
-                                                                       TIME_UNIT])
+    return batch.filter(pc.equal(batch[BAD_REASON], "")).drop_columns([BAD_REASON, BAD_EXAMPLE, SOURCE_FILE, TIME_UNIT])
 
 
 @dataclass

@@ -59,8 +59,9 @@ def standardised(values: np.ndarray, stats: dict[str, float]) -> np.ndarray:
     return np.nan_to_num((values - stats["mean"]) / stats["std"], nan=0.0).astype(np.float32)
 
 
-def encode_multi_value(value: str | None, sep: str, vocabulary: Vocabulary, width: int,
-                       index: pd.Index | None = None) -> np.ndarray:
+def encode_multi_value(
+    value: str | None, sep: str, vocabulary: Vocabulary, width: int, index: pd.Index | None = None
+) -> np.ndarray:
     """(width,) int64: one normalised (`parse.keys`) multi-valued feature value as `encode_table` encodes it."""
     tokens = multi_tokens(pa.array([value], pa.string()), sep)[0].to_pylist()[:width]
     return np.pad(vocabulary.encode(tokens, index), (0, width - len(tokens)))
@@ -83,13 +84,16 @@ def _plain(column: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def _value_counts(values: pa.Array) -> pd.Series:
     counts = pc.value_counts(values.drop_null())
-    return pd.Series(counts.field("counts").to_numpy(zero_copy_only=False),
-                     index=np.asarray(counts.field("values").cast(pa.string()).to_numpy(zero_copy_only=False),
-                                      dtype=object), dtype="float64")
+    return pd.Series(
+        counts.field("counts").to_numpy(zero_copy_only=False),
+        index=np.asarray(counts.field("values").cast(pa.string()).to_numpy(zero_copy_only=False), dtype=object),
+        dtype="float64",
+    )
 
 
-def count_table(table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = None,
-                without_train: np.ndarray | None = None) -> pd.DataFrame:
+def count_table(
+    table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = None, without_train: np.ndarray | None = None
+) -> pd.DataFrame:
     """Value counts of every vocabulary field over the training rows (`train`, a mask; all rows if None),
     plus the sums that give numeric means/stds and the length histogram of multi-valued fields, the scenes
     of every row, and (`without_train`: 2 on a user's first row, 1 on their other rows, when the split left
@@ -100,8 +104,11 @@ def count_table(table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = 
     parts = []
 
     def add(field_name: str, counts: pd.Series) -> None:
-        parts.append(pd.DataFrame({"field": field_name, "value": counts.index.astype(str),
-                                   "count": counts.to_numpy(dtype="float64")}))
+        parts.append(
+            pd.DataFrame(
+                {"field": field_name, "value": counts.index.astype(str), "count": counts.to_numpy(dtype="float64")}
+            )
+        )
 
     multi = multi_fields(spec)
     for col in vocab_fields(spec):
@@ -118,8 +125,13 @@ def count_table(table: pa.Table, spec: SceneLogSpec, train: np.ndarray | None = 
             add(_NUM + col, pd.Series([len(x), x.sum(), (x * x).sum()], index=["n", "sum", "sumsq"]))
     add(_ALL + "scenario", _value_counts(_plain(table["scenario"])))
     if without_train is not None:
-        add(_STAT, pd.Series([(without_train == 2).sum(), (without_train > 0).sum()],
-                             index=["users_without_train", "events_without_train"]))
+        add(
+            _STAT,
+            pd.Series(
+                [(without_train == 2).sum(), (without_train > 0).sum()],
+                index=["users_without_train", "events_without_train"],
+            ),
+        )
     return pd.concat(parts, ignore_index=True)
 
 
@@ -141,8 +153,11 @@ def split_stats(counts: pd.DataFrame) -> SplitStats:
     """What `count_batch` counted over every split, beside the training vocabularies."""
     by_field = _counts_by_field(counts)
     stat = by_field.get(_STAT, {})
-    return SplitStats(by_field.get(_ALL + "scenario", {}), int(stat.get("users_without_train", 0)),
-                      int(stat.get("events_without_train", 0)))
+    return SplitStats(
+        by_field.get(_ALL + "scenario", {}),
+        int(stat.get("users_without_train", 0)),
+        int(stat.get("events_without_train", 0)),
+    )
 
 
 def vocab_fields(spec: SceneLogSpec) -> list[str]:
@@ -231,8 +246,9 @@ _VALUE_CACHE: dict[str, dict[str, pa.Array]] = {}
 def _values(encoders: Encoders) -> dict[str, pa.Array]:
     values = _VALUE_CACHE.get(encoders.token)
     if values is None:
-        values = _VALUE_CACHE[encoders.token] = {n: pa.array(real_values(v.values), pa.string())
-                                                 for n, v in encoders.vocabularies.items()}
+        values = _VALUE_CACHE[encoders.token] = {
+            n: pa.array(real_values(v.values), pa.string()) for n, v in encoders.vocabularies.items()
+        }
     return values
 
 

@@ -26,8 +26,15 @@ def scene_catalogues(train: EventSplit | Batch) -> dict[int, np.ndarray]:
 
 
 @torch.no_grad()
-def catalogue_ranking(model: Model, data: EventSplit, catalogues: dict[int, np.ndarray], spec: FeatureSpec,
-                      k: int = 10, max_queries: int = 200, seed: int = 0) -> dict[str, dict]:
+def catalogue_ranking(
+    model: Model,
+    data: EventSplit,
+    catalogues: dict[int, np.ndarray],
+    spec: FeatureSpec,
+    k: int = 10,
+    max_queries: int = 200,
+    seed: int = 0,
+) -> dict[str, dict]:
     """Per scene: recall@k, ndcg@k and the number of queries (at most `max_queries`, sampled with `seed`).
     Each query's user side is encoded once and the whole catalogue scored against it (`score_in_chunks`)."""
     model.eval()
@@ -51,8 +58,9 @@ def catalogue_ranking(model: Model, data: EventSplit, catalogues: dict[int, np.n
             in_scene = np.flatnonzero((users == user) & (scenes == scene))
             templates.append(in_scene[0])  # its window: cut from the row
             relevant.append(np.isin(catalogue, items[in_scene][labels[in_scene] == 1]))
-        batch = model_batch({key: value[templates].to(device) for key, value in events.items()}, sequences,
-                            model.history_length)
+        batch = model_batch(
+            {key: value[templates].to(device) for key, value in events.items()}, sequences, model.history_length
+        )
         candidates = torch.as_tensor(catalogue, device=device)[None].expand(len(templates), -1)
         scores = torch.sigmoid(score_in_chunks(model, model.encode_user(batch), candidates).logits.float())
         metrics = ranking_metrics(scores.cpu().numpy(), np.stack(relevant), k)

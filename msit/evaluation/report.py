@@ -60,8 +60,7 @@ class ModelResult:
 
 
 @torch.no_grad()
-def run_model(model: Model, data: EventSplit, n_scenes: int,
-              desc: str = "") -> tuple[np.ndarray, np.ndarray | None]:
+def run_model(model: Model, data: EventSplit, n_scenes: int, desc: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """One pass over the split: probabilities per row, and the mean transfer attention per target scene.
 
     Probabilities are computed exactly as `trainer.predict` does, so metrics match `msit evaluate`. The
@@ -73,8 +72,13 @@ def run_model(model: Model, data: EventSplit, n_scenes: int,
     counts = torch.zeros(n_scenes, dtype=torch.float64)
     has_attention, chunks = True, []
     total = math.ceil(len(data) / BATCH_SIZE)
-    for batch in tqdm(data.batches(BATCH_SIZE, model.history_length, device=device), total=total, desc=desc,
-                      leave=False, disable=not sys.stderr.isatty()):
+    for batch in tqdm(
+        data.batches(BATCH_SIZE, model.history_length, device=device),
+        total=total,
+        desc=desc,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    ):
         output = model(batch)
         chunks.append(torch.sigmoid(output.logits.float()).cpu())
         if output.transfer_attention is None:
@@ -91,8 +95,9 @@ def run_model(model: Model, data: EventSplit, n_scenes: int,
         return probs, (sums / counts[:, None]).numpy()
 
 
-def evaluate_model(name: str, model_dir: Path, loaded: LoadedModel, data: EventSplit, buckets: np.ndarray,
-                   n_buckets: int) -> ModelResult:
+def evaluate_model(
+    name: str, model_dir: Path, loaded: LoadedModel, data: EventSplit, buckets: np.ndarray, n_buckets: int
+) -> ModelResult:
     spec = loaded.spec
     probs, attention = run_model(loaded.model, data, len(spec.scenarios), desc=name)
     scene_names = spec.scene_names()  # as trainer.evaluate names them
@@ -105,8 +110,9 @@ def evaluate_model(name: str, model_dir: Path, loaded: LoadedModel, data: EventS
 # ----------------------------------------------------------------------------------- history-length buckets
 
 
-def target_scene_history(scene_ids: torch.Tensor, history_scene_ids: torch.Tensor,
-                         history_length: torch.Tensor) -> torch.Tensor:
+def target_scene_history(
+    scene_ids: torch.Tensor, history_scene_ids: torch.Tensor, history_length: torch.Tensor
+) -> torch.Tensor:
     """Per row, how many of the user's past events (within `history_length`) were in the row's own scene."""
     positions = torch.arange(history_scene_ids.shape[1], device=history_scene_ids.device)
     valid = positions[None, :] < history_length[:, None]
@@ -115,8 +121,10 @@ def target_scene_history(scene_ids: torch.Tensor, history_scene_ids: torch.Tenso
 
 def target_scene_counts(data: EventSplit, history_length: int) -> np.ndarray:
     """(R,) per row of the split: how many events of its window of `history_length` were in its own scene."""
-    counts = [target_scene_history(b[SCENE_ID], b[HISTORY_SCENE_IDS], b[HISTORY_LENGTH])
-              for b in data.batches(BATCH_SIZE, history_length)]
+    counts = [
+        target_scene_history(b[SCENE_ID], b[HISTORY_SCENE_IDS], b[HISTORY_LENGTH])
+        for b in data.batches(BATCH_SIZE, history_length)
+    ]
     return torch.cat(counts).numpy() if counts else np.zeros(0, dtype=np.int64)
 
 
@@ -132,22 +140,33 @@ def bucket_labels(max_length: int, edges: Sequence[int] = HISTORY_BUCKET_EDGES) 
     return [str(lo) if lo == hi else f"{lo}–{hi}" for lo, hi in zip(kept, uppers, strict=True)]
 
 
-def history_buckets(counts: torch.Tensor | np.ndarray, max_length: int,
-                    edges: Sequence[int] = HISTORY_BUCKET_EDGES) -> np.ndarray:
+def history_buckets(
+    counts: torch.Tensor | np.ndarray, max_length: int, edges: Sequence[int] = HISTORY_BUCKET_EDGES
+) -> np.ndarray:
     """Bucket index per row for target-scene history counts."""
     kept = np.asarray(bucket_edges(max_length, edges))
     return np.searchsorted(kept, np.asarray(counts), side="right") - 1
 
 
-def bucket_rows(scene_ids: np.ndarray, buckets: np.ndarray, n_buckets: int,
-                scene_names: dict[int, str]) -> dict[str, list[int]]:
+def bucket_rows(
+    scene_ids: np.ndarray, buckets: np.ndarray, n_buckets: int, scene_names: dict[int, str]
+) -> dict[str, list[int]]:
     """Scene -> row count per bucket (scenes present in the split only)."""
-    return {name: np.bincount(buckets[scene_ids == sid], minlength=n_buckets).tolist()
-            for sid, name in scene_names.items() if (scene_ids == sid).any()}
+    return {
+        name: np.bincount(buckets[scene_ids == sid], minlength=n_buckets).tolist()
+        for sid, name in scene_names.items()
+        if (scene_ids == sid).any()
+    }
 
 
-def auc_by_bucket(labels: np.ndarray, probs: np.ndarray, scene_ids: np.ndarray, buckets: np.ndarray,
-                  n_buckets: int, scene_names: dict[int, str]) -> dict[str, list[float]]:
+def auc_by_bucket(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    scene_ids: np.ndarray,
+    buckets: np.ndarray,
+    n_buckets: int,
+    scene_names: dict[int, str],
+) -> dict[str, list[float]]:
     """Scene -> AUC per bucket; NaN where a bucket has fewer than MIN_BUCKET_ROWS rows (an AUC of a handful of
     rows is noise) or one label class (AUC undefined there)."""
     out = {}
@@ -210,7 +229,7 @@ def plot_history_auc(results: list[ModelResult], rows: dict[str, list[int]], lab
         ax.set(title=scene, xlabel="events in the target scene", ylabel="AUC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(scenes):]:
+    for ax in list(axes.flat)[len(scenes) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -255,8 +274,8 @@ def _image(path: Path, alt: str) -> str:
 def metrics_table(model: ModelResult, ablation: ModelResult | None) -> str:
     measures = [("auc", "AUC", True), ("logloss", "log loss", False), ("gauc", "GAUC", True)]
     head = "<th>scene</th><th>rows</th>" + "".join(
-        f"<th>{title}</th>" + (f"<th>{title} ablation</th><th>Δ</th>" if ablation else "")
-        for _, title, _ in measures)
+        f"<th>{title}</th>" + (f"<th>{title} ablation</th><th>Δ</th>" if ablation else "") for _, title, _ in measures
+    )
     body = []
     rows = [*model.metrics["scenes"].items(), ("overall", model.metrics["overall"])]
     for scene, m in rows:
@@ -275,48 +294,79 @@ def metrics_table(model: ModelResult, ablation: ModelResult | None) -> str:
 
 
 def history_table(results: list[ModelResult], rows: dict[str, list[int]], labels: list[str]) -> str:
-    head = "<th>scene</th><th>events in scene</th><th>rows</th>" + "".join(
-        f"<th>AUC {html.escape(r.name)}</th>" for r in results) + ("<th>Δ</th>" if len(results) == 2 else "")
+    head = (
+        "<th>scene</th><th>events in scene</th><th>rows</th>"
+        + "".join(f"<th>AUC {html.escape(r.name)}</th>" for r in results)
+        + ("<th>Δ</th>" if len(results) == 2 else "")
+    )
     body = []
     for scene, counts in rows.items():
         for b, (label, n) in enumerate(zip(labels, counts, strict=True)):
             values = [r.history_auc.get(scene, [math.nan] * len(labels))[b] for r in results]
-            cells = [f"<td>{html.escape(scene)}</td>", f"<td>{label}</td>", f"<td>{n}</td>",
-                     *(f"<td>{_num(v)}</td>" for v in values)]
+            cells = [
+                f"<td>{html.escape(scene)}</td>",
+                f"<td>{label}</td>",
+                f"<td>{n}</td>",
+                *(f"<td>{_num(v)}</td>" for v in values),
+            ]
             if len(values) == 2:
                 cells.append(_diff_cell(values[0], values[1]))
             body.append(f"<tr>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def render_html(results: list[ModelResult], data_dir: Path, split: str, attention_images: dict[str, Path | None],
-                history_image: Path, rows: dict[str, list[int]], labels: list[str]) -> str:
+def render_html(
+    results: list[ModelResult],
+    data_dir: Path,
+    split: str,
+    attention_images: dict[str, Path | None],
+    history_image: Path,
+    rows: dict[str, list[int]],
+    labels: list[str],
+) -> str:
     model, ablation = results[0], (results[1] if len(results) > 1 else None)
     title = f"Transfer report: {model.model_dir.name}"
-    meta = (f"model <b>{html.escape(str(model.model_dir))}</b> ({html.escape(model.family)})"
-            + (f", ablation <b>{html.escape(str(ablation.model_dir))}</b> ({html.escape(ablation.family)})"
-               if ablation else "")
-            + f"; data <b>{html.escape(str(data_dir))}</b>, split <b>{html.escape(split)}</b>")
-    parts = [f"<h1>{html.escape(title)} ({html.escape(model.family)})</h1>", f'<p class="meta">{meta}</p>',
-             "<h2>Metrics by scene</h2>",
-             "<p class=\"note\">Δ = model − ablation; green where the model is better.</p>" if ablation else "",
-             metrics_table(model, ablation), "<h2>Transfer attention</h2>",
-             '<p class="note">Mean weight the target scene (row) gives each source scene (column); rows sum to '
-             "1.</p>"]
+    meta = (
+        f"model <b>{html.escape(str(model.model_dir))}</b> ({html.escape(model.family)})"
+        + (
+            f", ablation <b>{html.escape(str(ablation.model_dir))}</b> ({html.escape(ablation.family)})"
+            if ablation
+            else ""
+        )
+        + f"; data <b>{html.escape(str(data_dir))}</b>, split <b>{html.escape(split)}</b>"
+    )
+    parts = [
+        f"<h1>{html.escape(title)} ({html.escape(model.family)})</h1>",
+        f'<p class="meta">{meta}</p>',
+        "<h2>Metrics by scene</h2>",
+        '<p class="note">Δ = model − ablation; green where the model is better.</p>' if ablation else "",
+        metrics_table(model, ablation),
+        "<h2>Transfer attention</h2>",
+        '<p class="note">Mean weight the target scene (row) gives each source scene (column); rows sum to 1.</p>',
+    ]
     for result in results:
         image = attention_images.get(result.name)
         if image is None:
-            parts.append(f'<p class="note">{html.escape(result.name)} ({html.escape(result.family)}): '
-                         "this model family has no transfer attention, so there is no heat map.</p>")
+            parts.append(
+                f'<p class="note">{html.escape(result.name)} ({html.escape(result.family)}): '
+                "this model family has no transfer attention, so there is no heat map.</p>"
+            )
         else:
-            parts.append(f"<h3>{html.escape(result.name)} ({html.escape(result.family)})</h3>"
-                         + _image(image, f"transfer attention of the {result.name}"))
-    parts += ["<h2>AUC by history length in the target scene</h2>",
-              '<p class="note">Rows bucketed by how many of the user\'s past events were in the scene of the row '
-              "(cold → warm). n/a: the bucket has a single label class.</p>",
-              _image(history_image, "AUC by history length"), history_table(results, rows, labels)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            parts.append(
+                f"<h3>{html.escape(result.name)} ({html.escape(result.family)})</h3>"
+                + _image(image, f"transfer attention of the {result.name}")
+            )
+    parts += [
+        "<h2>AUC by history length in the target scene</h2>",
+        '<p class="note">Rows bucketed by how many of the user\'s past events were in the scene of the row '
+        "(cold → warm). n/a: the bucket has a single label class.</p>",
+        _image(history_image, "AUC by history length"),
+        history_table(results, rows, labels),
+    ]
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- report
@@ -337,16 +387,32 @@ def _result_json(result: ModelResult, scenes: list[str], rows: dict[str, list[in
     attention = None
     if result.attention is not None:
         attention = {"target_scenes": scenes, "source_scenes": scenes, "matrix": result.attention.tolist()}
-    return {"model_dir": str(result.model_dir), "family": result.family, "metrics": result.metrics,
-            "auc_by_history": {"buckets": labels, "scenes": {
-                scene: [{"bucket": label, "rows": n, "auc": a} for label, n, a in
-                        zip(labels, counts, result.history_auc[scene], strict=True)]
-                for scene, counts in rows.items()}},
-            "transfer_attention": attention}
+    return {
+        "model_dir": str(result.model_dir),
+        "family": result.family,
+        "metrics": result.metrics,
+        "auc_by_history": {
+            "buckets": labels,
+            "scenes": {
+                scene: [
+                    {"bucket": label, "rows": n, "auc": a}
+                    for label, n, a in zip(labels, counts, result.history_auc[scene], strict=True)
+                ]
+                for scene, counts in rows.items()
+            },
+        },
+        "transfer_attention": attention,
+    }
 
 
-def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path,
-                 ablation_dir: str | Path | None = None, split: str = "test", log: Log = print) -> Path:
+def build_report(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    ablation_dir: str | Path | None = None,
+    split: str = "test",
+    log: Log = print,
+) -> Path:
     """Evaluate the model (and the ablation) on `split` of `data_dir` and write the report into `out_dir`.
 
     Returns the path of report.html. Raises MsitError if the data is not encoded like the models.
@@ -372,8 +438,7 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
         if name not in dirs:
             log(f"[{step}/4] no {name} given: skipped")
             continue
-        log(f"[{step}/4] evaluating the {name} {dirs[name]} ({loaded[name].config.family}) on "
-            f"{len(data)} rows")
+        log(f"[{step}/4] evaluating the {name} {dirs[name]} ({loaded[name].config.family}) on {len(data)} rows")
         results.append(evaluate_model(name, dirs[name], loaded[name], data, buckets, len(labels)))
 
     log(f"[4/4] writing the report into {out_dir}")
@@ -386,14 +451,22 @@ def build_report(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
             continue
         file = "transfer_attention.png" if result.name == "model" else f"transfer_attention_{result.name}.png"
         attention_images[result.name] = plot_attention(
-            result.attention, spec.scenarios, f"{result.name} ({result.family}): mean transfer attention",
-            out_dir / file)
+            result.attention,
+            spec.scenarios,
+            f"{result.name} ({result.family}): mean transfer attention",
+            out_dir / file,
+        )
     history_image = plot_history_auc(results, rows, labels, out_dir / "auc_by_history.png")
-    report = {"data_dir": str(data_dir), "split": split, "history_bucket_edges": list(bucket_edges(max_length)),
-              **{r.name: _result_json(r, spec.scenarios, rows, labels) for r in results}}
+    report = {
+        "data_dir": str(data_dir),
+        "split": split,
+        "history_bucket_edges": list(bucket_edges(max_length)),
+        **{r.name: _result_json(r, spec.scenarios, rows, labels) for r in results},
+    }
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
     path = out_dir / "report.html"
-    path.write_text(render_html(results, data_dir, split, attention_images, history_image, rows, labels),
-                    encoding="utf-8")
+    path.write_text(
+        render_html(results, data_dir, split, attention_images, history_image, rows, labels), encoding="utf-8"
+    )
     log(f"      wrote {path}")
     return path

@@ -18,8 +18,13 @@ from msit.model.output import Model, ModelOutput
 _CLASSES = {"msit": MSIT, "msit_no_transfer": MSIT, "shared_bottom": SharedBottom, "mmoe": MMoE, "star": STAR}
 
 
-def build_model(cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
-                item_text: np.ndarray | None = None, scene_text: np.ndarray | None = None) -> Model:
+def build_model(
+    cfg: ModelConfig,
+    spec: FeatureSpec,
+    item_table: dict[str, np.ndarray] | None = None,
+    item_text: np.ndarray | None = None,
+    scene_text: np.ndarray | None = None,
+) -> Model:
     """The model of `cfg.family`. Without `item_table`, item buffers start at zero (to be loaded)."""
     return _CLASSES[cfg.family](cfg, spec, item_table, item_text, scene_text)
 
@@ -36,5 +41,13 @@ def build_for_data(cfg: ModelConfig, prepared_dir: str | Path, spec: FeatureSpec
     return build_model(cfg, spec, load_item_table(prepared_dir, spec), item_text, scene_text)
 
 
-__all__ = ["FAMILIES", "FUSIONS", "Model", "ModelConfig", "ModelOutput", "build_for_data", "build_model",
-           "load_item_table"]
+__all__ = [
+    "FAMILIES",
+    "FUSIONS",
+    "Model",
+    "ModelConfig",
+    "ModelOutput",
+    "build_for_data",
+    "build_model",
+    "load_item_table",
+]

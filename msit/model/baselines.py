@@ -37,16 +37,25 @@ class _Inputs(nn.Module):
         items = batch[HISTORY_ITEM_IDS]
         real = (items != 0).unsqueeze(-1).float()
         past = self.embed.item_repr(items) + self.label(batch[HISTORY_LABELS].clamp(0, 1))
-        return {"user": self.embed.user_repr(batch),
-                "scene": self.embed.scene(batch[SCENE_ID]) + self.embed.context_repr(batch),
-                "history": (past * real).sum(1) / real.sum(1).clamp(min=1.0),
-                "slot": scene_slots(batch[SCENE_ID], self.n_scenes),  # an unknown scene: the last slot's tower
-                SCENE_ID: batch[SCENE_ID]}
+        return {
+            "user": self.embed.user_repr(batch),
+            "scene": self.embed.scene(batch[SCENE_ID]) + self.embed.context_repr(batch),
+            "history": (past * real).sum(1) / real.sum(1).clamp(min=1.0),
+            "slot": scene_slots(batch[SCENE_ID], self.n_scenes),  # an unknown scene: the last slot's tower
+            SCENE_ID: batch[SCENE_ID],
+        }
 
     def per_candidate(self, user: UserSide, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         C = item_ids.shape[1]
-        x = torch.cat([per_candidate(user["user"], C), self.embed.item_repr(item_ids.flatten()),
-                       per_candidate(user["scene"], C), per_candidate(user["history"], C)], -1)
+        x = torch.cat(
+            [
+                per_candidate(user["user"], C),
+                self.embed.item_repr(item_ids.flatten()),
+                per_candidate(user["scene"], C),
+                per_candidate(user["history"], C),
+            ],
+            -1,
+        )
         return x, per_candidate(user["slot"], C)
 
 
@@ -118,8 +127,10 @@ class MMoE(_Baseline):
         n_slots, width = len(spec.scenarios) + 1, cfg.mlp_dims[-1]
         self.history_length = cfg.history_length  # N: the window width its batches are cut at
         self.inputs = _Inputs(cfg, spec, item_table, item_text)
-        self.experts = nn.ModuleList(nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
-                                     for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(
+            nn.Sequential(mlp([4 * cfg.embed_dim, *cfg.mlp_dims], cfg.dropout), nn.GELU())
+            for _ in range(cfg.num_experts)
+        )
         self.gates = nn.Linear(4 * cfg.embed_dim, n_slots * cfg.num_experts)  # one softmax gate per scene
         self.towers = _Towers(n_slots, width, cfg.dropout)
         self.n_experts = cfg.num_experts
@@ -128,8 +139,11 @@ class MMoE(_Baseline):
         return {**super().head_parts(), "gates": self.gates, "towers": self.towers}
 
     def scene_parts(self) -> dict[str, ScenePart]:  # the gates' rows: num_experts per scene slot
-        return {**super().scene_parts(), "gates": ScenePart(self.gates, FIRST_REAL, self.n_experts),
-                **self.towers.scene_parts()}
+        return {
+            **super().scene_parts(),
+            "gates": ScenePart(self.gates, FIRST_REAL, self.n_experts),
+            **self.towers.scene_parts(),
+        }
 
     def logits(self, x: torch.Tensor, slots: torch.Tensor, user: UserSide, candidates: int) -> torch.Tensor:
         experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, w)
@@ -160,8 +174,12 @@ class _StarLinear(nn.Module):
 class _PartitionedNorm(nn.Module):
     """STAR's partitioned normalisation: batch statistics, then shared x per-scene scale and shift."""
 
-    parameter_kinds: ClassVar[dict[str, str]] = {"gamma": "norm", "beta": "norm",
-                                                 "scene_gamma": "norm", "scene_beta": "norm"}
+    parameter_kinds: ClassVar[dict[str, str]] = {
+        "gamma": "norm",
+        "beta": "norm",
+        "scene_gamma": "norm",
+        "scene_beta": "norm",
+    }
 
     def __init__(self, n_slots: int, width: int):
         super().__init__()

@@ -57,23 +57,43 @@ class FeatureEmbedder(nn.Module):
 
     item_text: torch.Tensor  # a buffer, with use_text
 
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
-                 item_text: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: FeatureSpec,
+        item_table: dict[str, np.ndarray] | None = None,
+        item_text: np.ndarray | None = None,
+    ):
         super().__init__()
         d = cfg.embed_dim
         self.user = nn.Embedding(spec.fields["user_id"].vocab, d, padding_idx=0)
         self.item = nn.Embedding(spec.fields["item_id"].vocab, d, padding_idx=0)
         self.scene = nn.Embedding(spec.fields["scene_id"].vocab, d, padding_idx=0)
-        self.categorical = nn.ModuleDict({
-            c: nn.Embedding(spec.fields[c].vocab, d, padding_idx=0)
-            for role in ("user", "item", "context") for c in fields_of(spec, role, "categorical")})
-        self.multi = nn.ModuleDict({c: MaskedMean(spec.fields[c].vocab, d)
-                                    for role in ("user", "item", "context") for c in fields_of(spec, role, "multi")})
-        self.numeric = nn.ModuleDict({
-            role: nn.Linear(len(fields_of(spec, role, "numeric")), d, bias=False)
-            for role in ("user", "item", "context") if fields_of(spec, role, "numeric")})
-        self.fields = {role: {kind: fields_of(spec, role, kind) for kind in ("categorical", "multi", "numeric")}
-                       for role in ("user", "item", "context")}
+        self.categorical = nn.ModuleDict(
+            {
+                c: nn.Embedding(spec.fields[c].vocab, d, padding_idx=0)
+                for role in ("user", "item", "context")
+                for c in fields_of(spec, role, "categorical")
+            }
+        )
+        self.multi = nn.ModuleDict(
+            {
+                c: MaskedMean(spec.fields[c].vocab, d)
+                for role in ("user", "item", "context")
+                for c in fields_of(spec, role, "multi")
+            }
+        )
+        self.numeric = nn.ModuleDict(
+            {
+                role: nn.Linear(len(fields_of(spec, role, "numeric")), d, bias=False)
+                for role in ("user", "item", "context")
+                if fields_of(spec, role, "numeric")
+            }
+        )
+        self.fields = {
+            role: {kind: fields_of(spec, role, kind) for kind in ("categorical", "multi", "numeric")}
+            for role in ("user", "item", "context")
+        }
         # Small initial embeddings: at N(0, 1), id embeddings barely move within a few epochs of AdamW.
         for module in self.modules():
             if isinstance(module, nn.Embedding):
@@ -93,8 +113,10 @@ class FeatureEmbedder(nn.Module):
         if cfg.use_text:
             text = torch.zeros(n_items, cfg.text_dim) if item_text is None else torch.as_tensor(item_text)
             if text.shape != (n_items, cfg.text_dim):
-                raise ValueError(f"item text embeddings have shape {tuple(text.shape)}, expected ({n_items}, "
-                                 f"{cfg.text_dim}); re-run `msit data embed-text` or set text_dim")
+                raise ValueError(
+                    f"item text embeddings have shape {tuple(text.shape)}, expected ({n_items}, "
+                    f"{cfg.text_dim}); re-run `msit data embed-text` or set text_dim"
+                )
             self.register_buffer("item_text", text.float())
             self.text_projection = nn.Linear(cfg.text_dim, d)
 
@@ -130,4 +152,3 @@ class FeatureEmbedder(nn.Module):
 
     def context_repr(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # (B, d); zeros without context
         return self._side("context", batch, batch[SCENE_ID])
-

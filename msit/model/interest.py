@@ -63,8 +63,10 @@ class HistoryEncoderLayer(nn.Module):
         # x (B, N, d); allowed (B, 1, N, N): True where a token may attend to another, shared by every head
         B, N, d = x.shape
         normed = self.norm1(x)
-        q, k, v = (project(normed).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d / heads)
-                   for project in (self.query, self.key, self.value))
+        q, k, v = (
+            project(normed).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, d / heads)
+            for project in (self.query, self.key, self.value)
+        )
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, heads, N, d / heads)
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(B, N, d)))
         return x + self.dropout(self.ffn(self.norm2(x)))
@@ -88,8 +90,9 @@ class InterestNetwork(nn.Module):
         self.gap = nn.Embedding(cfg.gap_buckets, d)
         self.position = nn.Embedding(history_length, d)
         self.gap_buckets = cfg.gap_buckets
-        self.encoder = nn.ModuleList(HistoryEncoderLayer(d, cfg.interest_heads, cfg.dropout)
-                                     for _ in range(cfg.interest_layers))
+        self.encoder = nn.ModuleList(
+            HistoryEncoderLayer(d, cfg.interest_heads, cfg.dropout) for _ in range(cfg.interest_layers)
+        )
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
@@ -105,8 +108,9 @@ class InterestNetwork(nn.Module):
         # scene + label + time gap of each token as one lookup in the small table of their sums (one gather and
         # one gradient scatter over the R x N tokens instead of three).
         G = self.gap_buckets
-        context = (embed.scene.weight[:, None, None] + self.label.weight[None, :, None]
-                   + self.gap.weight[None, None]).flatten(0, 2)  # (scenes x 2 x G, d)
+        context = (
+            embed.scene.weight[:, None, None] + self.label.weight[None, :, None] + self.gap.weight[None, None]
+        ).flatten(0, 2)  # (scenes x 2 x G, d)
         index = (scenes * 2 + batch[HISTORY_LABELS].clamp(0, 1)) * G + time_gap_buckets(batch[HISTORY_TIME_GAPS], G)
         tokens = embed.item_repr(items) + F.embedding(index, context) + self.position.weight[:N]
 
@@ -119,12 +123,18 @@ class InterestNetwork(nn.Module):
 
         h, dh = self.heads, tokens.shape[-1] // self.heads
         in_scene = (scenes[:, None, :] == self.scene_ids[None, :, None]) & (items != 0)[:, None, :]  # (R, S, N)
-        return {"history_keys": self.key(encoded).view(R, N, h, dh).transpose(1, 2),  # (R, heads, N, dh)
-                "history_values": self.value(encoded).view(R, N, h, dh).transpose(1, 2),
-                "history_in_scene": in_scene}
+        return {
+            "history_keys": self.key(encoded).view(R, N, h, dh).transpose(1, 2),  # (R, heads, N, dh)
+            "history_values": self.value(encoded).view(R, N, h, dh).transpose(1, 2),
+            "history_in_scene": in_scene,
+        }
 
-    def pool(self, user: UserSide, target_item: torch.Tensor, explain: bool = False,
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def pool(
+        self,
+        user: UserSide,
+        target_item: torch.Tensor,
+        explain: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target attention per scene: query = the candidate, keys = that scene's real history tokens.
         target_item (R, C, d) -> interest h^s (R, C, S, d); behaviour attention (R, C, S, N) if `explain`."""
         keys, values, in_scene = user["history_keys"], user["history_values"], user["history_in_scene"]

@@ -46,8 +46,14 @@ class LoadedModel:
     info: dict
 
 
-def save_model_dir(directory: str | Path, model: nn.Module, config: ModelConfig, spec: FeatureSpec,
-                   info: dict | None = None, inputs: typing.Iterable[str | Path] = ()) -> Path:
+def save_model_dir(
+    directory: str | Path,
+    model: nn.Module,
+    config: ModelConfig,
+    spec: FeatureSpec,
+    info: dict | None = None,
+    inputs: typing.Iterable[str | Path] = (),
+) -> Path:
     """Export a model directory: written into a staging folder renamed into place (readers see the old
     model or the new one, never half), under a lock. An existing `directory` is replaced only if it is
     a model directory (holds model.json) or empty: exporting never deletes files msit did not write."""
@@ -57,15 +63,21 @@ def save_model_dir(directory: str | Path, model: nn.Module, config: ModelConfig,
     return directory
 
 
-def write_model_files(directory: Path, model: nn.Module, config: ModelConfig, spec: FeatureSpec,
-                      info: dict | None = None) -> None:
+def write_model_files(
+    directory: Path, model: nn.Module, config: ModelConfig, spec: FeatureSpec, info: dict | None = None
+) -> None:
     """The three files, straight into an existing private folder (a checkpoint's fresh temp directory);
     anything others may read goes through `save_model_dir`."""
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
-    meta = {"format_version": FORMAT_VERSION, "msit_version": __version__, "model": asdict(config),
-            "feature_spec_fingerprint": spec.fingerprint(), "info": info or {}}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "msit_version": __version__,
+        "model": asdict(config),
+        "feature_spec_fingerprint": spec.fingerprint(),
+        "info": info or {},
+    }
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=float))
     spec.save(directory)
 
@@ -109,8 +121,10 @@ def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise MsitError(f"{path} is not a readable safetensors file ({_one_line(e)}): "
-                        "the file is damaged or truncated; re-export the model") from None
+        raise MsitError(
+            f"{path} is not a readable safetensors file ({_one_line(e)}): "
+            "the file is damaged or truncated; re-export the model"
+        ) from None
 
 
 def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -118,14 +132,24 @@ def load_state_checked(model: nn.Module, state: dict[str, torch.Tensor], path: P
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} (the config builds {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = ([f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")]
-                if missing else [])
-    problems += [f"unexpected {unexpected[:3]}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")
-                 ] if unexpected else []
-    problems += [f"shape of {', '.join(shapes[:3])}" + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
-                 ] if shapes else []
+    shapes = [
+        f"{k} {tuple(state[k].shape)} (the config builds {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = (
+        [f"missing {missing[:3]}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")] if missing else []
+    )
+    problems += (
+        [f"unexpected {unexpected[:3]}" + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else "")]
+        if unexpected
+        else []
+    )
+    problems += (
+        [f"shape of {', '.join(shapes[:3])}" + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")]
+        if shapes
+        else []
+    )
     if problems:
         raise MsitError(f"{path} does not match the model config beside it ({CONFIG_FILE}): {'; '.join(problems)}")
     model.load_state_dict(state, strict=True)
@@ -142,9 +166,11 @@ def _read_meta(directory: Path) -> dict:
     if not isinstance(meta, dict):
         raise MsitError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise MsitError(f"{path}: model format {meta.get('format_version')!r} is not supported "
-                        f"(expected {FORMAT_VERSION}): the model was exported by another version of msit; "
-                        "train it again with this one")
+        raise MsitError(
+            f"{path}: model format {meta.get('format_version')!r} is not supported "
+            f"(expected {FORMAT_VERSION}): the model was exported by another version of msit; "
+            "train it again with this one"
+        )
     for key, kind in (("model", dict), ("info", dict)):
         if key not in meta:
             raise MsitError(f"{path}: missing key {key!r}")
@@ -201,13 +227,19 @@ def check_data_encoding(model_dir: str | Path, model_spec: FeatureSpec, data_dir
         return
     differs = []  # the history length is not among them: it is the model's, windows are cut per batch
     fields_differ = sorted(set(data_spec.fields) ^ set(model_spec.fields))
-    fields_differ += sorted(k for k in set(data_spec.fields) & set(model_spec.fields)
-                            if data_spec.fields[k] != model_spec.fields[k])
+    fields_differ += sorted(
+        k for k in set(data_spec.fields) & set(model_spec.fields) if data_spec.fields[k] != model_spec.fields[k]
+    )
     if fields_differ:
         differs.append(f"fields {fields_differ[:5]}")
-    vocabs = sorted(k for k in set(data_spec.vocabularies) | set(model_spec.vocabularies)
-                    if data_spec.vocabularies.get(k) != model_spec.vocabularies.get(k))
+    vocabs = sorted(
+        k
+        for k in set(data_spec.vocabularies) | set(model_spec.vocabularies)
+        if data_spec.vocabularies.get(k) != model_spec.vocabularies.get(k)
+    )
     if vocabs:
         differs.append(f"vocabularies {vocabs[:5]}")
-    raise MsitError(f"{data_dir} was encoded otherwise than the model {model_dir} ({'; '.join(differs) or 'encoding'}"
-                    f"); prepare the logs with `msit data prepare LOGS --encoding-from {model_dir}`")
+    raise MsitError(
+        f"{data_dir} was encoded otherwise than the model {model_dir} ({'; '.join(differs) or 'encoding'}"
+        f"); prepare the logs with `msit data prepare LOGS --encoding-from {model_dir}`"
+    )

@@ -24,8 +24,14 @@ from msit.model.transfer import InterestTransfer
 
 
 class MSIT(Model):
-    def __init__(self, cfg: ModelConfig, spec: FeatureSpec, item_table: dict[str, np.ndarray] | None = None,
-                 item_text: np.ndarray | None = None, scene_text: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: FeatureSpec,
+        item_table: dict[str, np.ndarray] | None = None,
+        item_text: np.ndarray | None = None,
+        scene_text: np.ndarray | None = None,
+    ):
         super().__init__()
         self.cfg, self.n_scenes = cfg, len(spec.scenarios)
         self.history_length = cfg.history_length
@@ -39,8 +45,11 @@ class MSIT(Model):
 
     def head_parts(self) -> dict[str, Part]:
         """The scene-specific parts of MODEL.md, which fine-tuning's head mode trains whole."""
-        parts: dict[str, Part] = {"scene embedding": self.embed.scene, "empty interest": self.interest.empty,
-                                  "predictor": self.predictor}
+        parts: dict[str, Part] = {
+            "scene embedding": self.embed.scene,
+            "empty interest": self.interest.empty,
+            "predictor": self.predictor,
+        }
         if self.scenes.text is not None:
             parts["scene text projection"] = self.scenes.text
         if self.transfer is not None:
@@ -49,8 +58,10 @@ class MSIT(Model):
 
     def scene_parts(self) -> dict[str, ScenePart]:
         """The per-scene tables, whose tuned scenes' rows fine-tuning's scene mode trains."""
-        parts = {"scene embedding": ScenePart(self.embed.scene),
-                 "empty interest": ScenePart(self.interest.empty, FIRST_REAL)}  # by slot: slot 0 is id FIRST_REAL
+        parts = {
+            "scene embedding": ScenePart(self.embed.scene),
+            "empty interest": ScenePart(self.interest.empty, FIRST_REAL),
+        }  # by slot: slot 0 is id FIRST_REAL
         if self.predictor.scene_bias is not None:
             parts["scene bias"] = ScenePart(self.predictor.scene_bias)
         return parts
@@ -60,10 +71,12 @@ class MSIT(Model):
         return self.score(self.encode_user(batch), batch[ITEM_ID][:, None], explain).one_candidate_each()
 
     def encode_user(self, batch: dict[str, torch.Tensor]) -> UserSide:
-        return {**self.interest.encode(self.embed, batch),  # the encoded history window, as keys and values
-                "user": self.embed.user_repr(batch),  # (R, d)
-                "target_scene": self.scenes.target(self.embed, batch),  # g^t (R, d), with its context
-                SCENE_ID: batch[SCENE_ID]}  # (R,)
+        return {
+            **self.interest.encode(self.embed, batch),  # the encoded history window, as keys and values
+            "user": self.embed.user_repr(batch),  # (R, d)
+            "target_scene": self.scenes.target(self.embed, batch),  # g^t (R, d), with its context
+            SCENE_ID: batch[SCENE_ID],
+        }  # (R,)
 
     def score(self, user: UserSide, item_ids: torch.Tensor, explain: bool = False) -> ModelOutput:
         """item_ids (R, C): C candidates for each user-side row."""
@@ -85,8 +98,12 @@ class MSIT(Model):
             transfer_attention = nn.functional.one_hot(own_slot, self.n_scenes).float()
 
         logits = self.predictor([transferred, per_candidate(user["user"], C), item, target_scene], scene_ids)
-        return ModelOutput(logits.view(R, C), transfer_attention.view(R, C, -1), behaviour_attention,
-                           self._attention_prior_kl(transfer_attention) if self.transfer_on else None)
+        return ModelOutput(
+            logits.view(R, C),
+            transfer_attention.view(R, C, -1),
+            behaviour_attention,
+            self._attention_prior_kl(transfer_attention) if self.transfer_on else None,
+        )
 
     def _attention_prior_kl(self, attention: torch.Tensor) -> torch.Tensor | None:
         """λ · KL(attention || uniform over scenes): keeps the transfer attention from collapsing."""

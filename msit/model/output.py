@@ -30,11 +30,13 @@ class ModelOutput:
 
     def one_candidate_each(self) -> ModelOutput:
         """(R, 1, ...) -> (R, ...): `forward`'s shapes, one candidate per row."""
+
         def first(values: torch.Tensor | None) -> torch.Tensor | None:
             return None if values is None else values[:, 0]
 
-        return ModelOutput(self.logits[:, 0], first(self.transfer_attention), first(self.behaviour_attention),
-                           self.regularization)
+        return ModelOutput(
+            self.logits[:, 0], first(self.transfer_attention), first(self.behaviour_attention), self.regularization
+        )
 
 
 class Model(nn.Module):
@@ -63,18 +65,20 @@ def per_candidate(values: torch.Tensor, candidates: int) -> torch.Tensor:
     return values[:, None].expand(-1, candidates, *values.shape[1:]).flatten(0, 1)
 
 
-def score_in_chunks(model: Model, user: UserSide, item_ids: torch.Tensor, explain: bool = False,
-                    max_rows: int = 65_536) -> ModelOutput:
+def score_in_chunks(
+    model: Model, user: UserSide, item_ids: torch.Tensor, explain: bool = False, max_rows: int = 65_536
+) -> ModelOutput:
     """`model.score` over (R, C) candidates, at most `max_rows` candidate rows per pass (a whole catalogue
     against one user), the user side computed once."""
     R, C = item_ids.shape
     step = max(1, max_rows // max(R, 1))
     if C <= step:
         return model.score(user, item_ids, explain)
-    parts = [model.score(user, item_ids[:, start:start + step], explain) for start in range(0, C, step)]
+    parts = [model.score(user, item_ids[:, start : start + step], explain) for start in range(0, C, step)]
 
     def join(name: str) -> torch.Tensor | None:
         return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts], dim=1)
 
-    return ModelOutput(torch.cat([p.logits for p in parts], dim=1), join("transfer_attention"),
-                       join("behaviour_attention"))
+    return ModelOutput(
+        torch.cat([p.logits for p in parts], dim=1), join("transfer_attention"), join("behaviour_attention")
+    )

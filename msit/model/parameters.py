@@ -33,8 +33,10 @@ def parameter_kind(module: nn.Module, name: str) -> str:
         return "matmul" if name == "weight" else "bias"
     kind = getattr(module, "parameter_kinds", {}).get(name)
     if kind not in KINDS:
-        raise MsitError(f"{type(module).__name__}.{name} is an nn.Parameter of no declared kind: add it to "
-                        f"{type(module).__name__}.parameter_kinds as one of {list(KINDS)}")
+        raise MsitError(
+            f"{type(module).__name__}.{name} is an nn.Parameter of no declared kind: add it to "
+            f"{type(module).__name__}.parameter_kinds as one of {list(KINDS)}"
+        )
     return kind
 
 
@@ -74,7 +76,7 @@ class ScenePart:
             first = (scene_id - self.first_id) * self.rows_per_scene
             if first < 0 or first + self.rows_per_scene > len(mask):
                 raise MsitError(f"scene id {scene_id} has no rows in a per-scene parameter of shape {tuple(p.shape)}")
-            mask[first:first + self.rows_per_scene] = True
+            mask[first : first + self.rows_per_scene] = True
         return mask
 
 

@@ -50,8 +50,9 @@ class InterestTransfer(nn.Module):
         self.is_target = nn.Parameter(torch.zeros(d))  # marks the target scene among the keys
         self.layers = nn.ModuleList(TransferLayer(cfg) for _ in range(cfg.transfer_layers))
 
-    def forward(self, fused: torch.Tensor, target_scene: torch.Tensor, target_item: torch.Tensor,
-                target_slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, fused: torch.Tensor, target_scene: torch.Tensor, target_item: torch.Tensor, target_slot: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # fused (M, S, d); target_scene g^t, target_item (M, d); target_slot (M,): S for an unknown scene (scene_slots)
         S = fused.shape[1]
         is_target = (torch.arange(S, device=fused.device)[None, :] == target_slot[:, None]).to(fused.dtype)

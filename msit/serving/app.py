@@ -70,8 +70,10 @@ def token_from_env(required: bool = False) -> str | None:
     if token is not None and not token.strip():
         raise ConfigError(f"{TOKEN_ENV} / {TOKEN_FILE_ENV} is set but empty")
     if required and not token:
-        raise ConfigError(f"a bearer token is required (require_token) but neither {TOKEN_ENV} nor {TOKEN_FILE_ENV} "
-                          "is set (a missing Secret?); refusing to serve without auth")
+        raise ConfigError(
+            f"a bearer token is required (require_token) but neither {TOKEN_ENV} nor {TOKEN_FILE_ENV} "
+            "is set (a missing Secret?); refusing to serve without auth"
+        )
     return token or None
 
 
@@ -97,26 +99,40 @@ def _printable(value):
 
 
 def _field_error(error: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": [
-        {"loc": ["body", *map(_printable, error.field)], "msg": _printable(error.message), "type": "value_error"}]})
+    return JSONResponse(
+        status_code=422,
+        content={
+            "detail": [
+                {
+                    "loc": ["body", *map(_printable, error.field)],
+                    "msg": _printable(error.message),
+                    "type": "value_error",
+                }
+            ]
+        },
+    )
 
 
 def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:  # noqa: C901  (one nested handler per route)
-    app = FastAPI(title="msit", description="Multi-scenario interest transfer: scoring and recommendations.",
-                  version="1")
+    app = FastAPI(
+        title="msit", description="Multi-scenario interest transfer: scoring and recommendations.", version="1"
+    )
 
     async def authorize(credentials: Credentials) -> None:  # async: a sync dependency costs a thread hop
         if settings.auth_token is None:
             return
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
-                                                          settings.auth_token.encode()):
+        if credentials is None or not hmac.compare_digest(
+            credentials.credentials.encode(), settings.auth_token.encode()
+        ):
             raise _Unauthorized()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
         # pydantic's details, minus the echoed input: it may not be valid JSON (Infinity, NaN) and is payload.
-        details = [{"loc": [_printable(part) for part in e["loc"]], "msg": _printable(e["msg"]), "type": e["type"]}
-                   for e in error.errors()]
+        details = [
+            {"loc": [_printable(part) for part in e["loc"]], "msg": _printable(e["msg"]), "type": e["type"]}
+            for e in error.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": details})
 
     @app.exception_handler(RequestError)
@@ -137,32 +153,40 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:  # noqa: C90
 
     @app.exception_handler(_Unauthorized)
     async def unauthorized(_: Request, __: Exception) -> JSONResponse:
-        return JSONResponse(status_code=401, content={"detail": "missing or wrong bearer token"},
-                            headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            status_code=401, content={"detail": "missing or wrong bearer token"}, headers={"WWW-Authenticate": "Bearer"}
+        )
 
     app.add_middleware(_LimitAndLog, max_body_bytes=settings.max_body_bytes, backend=backend)
 
     @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorize)])
     async def score(body: ScoreRequest) -> JSONResponse:  # documented as ScoreResponse (response_model)
         if body.history is not None and len(body.history) > settings.max_history:
-            raise RequestError(("history",), f"at most {settings.max_history} history events per request, "
-                               f"got {len(body.history)}")
+            raise RequestError(
+                ("history",), f"at most {settings.max_history} history events per request, got {len(body.history)}"
+            )
         version, result = await backend.score(body.model_dump())
         if isinstance(result, RequestError | ScoringError | HistoryUnavailable):
             raise result
-        explanations: Sequence[dict | None] = result.explanations if result.explanations else \
-            [None] * len(result.scores)
+        explanations: Sequence[dict | None] = (
+            result.explanations if result.explanations else [None] * len(result.scores)
+        )
         # Built as plain JSON: validating a response the scorer just made (as response_model would) costs
         # more than the rest of the route; ScoreResponse still documents it.
-        return JSONResponse({"model_version": version, "scores": [
-            {"item_id": str(item), "score": score, "explanation": explanation}
-            for item, score, explanation in zip(body.candidates, result.scores, explanations, strict=True)]})
+        return JSONResponse(
+            {
+                "model_version": version,
+                "scores": [
+                    {"item_id": str(item), "score": score, "explanation": explanation}
+                    for item, score, explanation in zip(body.candidates, result.scores, explanations, strict=True)
+                ],
+            }
+        )
 
     @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorize)])
     async def recommend(body: RecommendRequest) -> RecommendResponse:
         version, items, size = await backend.recommend(body.model_dump())
-        return RecommendResponse(model_version=version, items=[ScoredItem(**i) for i in items],
-                                 catalogue_size=size)
+        return RecommendResponse(model_version=version, items=[ScoredItem(**i) for i in items], catalogue_size=size)
 
     @app.post("/v1/events", response_model=EventsResponse, dependencies=[Depends(authorize)])
     async def events(body: EventsRequest) -> EventsResponse:
@@ -176,8 +200,11 @@ def create_app(backend: Backend, settings: ApiSettings) -> FastAPI:  # noqa: C90
         """200 while the model scores: "degraded" when the history store is unavailable (requests that bring their
         own history are still scored), so that a probe does not take every replica out for a store outage."""
         store = await backend.store_health()
-        return {"status": "ok" if store["state"] == "ok" else "degraded",
-                "model_version": await backend.current_version(), "history_store": store}
+        return {
+            "status": "ok" if store["state"] == "ok" else "degraded",
+            "model_version": await backend.current_version(),
+            "history_store": store,
+        }
 
     @app.get("/v1/model", dependencies=[Depends(authorize)])
     async def model() -> dict:
@@ -227,9 +254,17 @@ class _LimitAndLog:
             await self.app(scope, receive_within_limit, send_and_note)
         finally:
             if logger.isEnabledFor(logging.INFO):
-                logger.info(json.dumps({"route": scope["path"], "method": scope["method"], "status": status,
-                                        "ms": round(1000 * (time.perf_counter() - started), 2),
-                                        "model_version": self.backend.version}))
+                logger.info(
+                    json.dumps(
+                        {
+                            "route": scope["path"],
+                            "method": scope["method"],
+                            "status": status,
+                            "ms": round(1000 * (time.perf_counter() - started), 2),
+                            "model_version": self.backend.version,
+                        }
+                    )
+                )
 
 
 class LocalBackend:

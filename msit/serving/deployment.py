@@ -60,6 +60,7 @@ THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIREC
 @dataclass
 class ServeArgs:
     """The application's arguments (serve/config.yaml `args`, or `msit serve` flags)."""
+
     model: str  # model directory
     data: str  # its prepared directory: the history store and the scene catalogues come from it
     max_candidates: int = 1000
@@ -82,8 +83,13 @@ class ServeArgs:
     num_gpus: float | None = None  # per replica; None: 1 if the cluster has GPUs, else 0
     num_cpus: float = 1.0
     # MsitScorer replicas; their ongoing requests are batches (at most CONCURRENT_BATCHES per ingress replica)
-    autoscaling: dict[str, Any] = field(default_factory=lambda: {
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": TARGET_ONGOING_BATCHES})
+    autoscaling: dict[str, Any] = field(
+        default_factory=lambda: {
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "target_ongoing_requests": TARGET_ONGOING_BATCHES,
+        }
+    )
     # hot-reloadable: model and data (the scorers), max_batch_size (both), batch_wait_timeout_s (the ingress)
     user_config: dict[str, Any] | None = None
     api_replicas: int = 1  # HTTP ingress replicas (light: parsing and forwarding)
@@ -103,14 +109,19 @@ class MsitScorer:
         self.last_reload_error: dict | None = None  # the latest failed reload, until one succeeds
         self.computing = asyncio.Lock()
         self.queued: deque[tuple[list[dict], asyncio.Future]] = deque()
-        self.candidates = Histogram("msit_candidates_per_request", "candidate items per score request",
-                                    boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000])
-        self.scores = Histogram("msit_scores", "distribution of the scores returned",
-                                boundaries=[i / 10 for i in range(1, 10)])
+        self.candidates = Histogram(
+            "msit_candidates_per_request",
+            "candidate items per score request",
+            boundaries=[1, 5, 10, 25, 50, 100, 250, 500, 1000],
+        )
+        self.scores = Histogram(
+            "msit_scores", "distribution of the scores returned", boundaries=[i / 10 for i in range(1, 10)]
+        )
         self.ids = Counter("msit_ids_total", "user and candidate ids seen in score requests")
         self.oov_ids = Counter("msit_oov_ids_total", "of those, ids unknown to the model (out-of-vocabulary)")
-        self.model_version = Gauge("msit_model_version", "1 for the model version this replica serves",
-                                   tag_keys=("version",))
+        self.model_version = Gauge(
+            "msit_model_version", "1 for the model version this replica serves", tag_keys=("version",)
+        )
         self.reconfigure({})  # the model of `settings`; Serve calls reconfigure again if a user_config is set
 
     def reconfigure(self, user_config: dict) -> None:
@@ -124,21 +135,25 @@ class MsitScorer:
             return
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device,
-                            catalogue_from=data)
+            scorer = Scorer(model, max_candidates=self.settings["max_candidates"], device=device, catalogue_from=data)
             keep = self.settings.get("history_events_per_user")
             if keep is not None and keep < scorer.config.history_length:
-                raise ConfigError(f"history_events_per_user {keep} is below the model's history_length "
-                                  f"{scorer.config.history_length}: requests would be served shorter windows than "
-                                  "training cut")
+                raise ConfigError(
+                    f"history_events_per_user {keep} is below the model's history_length "
+                    f"{scorer.config.history_length}: requests would be served shorter windows than "
+                    "training cut"
+                )
             history = self.settings.get("history")
             if is_redis_url(history):
                 keep = keep if keep is not None else DEFAULT_EVENTS_PER_USER
                 if keep < scorer.config.history_length:
-                    raise ConfigError(f"history_events_per_user {keep} is below the model's history_length "
-                                      f"{scorer.config.history_length}")
-                scorer.store = RedisHistoryStore(history, scorer.spec, events_per_user=keep,
-                                                 namespace=self.settings.get("history_namespace", "msit"))
+                    raise ConfigError(
+                        f"history_events_per_user {keep} is below the model's history_length "
+                        f"{scorer.config.history_length}"
+                    )
+                scorer.store = RedisHistoryStore(
+                    history, scorer.spec, events_per_user=keep, namespace=self.settings.get("history_namespace", "msit")
+                )
             else:
                 scorer.store = InMemoryHistoryStore.from_prepared(data, scorer.spec, events_per_user=keep)
             scorer.self_test()
@@ -146,10 +161,15 @@ class MsitScorer:
             if self.scorer is None:  # nothing to keep serving: the replica fails to start, and says why
                 raise
             message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
-            self.last_reload_error = {"model": model, "data": data, "error": message,
-                                      "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            logger.error(f"reload of {model} failed, still serving {self.scorer.version} from "
-                         f"{self.loaded[0]}: {message}")
+            self.last_reload_error = {
+                "model": model,
+                "data": data,
+                "error": message,
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            logger.error(
+                f"reload of {model} failed, still serving {self.scorer.version} from {self.loaded[0]}: {message}"
+            )
             return
         self.last_reload_error = None
         if self.scorer is not None:
@@ -197,7 +217,7 @@ class MsitScorer:
         self._record(merged, results)
         start = 0
         for requests, answer in taken:
-            answer.set_result((scorer.version, results[start:start + len(requests)]))
+            answer.set_result((scorer.version, results[start : start + len(requests)]))
             start += len(requests)
 
     def _record(self, requests: list[dict], results: list[Scored | RequestError | ScoringError]) -> None:
@@ -215,7 +235,7 @@ class MsitScorer:
         try:  # off the loop: it reads the history store
             return scorer.version, await asyncio.to_thread(scorer.recommend, request)
         except (RequestError, ScoringError, HistoryUnavailable) as error:  # returned, not raised: it crosses the
-            return scorer.version, error                                   # handle as a value
+            return scorer.version, error  # handle as a value
 
     async def ingest(self, events: list[dict]) -> Appended | RequestError | HistoryUnavailable | ReadOnlyHistory:
         try:
@@ -252,15 +272,22 @@ class MsitApi:
         """Hot-reloadable batching; the scorers take the model keys of the same user_config."""
         # serve.batch's wrapper has these setters; ray types the decorated method as the bare function
         self._score_batch.set_max_batch_size(  # type: ignore[attr-defined]
-            int(user_config.get("max_batch_size", self.settings["max_batch_size"])))
+            int(user_config.get("max_batch_size", self.settings["max_batch_size"]))
+        )
         self._score_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
-            float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"])))
+            float(user_config.get("batch_wait_timeout_s", self.settings["batch_wait_timeout_s"]))
+        )
 
     def __serve_build_asgi_app__(self):
-        return create_app(self, ApiSettings(auth_token=self.settings.get("auth_token"),
-                                            max_body_bytes=self.settings["max_body_bytes"],
-                                            max_history=self.settings["max_history"],
-                                            max_events=self.settings.get("max_events", 1000)))
+        return create_app(
+            self,
+            ApiSettings(
+                auth_token=self.settings.get("auth_token"),
+                max_body_bytes=self.settings["max_body_bytes"],
+                max_history=self.settings["max_history"],
+                max_events=self.settings.get("max_events", 1000),
+            ),
+        )
 
     async def _call(self, method: str, *args):
         for attempt in range(RETRIES + 1):
@@ -309,23 +336,37 @@ def build(args: dict[str, Any]) -> serve.Application:
     """The application: the HTTP ingress before autoscaling scorers, with GPUs where the cluster has them."""
     cfg = from_dict(ServeArgs, args, where="serve args")
     if cfg.history not in (None, "memory") and not is_redis_url(cfg.history):
-        raise ConfigError(f"serve args: history {redact(cfg.history)!r}: expected redis://HOST:PORT/DB, or leave it "
-                          "out for the in-memory store")
+        raise ConfigError(
+            f"serve args: history {redact(cfg.history)!r}: expected redis://HOST:PORT/DB, or leave it "
+            "out for the in-memory store"
+        )
     gpus = cfg.num_gpus
     if gpus is None:  # asking for a GPU on a cluster without one would leave the replica pending forever
         gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    settings = {"model": absolute_path(cfg.model), "data": absolute_path(cfg.data),
-                "max_candidates": cfg.max_candidates, "max_batch_size": cfg.max_batch_size,
-                "batch_wait_timeout_s": cfg.batch_wait_timeout_s, "max_body_bytes": cfg.max_body_bytes,
-                "max_history": cfg.max_history, "history_events_per_user": cfg.history_events_per_user,
-                "history": cfg.history, "history_namespace": cfg.history_namespace, "max_events": cfg.max_events,
-                "auth_token": token_from_env(required=cfg.require_token),
-                "base_dir": os.getcwd()}
+    settings = {
+        "model": absolute_path(cfg.model),
+        "data": absolute_path(cfg.data),
+        "max_candidates": cfg.max_candidates,
+        "max_batch_size": cfg.max_batch_size,
+        "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        "max_body_bytes": cfg.max_body_bytes,
+        "max_history": cfg.max_history,
+        "history_events_per_user": cfg.history_events_per_user,
+        "history": cfg.history,
+        "history_namespace": cfg.history_namespace,
+        "max_events": cfg.max_events,
+        "auth_token": token_from_env(required=cfg.require_token),
+        "base_dir": os.getcwd(),
+    }
     runtime_env = {"env_vars": THROUGHPUT_ENV} if cfg.throughput_optimized else {}
     # serve.deployment makes each class a Deployment; ray types the decorated class as the class itself.
     scorer = MsitScorer.options(  # type: ignore[attr-defined]
-        autoscaling_config=cfg.autoscaling, user_config=cfg.user_config,
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env}).bind(settings)
+        autoscaling_config=cfg.autoscaling,
+        user_config=cfg.user_config,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": gpus, "runtime_env": runtime_env},
+    ).bind(settings)
     return MsitApi.options(  # type: ignore[attr-defined]
-        num_replicas=cfg.api_replicas, user_config=cfg.user_config,
-        ray_actor_options={"num_cpus": cfg.api_num_cpus, "runtime_env": runtime_env}).bind(scorer, settings)
+        num_replicas=cfg.api_replicas,
+        user_config=cfg.user_config,
+        ray_actor_options={"num_cpus": cfg.api_num_cpus, "runtime_env": runtime_env},
+    ).bind(scorer, settings)

@@ -85,8 +85,11 @@ def items_numeric(spec: FeatureSpec) -> bool:
     """How prepare broke ties between a user's events at one timestamp: by item key as numbers when every item key
     of the log was one (recorded in the spec; older specs: judged by the model's item vocabulary)."""
     numeric = spec.source.get("items_numeric")
-    return bool(numeric) if numeric is not None else \
-        items_are_numbers(pa.array(real_values(spec.vocabularies["item_id"]), pa.string()))
+    return (
+        bool(numeric)
+        if numeric is not None
+        else items_are_numbers(pa.array(real_values(spec.vocabularies["item_id"]), pa.string()))
+    )
 
 
 class HistoryStore(Protocol):
@@ -98,8 +101,13 @@ class HistoryStore(Protocol):
 class InMemoryHistoryStore:
     """Every user's sequence in memory, as flat arrays with offsets (the layout of `Sequences`)."""
 
-    def __init__(self, user_keys: list[str], sequences: Sequences, user_ids: np.ndarray | None = None,
-                 features: dict[str, np.ndarray] | None = None):
+    def __init__(
+        self,
+        user_keys: list[str],
+        sequences: Sequences,
+        user_ids: np.ndarray | None = None,
+        features: dict[str, np.ndarray] | None = None,
+    ):
         """`user_keys[u]` owns row u of `sequences`; `user_ids` (U,) encoded ids (default: unknown, 1);
         `features`: name -> (U,) or (U, L) encoded user features, row u for user u."""
         if len(user_keys) != len(sequences):
@@ -109,8 +117,9 @@ class InMemoryHistoryStore:
             raise ValueError("history store: a user key occurs twice")
         sequences = sequences.to("cpu")
         self._offsets = sequences.offsets.numpy()
-        self._events = {name: getattr(sequences, name).numpy()
-                        for name in ("item_ids", "scene_ids", "labels", "timestamps")}
+        self._events = {
+            name: getattr(sequences, name).numpy() for name in ("item_ids", "scene_ids", "labels", "timestamps")
+        }
         self._user_ids = np.ones(len(user_keys), np.int64) if user_ids is None else np.asarray(user_ids, np.int64)
         self._features = features or {}
 
@@ -120,17 +129,24 @@ class InMemoryHistoryStore:
             return None
         events = slice(self._offsets[row], self._offsets[row + 1])
         e = self._events
-        return UserRecord(int(self._user_ids[row]), e["item_ids"][events], e["scene_ids"][events],
-                          e["labels"][events], e["timestamps"][events],
-                          features={name: values[row] for name, values in self._features.items()})
+        return UserRecord(
+            int(self._user_ids[row]),
+            e["item_ids"][events],
+            e["scene_ids"][events],
+            e["labels"][events],
+            e["timestamps"][events],
+            features={name: values[row] for name, values in self._features.items()},
+        )
 
     def users(self, user_keys: list[str]) -> list[UserRecord | None]:
         return [self.user(key) for key in user_keys]
 
     def append(self, events: list[NewEvents]) -> Appended:
-        raise ReadOnlyHistory("this deployment's history store is read-only (in memory, loaded from the prepared "
-                              "data at start-up, one copy per replica); serve with --history redis://HOST:PORT/DB "
-                              "(serve/config.yaml `history`) to accept events")
+        raise ReadOnlyHistory(
+            "this deployment's history store is read-only (in memory, loaded from the prepared "
+            "data at start-up, one copy per replica); serve with --history redis://HOST:PORT/DB "
+            "(serve/config.yaml `history`) to accept events"
+        )
 
     def health(self) -> dict:
         return {"kind": "in-memory", "state": "ok", "users": len(self), "writable": False}
@@ -147,8 +163,12 @@ class InMemoryHistoryStore:
         return int(self._offsets[-1])
 
     @classmethod
-    def from_prepared(cls, prepared_dir: str | Path, spec: FeatureSpec, events_per_user: int | None = None,
-                      ) -> InMemoryHistoryStore:
+    def from_prepared(
+        cls,
+        prepared_dir: str | Path,
+        spec: FeatureSpec,
+        events_per_user: int | None = None,
+    ) -> InMemoryHistoryStore:
         """The sequences of a prepared directory (all of each user's events, or the last `events_per_user`),
         with the user features of its users.parquet encoded as `spec` says."""
         if events_per_user is not None and events_per_user < 1:
@@ -167,26 +187,30 @@ def latest_events(sequences: Sequences, keep: int) -> Sequences:
     lengths = sequences.lengths().numpy()
     position = np.arange(int(sequences.offsets[-1])) - np.repeat(sequences.offsets[:-1].numpy(), lengths)
     kept = position >= np.repeat(lengths - keep, lengths)  # (E,) the event is among its user's last `keep`
-    return Sequences.from_arrays(np.minimum(lengths, keep),
-                                 *(getattr(sequences, name).numpy()[kept]
-                                   for name in ("item_ids", "scene_ids", "labels", "timestamps")))
+    return Sequences.from_arrays(
+        np.minimum(lengths, keep),
+        *(getattr(sequences, name).numpy()[kept] for name in ("item_ids", "scene_ids", "labels", "timestamps")),
+    )
 
 
-def _user_features(prepared_dir: Path, spec: FeatureSpec, user_keys: np.ndarray,
-                   ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _user_features(
+    prepared_dir: Path,
+    spec: FeatureSpec,
+    user_keys: np.ndarray,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Encoded user ids (U,) and user side features in sequence-row order, each feature in its own dtype
     (a row of a mixed frame would turn ids into floats). A user users.parquet lacks gets padding."""
     path = prepared_dir / "users.parquet"
     try:
         users = pd.read_parquet(path)
     except (OSError, ValueError) as e:
-        raise MsitError(f"{path}: the user table cannot be read ({' '.join(str(e).split())[:200]}); "
-                        "prepare the data again") from None
+        raise MsitError(
+            f"{path}: the user table cannot be read ({' '.join(str(e).split())[:200]}); prepare the data again"
+        ) from None
     names = {kind: fields_of(spec, "user", kind) for kind in USER_FEATURE_DTYPES}
     missing = [c for c in ["user_key", "user_id", *(c for cs in names.values() for c in cs)] if c not in users]
     if missing:
-        raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs; prepare the data "
-                        "again")
+        raise MsitError(f"{path} lacks column(s) {missing} that the model's feature spec needs; prepare the data again")
     row = pd.Index(users["user_key"].astype(str)).get_indexer(pd.Index(user_keys).astype(str))  # -1: absent
     found = row >= 0
     user_ids = np.ones(len(user_keys), np.int64)  # absent: out of vocabulary
@@ -195,8 +219,11 @@ def _user_features(prepared_dir: Path, spec: FeatureSpec, user_keys: np.ndarray,
     for kind, dtype in USER_FEATURE_DTYPES.items():
         for name in names[kind]:
             column = users[name]
-            values = np.stack([np.asarray(v, dtype) for v in column]) if kind == "multi" and len(column) else \
-                column.to_numpy(dtype)
+            values = (
+                np.stack([np.asarray(v, dtype) for v in column])
+                if kind == "multi" and len(column)
+                else column.to_numpy(dtype)
+            )
             out = np.zeros((len(user_keys), *values.shape[1:]), dtype)  # padding: the "no value" of every feature
             out[found] = values[row[found]]
             features[name] = out

@@ -94,8 +94,9 @@ def password_from_env() -> str | None:
         try:
             password = Path(path).read_text().strip()
         except OSError as e:
-            raise ConfigError(f"{PASSWORD_FILE_ENV}={path}: cannot read the Redis password file ({e.strerror})"
-                              ) from None
+            raise ConfigError(
+                f"{PASSWORD_FILE_ENV}={path}: cannot read the Redis password file ({e.strerror})"
+            ) from None
         if not password:
             raise ConfigError(f"{PASSWORD_FILE_ENV}={path} is empty")
     return password or None
@@ -112,9 +113,14 @@ def connect(url: str) -> redis.Redis:
         raise ConfigError(f"history store URL {redact(url)!r}: expected redis://HOST:PORT/DB (or rediss://, unix://)")
     password = password_from_env()
     try:
-        return redis.Redis.from_url(url, **({"password": password} if password else {}),
-                                    socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S,
-                                    retry=Retry(NoBackoff(), 1), health_check_interval=30)
+        return redis.Redis.from_url(
+            url,
+            **({"password": password} if password else {}),
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
     except ValueError as e:
         raise ConfigError(f"history store URL {redact(url)!r}: {e}") from None
 
@@ -129,8 +135,15 @@ def pack_events(item_ids, scene_ids, labels, timestamps) -> np.ndarray:
 class RedisHistoryStore:
     """Every user's sequence and side features in Redis (module docstring: layout, reads, atomic appends)."""
 
-    def __init__(self, url: str, spec: FeatureSpec, events_per_user: int = DEFAULT_EVENTS_PER_USER,
-                 namespace: str = "msit", event_ids_per_user: int | None = None, client: redis.Redis | None = None):
+    def __init__(
+        self,
+        url: str,
+        spec: FeatureSpec,
+        events_per_user: int = DEFAULT_EVENTS_PER_USER,
+        namespace: str = "msit",
+        event_ids_per_user: int | None = None,
+        client: redis.Redis | None = None,
+    ):
         if events_per_user < 1:
             raise ConfigError(f"history store: events_per_user must be at least 1, got {events_per_user}")
         self.url, self.events_per_user = redact(url), events_per_user
@@ -140,8 +153,11 @@ class RedisHistoryStore:
         self._cas = self.client.register_script(COMPARE_AND_SET)
         self._items = np.asarray(spec.vocabularies["item_id"], dtype=object)  # encoded id -> raw key
         self._items_numeric = items_numeric(spec)
-        self._feature_dtypes = {name: np.dtype(dtype).newbyteorder("<") for kind, dtype in USER_FEATURE_DTYPES.items()
-                                for name in fields_of(spec, "user", kind)}
+        self._feature_dtypes = {
+            name: np.dtype(dtype).newbyteorder("<")
+            for kind, dtype in USER_FEATURE_DTYPES.items()
+            for name in fields_of(spec, "user", kind)
+        }
         self._multi = set(fields_of(spec, "user", "multi"))
 
     # -- keys and (de)serialisation ----------------------------------------------------------------------------
@@ -162,14 +178,22 @@ class RedisHistoryStore:
             if value is not None:
                 array = np.frombuffer(value, dtype).astype(dtype.newbyteorder("="))
                 features[name] = array if name in self._multi else array[0]
-        return UserRecord(int(fields.get(b"u", b"1")), events["item"].astype(np.int32),
-                          events["scene"].astype(np.int16), events["label"].astype(np.int8),
-                          events["timestamp"].astype(np.int64), features=features)
+        return UserRecord(
+            int(fields.get(b"u", b"1")),
+            events["item"].astype(np.int32),
+            events["scene"].astype(np.int16),
+            events["label"].astype(np.int8),
+            events["timestamp"].astype(np.int64),
+            features=features,
+        )
 
     def _fields(self, record: UserRecord) -> dict[bytes, bytes]:
         events = pack_events(record.item_ids, record.scene_ids, record.labels, record.timestamps)
-        fields = {b"u": str(int(record.user_id)).encode(), b"e": events[-self.events_per_user:].tobytes(),
-                  b"t": secrets.token_hex(8).encode()}
+        fields = {
+            b"u": str(int(record.user_id)).encode(),
+            b"e": events[-self.events_per_user :].tobytes(),
+            b"t": secrets.token_hex(8).encode(),
+        }
         for name, value in record.features.items():
             fields[f"f:{name}".encode()] = np.asarray(value, self._feature_dtypes[name]).tobytes()
         return fields
@@ -177,8 +201,10 @@ class RedisHistoryStore:
     def _unavailable(self, error: redis.RedisError, doing: str) -> HistoryUnavailable:
         message = " ".join(str(error).split())[:200]
         logger.warning(f"history store {self.url}: {doing} failed: {type(error).__name__}: {message}")
-        return HistoryUnavailable(f"the history store (Redis at {self.url}) is unavailable: {doing} failed "
-                                  f"({type(error).__name__}: {message})")
+        return HistoryUnavailable(
+            f"the history store (Redis at {self.url}) is unavailable: {doing} failed "
+            f"({type(error).__name__}: {message})"
+        )
 
     # -- reads --------------------------------------------------------------------------------------------------
 
@@ -200,8 +226,13 @@ class RedisHistoryStore:
             raise self._unavailable(error, "reading users' histories") from None
 
     def health(self) -> dict:
-        state = {"kind": "redis", "url": self.url, "prefix": self.prefix, "events_per_user": self.events_per_user,
-                 "writable": True}
+        state = {
+            "kind": "redis",
+            "url": self.url,
+            "prefix": self.prefix,
+            "events_per_user": self.events_per_user,
+            "writable": True,
+        }
         try:
             self.client.ping()
         except redis.RedisError as error:
@@ -224,8 +255,10 @@ class RedisHistoryStore:
                 pending = self._append_round(pending, result)
             except redis.RedisError as error:
                 raise self._unavailable(error, "appending events") from None
-        raise HistoryUnavailable(f"the history store (Redis at {self.url}): {len(pending)} users' events could not "
-                                 f"be written in {WRITE_ATTEMPTS} attempts (concurrent writers); send them again")
+        raise HistoryUnavailable(
+            f"the history store (Redis at {self.url}): {len(pending)} users' events could not "
+            f"be written in {WRITE_ATTEMPTS} attempts (concurrent writers); send them again"
+        )
 
     def _append_round(self, pending: dict[str, NewEvents], result: Appended) -> dict[str, NewEvents]:
         """One read-merge-write round; returns the users whose record changed meanwhile (to merge again)."""
@@ -246,17 +279,27 @@ class RedisHistoryStore:
             new = _select(new, fresh)
             if not len(new.item_ids):
                 continue
-            merged = merge_events(np.frombuffer(stored or b"", EVENT), new, self._items, self._items_numeric,
-                                  self.events_per_user)
+            merged = merge_events(
+                np.frombuffer(stored or b"", EVENT), new, self._items, self._items_numeric, self.events_per_user
+            )
             writes.append((new, token or b"", secrets.token_hex(8).encode(), merged))
         if not writes:
             return {}
         pipe = self.client.pipeline(transaction=False)
         for new, token, next_token, merged in writes:
             stamped = [(i, int(t)) for i, t in zip(new.event_ids, new.timestamps, strict=True) if i is not None]
-            self._cas(keys=[self.record_key(new.user_key), self.ids_key(new.user_key)],
-                      args=[token, next_token, merged.tobytes(), int(new.user_id), self.event_ids_per_user,
-                            *(x for pair in stamped for x in pair)], client=pipe)
+            self._cas(
+                keys=[self.record_key(new.user_key), self.ids_key(new.user_key)],
+                args=[
+                    token,
+                    next_token,
+                    merged.tobytes(),
+                    int(new.user_id),
+                    self.event_ids_per_user,
+                    *(x for pair in stamped for x in pair),
+                ],
+                client=pipe,
+            )
         again = {}
         for (new, _, next_token, _), (status, current) in zip(writes, pipe.execute(), strict=True):
             # status 0 with our own token: the write landed and the reply was lost (the client retried it)
@@ -281,16 +324,18 @@ class RedisHistoryStore:
         try:
             with tqdm(total=len(keys), desc="users", unit="user", disable=not progress) as bar:
                 for start in range(0, len(keys), chunk):
-                    pending = keys[start:start + chunk]
+                    pending = keys[start : start + chunk]
                     for _ in range(WRITE_ATTEMPTS):
                         pending = self._load_round(source, pending)
                         if not pending:
                             break
                     else:
-                        raise HistoryUnavailable(f"the history store (Redis at {self.url}): {len(pending)} users "
-                                                 f"could not be loaded in {WRITE_ATTEMPTS} attempts (concurrent "
-                                                 f"writers); run the load again")
-                    bar.update(len(keys[start:start + chunk]))
+                        raise HistoryUnavailable(
+                            f"the history store (Redis at {self.url}): {len(pending)} users "
+                            f"could not be loaded in {WRITE_ATTEMPTS} attempts (concurrent "
+                            f"writers); run the load again"
+                        )
+                    bar.update(len(keys[start : start + chunk]))
         except redis.RedisError as error:
             raise self._unavailable(error, "loading histories") from None
         return len(keys)
@@ -310,22 +355,37 @@ class RedisHistoryStore:
             writes.append((key, token or b"", fields, events))
         pipe = self.client.pipeline(transaction=False)
         for key, token, fields, events in writes:
-            self._cas(keys=[self.record_key(key), self.ids_key(key)],
-                      args=[token, fields[b"t"], events.tobytes(), fields[b"u"], self.event_ids_per_user], client=pipe)
+            self._cas(
+                keys=[self.record_key(key), self.ids_key(key)],
+                args=[token, fields[b"t"], events.tobytes(), fields[b"u"], self.event_ids_per_user],
+                client=pipe,
+            )
             pipe.hset(self.record_key(key), mapping={k: v for k, v in fields.items() if k != b"t"})  # u, f:*
         answers = pipe.execute()[0::2]
-        return [key for (key, _, fields, _), (status, current) in zip(writes, answers, strict=True)
-                if not (status == 1 or current == fields[b"t"])]
+        return [
+            key
+            for (key, _, fields, _), (status, current) in zip(writes, answers, strict=True)
+            if not (status == 1 or current == fields[b"t"])
+        ]
 
     def _with_posted_events(self, user_key: str, snapshot: np.ndarray, stored: np.ndarray) -> np.ndarray:
         """The snapshot's sequence with the stored events it does not hold merged in (the latest events_per_user)."""
         known = {event.tobytes() for event in snapshot}
-        extra = stored[np.array([event.tobytes() not in known for event in stored], dtype=bool)] if len(stored) \
-            else stored
+        extra = (
+            stored[np.array([event.tobytes() not in known for event in stored], dtype=bool)] if len(stored) else stored
+        )
         if not len(extra):
-            return snapshot[-self.events_per_user:]
-        posted = NewEvents(user_key, 0, extra["item"], extra["scene"], extra["label"], extra["timestamp"],
-                           [str(k) for k in self._items[extra["item"]]], [None] * len(extra))
+            return snapshot[-self.events_per_user :]
+        posted = NewEvents(
+            user_key,
+            0,
+            extra["item"],
+            extra["scene"],
+            extra["label"],
+            extra["timestamp"],
+            [str(k) for k in self._items[extra["item"]]],
+            [None] * len(extra),
+        )
         return merge_events(snapshot, posted, self._items, self._items_numeric, self.events_per_user)
 
     def scan_users(self) -> Iterator[str]:
@@ -338,9 +398,16 @@ class RedisHistoryStore:
 def _select(new: NewEvents, keep: np.ndarray) -> NewEvents:
     if keep.all():
         return new
-    return NewEvents(new.user_key, new.user_id, new.item_ids[keep], new.scene_ids[keep], new.labels[keep],
-                     new.timestamps[keep], [k for k, f in zip(new.item_keys, keep, strict=True) if f],
-                     [i for i, f in zip(new.event_ids, keep, strict=True) if f])
+    return NewEvents(
+        new.user_key,
+        new.user_id,
+        new.item_ids[keep],
+        new.scene_ids[keep],
+        new.labels[keep],
+        new.timestamps[keep],
+        [k for k, f in zip(new.item_keys, keep, strict=True) if f],
+        [i for i, f in zip(new.event_ids, keep, strict=True) if f],
+    )
 
 
 def merge_events(stored: np.ndarray, new: NewEvents, item_keys: np.ndarray, numeric: bool, keep: int) -> np.ndarray:
@@ -353,6 +420,7 @@ def merge_events(stored: np.ndarray, new: NewEvents, item_keys: np.ndarray, nume
     cut = int(np.searchsorted(stored["timestamp"], fresh["timestamp"].min(), side="left")) if len(stored) else 0
     tail = np.concatenate([stored[cut:], fresh])
     keys = pa.array([str(k) for k in item_keys[stored["item"][cut:]]] + list(new.item_keys), pa.string())
-    order = sorted_event_order(pa.array(np.zeros(len(tail), np.int8)), pa.array(tail["timestamp"]), keys,
-                               numeric and items_are_numbers(keys))
+    order = sorted_event_order(
+        pa.array(np.zeros(len(tail), np.int8)), pa.array(tail["timestamp"]), keys, numeric and items_are_numbers(keys)
+    )
     return np.concatenate([stored[:cut], tail[order]])[-keep:]

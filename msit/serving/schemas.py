@@ -42,15 +42,16 @@ class HistoryEvent(_Body):
 
 class Event(_Body):
     """One event of a user, as a scene log row holds it: appended to the user's sequence in the history store."""
+
     user_id: Id
     item_id: Id
     scenario: Text
     label: Literal[0, 1]
     timestamp: Timestamp
     context: dict[Text, ContextValue] | None = Field(
-        None, description="validated as in a score request; not stored (a history holds no context)")
-    event_id: Id | None = Field(None, description="an event id seen before for this user is skipped (retries are "
-                                "safe)")
+        None, description="validated as in a score request; not stored (a history holds no context)"
+    )
+    event_id: Id | None = Field(None, description="an event id seen before for this user is skipped (retries are safe)")
 
 
 class EventsRequest(_Body):
@@ -67,8 +68,10 @@ class ScoreRequest(_Body):
     scenario: Text = Field(description="the target scene")
     candidates: list[Id] = Field(description="item ids to score (at most the server's max_candidates)")
     history: list[HistoryEvent] | None = Field(
-        None, description="the user's past events (at most the server's max_history); omitted: the server's "
-        "history store ([] means none)")
+        None,
+        description="the user's past events (at most the server's max_history); omitted: the server's "
+        "history store ([] means none)",
+    )
     context: dict[Text, ContextValue] | None = None
     timestamp: Timestamp | None = Field(None, description="the request's moment, seconds (default: now; 0 is 1970)")
     explain: StrictBool = False

@@ -95,6 +95,7 @@ class Scored:
 @dataclass
 class _Encoded:
     """One request, encoded: what every candidate row shares, the user's sequence, and the candidates."""
+
     shared: dict[str, np.ndarray | np.generic]  # user, scene and context features of one row
     sequence: tuple[np.ndarray, ...]  # (E,) each: item, scene, label, timestamp of the user's events, event order
     now: int  # the request's moment: its window holds the events strictly before it
@@ -114,8 +115,14 @@ def _keys(values: list) -> list[str]:
 
 
 class Scorer:
-    def __init__(self, model_dir: str | Path, store: HistoryStore | None = None, max_candidates: int = 1000,
-                 device: str | torch.device = "cpu", catalogue_from: str | Path | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        store: HistoryStore | None = None,
+        max_candidates: int = 1000,
+        device: str | torch.device = "cpu",
+        catalogue_from: str | Path | None = None,
+    ):
         loaded = load_model_dir(model_dir, device)
         self.model, self.config, self.spec, self.info = loaded.model, loaded.config, loaded.spec, loaded.info
         self.device = torch.device(device)
@@ -126,8 +133,9 @@ class Scorer:
         self._index = {name: vocabulary.index() for name, vocabulary in self._vocabularies.items()}  # hash tables, once
         self._items = np.asarray(self.spec.vocabularies["item_id"], dtype=object)
         self.scenes = {name: i for i, name in self.spec.scene_names().items()}
-        self._user_fields = [c for kind in ("categorical", "multi", "numeric")
-                             for c in fields_of(self.spec, "user", kind)]
+        self._user_fields = [
+            c for kind in ("categorical", "multi", "numeric") for c in fields_of(self.spec, "user", kind)
+        ]
         self._context_fields = {c: f for c, f in self.spec.fields.items() if f.role == "context"}
         self._items_numeric = items_numeric(self.spec)  # how prepare broke ties between a user's events
         self.catalogues = _catalogues(catalogue_from) if catalogue_from else {}
@@ -158,8 +166,11 @@ class Scorer:
     def _context(self, context: dict[str, Any]) -> dict[str, np.ndarray | np.generic]:
         unknown = sorted(set(context) - set(self._context_fields))
         if unknown:
-            raise RequestError(("context", unknown[0]), f"unknown context feature {unknown[0]!r}; the model "
-                               f"reads {sorted(self._context_fields) or 'no context features'}")
+            raise RequestError(
+                ("context", unknown[0]),
+                f"unknown context feature {unknown[0]!r}; the model "
+                f"reads {sorted(self._context_fields) or 'no context features'}",
+            )
         out: dict[str, np.ndarray | np.generic] = {}
         for name, info in self._context_fields.items():
             value = context.get(name)
@@ -169,8 +180,9 @@ class Scorer:
                 sep = info.sep
                 assert sep is not None  # a multi field's spec names its separator
                 joined = sep.join(value) if isinstance(value, list) else value
-                out[name] = encode_multi_value(normalize_key(joined), sep, self._vocabularies[name],
-                                               info.width, self._index[name])
+                out[name] = encode_multi_value(
+                    normalize_key(joined), sep, self._vocabularies[name], info.width, self._index[name]
+                )
             else:
                 out[name] = np.int64(self._encode_feature(name, [value])[0])
         return out
@@ -189,9 +201,12 @@ class Scorer:
         except OverflowError:  # an int beyond float's range
             z = float("inf")
         if not abs(z) <= MAX_Z_SCORE:  # also NaN
-            raise RequestError(("context", name), f"context feature {name!r} must be a finite number within "
-                               f"{MAX_Z_SCORE:g} standard deviations of its training mean (mean {info.mean:g}, "
-                               f"std {info.std:g}), got {value!r:.40}")
+            raise RequestError(
+                ("context", name),
+                f"context feature {name!r} must be a finite number within "
+                f"{MAX_Z_SCORE:g} standard deviations of its training mean (mean {info.mean:g}, "
+                f"std {info.std:g}), got {value!r:.40}",
+            )
         return standardised(np.array([float(value)]), {"mean": info.mean, "std": info.std or 1.0})[0]
 
     @staticmethod
@@ -210,11 +225,13 @@ class Scorer:
         events = request["history"]
         keys = normalize_keys([e["item_id"] for e in events])
         items = self._encode_normalized("item_id", keys)
-        scenes = np.array([self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)],
-                          dtype=np.int64)
+        scenes = np.array(
+            [self._scene(e["scenario"], ("history", i, "scenario")) for i, e in enumerate(events)], dtype=np.int64
+        )
         labels = np.array([int(e.get("label", 1)) for e in events], dtype=np.int64)
-        stamps = np.array([self._timestamp(e["timestamp"], ("history", i, "timestamp"))
-                           for i, e in enumerate(events)], dtype=np.int64)
+        stamps = np.array(
+            [self._timestamp(e["timestamp"], ("history", i, "timestamp")) for i, e in enumerate(events)], dtype=np.int64
+        )
         # The request lists them in any order: prepare's order (timestamp, ties by item key), so that ties
         # cut into the window as they do in training.
         items_keys = pa.array(keys, pa.string())
@@ -226,10 +243,12 @@ class Scorer:
         """The (R, N) history tensors of R encoded requests (N = the model's history_length), cut in one
         `history_windows` call over their sequences."""
         lengths = np.array([len(e.sequence[0]) for e in encoded], dtype=np.int64)
-        sequences = Sequences.from_arrays(lengths, *(np.concatenate([e.sequence[i] for e in encoded])
-                                                     for i in range(4)))
-        return history_windows(sequences, torch.arange(len(encoded)), torch.tensor([e.now for e in encoded]),
-                               self.config.history_length)
+        sequences = Sequences.from_arrays(
+            lengths, *(np.concatenate([e.sequence[i] for e in encoded]) for i in range(4))
+        )
+        return history_windows(
+            sequences, torch.arange(len(encoded)), torch.tensor([e.now for e in encoded]), self.config.history_length
+        )
 
     def _record(self, user_key: str, request: dict, record=_READ) -> UserRecord | None:
         """The user's record (`record`: already read, or the store's failure to read it). A store that cannot be
@@ -265,8 +284,9 @@ class Scorer:
         if not candidates:
             raise RequestError(("candidates",), "candidates is empty: give at least one item id")
         if len(candidates) > self.max_candidates:
-            raise RequestError(("candidates",), f"at most {self.max_candidates} candidates per request, "
-                               f"got {len(candidates)}")
+            raise RequestError(
+                ("candidates",), f"at most {self.max_candidates} candidates per request, got {len(candidates)}"
+            )
         scene = self._scene(request["scenario"], ("scenario",))
         user_key = _key(request["user_id"])
         record = self._record(user_key, request, record)
@@ -274,12 +294,20 @@ class Scorer:
         stamp = request.get("timestamp")  # 0 is a moment (1970), not "now"
         now = int(time.time()) if stamp is None else self._timestamp(stamp, ("timestamp",))
         sequence = self._sequence(request, record)
-        shared: dict[str, np.ndarray | np.generic] = {USER_ID: np.int64(user_id), SCENE_ID: np.int64(scene),
-                  **self._context(request.get("context") or {})}
+        shared: dict[str, np.ndarray | np.generic] = {
+            USER_ID: np.int64(user_id),
+            SCENE_ID: np.int64(scene),
+            **self._context(request.get("context") or {}),
+        }
         for name in self._user_fields:  # unknown users: padding, the "no value" of every feature
             info = self.spec.fields[name]
-            default = np.zeros(info.width, np.int64) if info.type == "multi" else \
-                np.float32(0.0) if info.type == "numeric" else np.int64(PAD)
+            default = (
+                np.zeros(info.width, np.int64)
+                if info.type == "multi"
+                else np.float32(0.0)
+                if info.type == "numeric"
+                else np.int64(PAD)
+            )
             shared[name] = record.features.get(name, default) if record is not None else default
         item_ids = self._encode_ids("item_id", candidates)
         oov = int((item_ids == OOV).sum()) + int(user_id == OOV)
@@ -294,16 +322,19 @@ class Scorer:
         if not encoded:
             return []
         counts = [len(e.item_ids) for e in encoded]
-        batch = {name: torch.as_tensor(np.stack([np.asarray(e.shared[name]) for e in encoded])).to(self.device)
-                 for name in encoded[0].shared}
+        batch = {
+            name: torch.as_tensor(np.stack([np.asarray(e.shared[name]) for e in encoded])).to(self.device)
+            for name in encoded[0].shared
+        }
         windows = self.windows(encoded)  # (R, N) per request
         batch |= {name: values.to(self.device) for name, values in windows.items()}
         item_ids = np.zeros((len(encoded), max(counts)), dtype=np.int64)  # (R, C): padded with item 0
         for j, e in enumerate(encoded):
             item_ids[j, : len(e.item_ids)] = e.item_ids
         explain = any(e.explain for e in encoded)
-        output = score_in_chunks(self.model, self.model.encode_user(batch), torch.as_tensor(item_ids).to(self.device),
-                                 explain)
+        output = score_in_chunks(
+            self.model, self.model.encode_user(batch), torch.as_tensor(item_ids).to(self.device), explain
+        )
         scores = torch.sigmoid(output.logits.float()).cpu().numpy()  # (R, C)
         out: list[Scored | ScoringError] = []
         for j, (e, count) in enumerate(zip(encoded, counts, strict=True)):
@@ -332,8 +363,12 @@ class Scorer:
         """Score one tiny request (an unknown user, one known item, the first scene); raise if that fails or gives a
         score that is not a probability. Run before a reloaded model is served, and by the health check."""
         items = self.spec.vocabularies["item_id"]
-        request = {"user_id": "<msit-self-test>", "scenario": self.spec.scenarios[0],
-                   "candidates": real_values(items)[:1] or ["<msit-self-test>"], "timestamp": int(time.time())}
+        request = {
+            "user_id": "<msit-self-test>",
+            "scenario": self.spec.scenarios[0],
+            "candidates": real_values(items)[:1] or ["<msit-self-test>"],
+            "timestamp": int(time.time()),
+        }
         result = self.score_encoded([self.encode(request, record=None)])[0]  # not the store: it may be down
         if isinstance(result, ScoringError) or not all(0.0 <= s <= 1.0 for s in result.scores):
             raise ScoringError(f"the model's self-test failed: {result}")
@@ -349,8 +384,11 @@ class Scorer:
         if output.transfer_attention is None:
             return [{} for _ in range(count)]
         transfer = output.transfer_attention[j, :count].float().cpu().numpy()  # (C, S)
-        behaviour = None if output.behaviour_attention is None or not history_keys else \
-            output.behaviour_attention[j, :count].float().cpu().numpy()  # (C, S, N)
+        behaviour = (
+            None
+            if output.behaviour_attention is None or not history_keys
+            else output.behaviour_attention[j, :count].float().cpu().numpy()
+        )  # (C, S, N)
         explanations = []
         for c in range(count):
             weights_by_scene = {s: float(w) for s, w in zip(self.spec.scenarios, transfer[c], strict=True)}
@@ -359,8 +397,15 @@ class Scorer:
                 # An event's weight: its scene's transfer weight x its weight within that scene's interest.
                 weights = (transfer[c][:, None] * behaviour[c]).sum(0)[: len(history_keys)]
                 top = np.argsort(-weights, kind="stable")[:TOP_HISTORY]
-                item["top_history"] = [{"item_id": history_keys[i][0], "scenario": history_keys[i][1],
-                                        "position": int(i), "weight": float(weights[i])} for i in top]
+                item["top_history"] = [
+                    {
+                        "item_id": history_keys[i][0],
+                        "scenario": history_keys[i][1],
+                        "position": int(i),
+                        "weight": float(weights[i]),
+                    }
+                    for i in top
+                ]
             explanations.append(item)
         return explanations
 
@@ -388,8 +433,9 @@ class Scorer:
         then append them to the store, grouped by user: nothing of a batch with a bad event is applied. Event ids
         repeated within the batch count once; the store skips those it has seen."""
         if self.store is None or not hasattr(self.store, "append"):
-            raise ReadOnlyHistory("this deployment has no history store that takes events; serve with "
-                                  "--history redis://HOST:PORT/DB")
+            raise ReadOnlyHistory(
+                "this deployment has no history store that takes events; serve with --history redis://HOST:PORT/DB"
+            )
         rows = []  # (scene, label, timestamp, event id) of each event, validated
         for i, event in enumerate(events):
             where = ("events", i)
@@ -423,29 +469,48 @@ class Scorer:
         batch = []
         for (user_key, picked), user_id in zip(by_user.items(), user_ids, strict=True):
             scenes, labels, stamps, ids = map(list, zip(*(rows[i] for i in picked), strict=True))
-            batch.append(NewEvents(user_key, int(user_id), item_ids[picked], np.array(scenes, np.int64),
-                                   np.array(labels, np.int64), np.array(stamps, np.int64),
-                                   [item_keys[i] for i in picked], ids))
+            batch.append(
+                NewEvents(
+                    user_key,
+                    int(user_id),
+                    item_ids[picked],
+                    np.array(scenes, np.int64),
+                    np.array(labels, np.int64),
+                    np.array(stamps, np.int64),
+                    [item_keys[i] for i in picked],
+                    ids,
+                )
+            )
         appended = self.store.append(batch)
         appended.duplicates += duplicates
         return appended
 
     def store_health(self) -> dict:
-        return self.store.health() if self.store is not None and hasattr(self.store, "health") else \
-            {"kind": "none", "state": "ok", "writable": False}
+        return (
+            self.store.health()
+            if self.store is not None and hasattr(self.store, "health")
+            else {"kind": "none", "state": "ok", "writable": False}
+        )
 
     def describe(self) -> dict:
         train = self.info.get("train", {})
-        return {"version": self.version, "model_dir": self.model_dir, "family": self.config.family,
-                "config": asdict(self.config), "scenarios": self.spec.scenarios,
-                "counts": {"users": real_count(self.spec.vocabularies["user_id"]),
-                           "items": real_count(self.spec.vocabularies["item_id"]),
-                           "history_users": len(self.store) if isinstance(self.store, Sized) else None,
-                           "catalogue": {s: len(self.catalogues.get(i, [])) for s, i in self.scenes.items()}},
-                "history_length": self.config.history_length,
-                "history_store": self.store_health(),
-                "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
-                "feature_spec_fingerprint": self.spec.fingerprint()}
+        return {
+            "version": self.version,
+            "model_dir": self.model_dir,
+            "family": self.config.family,
+            "config": asdict(self.config),
+            "scenarios": self.spec.scenarios,
+            "counts": {
+                "users": real_count(self.spec.vocabularies["user_id"]),
+                "items": real_count(self.spec.vocabularies["item_id"]),
+                "history_users": len(self.store) if isinstance(self.store, Sized) else None,
+                "catalogue": {s: len(self.catalogues.get(i, [])) for s, i in self.scenes.items()},
+            },
+            "history_length": self.config.history_length,
+            "history_store": self.store_health(),
+            "trained": {k: train[k] for k in ("best_epoch", "best_val_auc") if k in train},
+            "feature_spec_fingerprint": self.spec.fingerprint(),
+        }
 
 
 def _guarded(step, value):

@@ -60,8 +60,12 @@ def _texts_fingerprint(encoder_fp: str, columns: Sequence[str], ids: np.ndarray,
 
 def _to_table(ids: np.ndarray, vectors: np.ndarray) -> pa.Table:
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-    return pa.table({"item_id": pa.array(ids, type=pa.int64()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+    return pa.table(
+        {
+            "item_id": pa.array(ids, type=pa.int64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+        }
+    )
 
 
 class _EmbedBatch:
@@ -85,15 +89,25 @@ def _fresh_cache(out: Path, meta_path: Path, fingerprint: str) -> dict[str, Any]
         parquet = pq.read_metadata(out)
     except (OSError, ValueError, pa.ArrowException):
         return None
-    if (meta.get("fingerprint") != fingerprint or parquet.num_rows != meta.get("rows")
-            or (parquet.metadata or {}).get(_FINGERPRINT_KEY) != fingerprint.encode()):
+    if (
+        meta.get("fingerprint") != fingerprint
+        or parquet.num_rows != meta.get("rows")
+        or (parquet.metadata or {}).get(_FINGERPRINT_KEY) != fingerprint.encode()
+    ):
         return None
     return meta
 
 
-def embed_item_text(prepared_dir: str | Path, encoder_path: str | Path | None = None, batch_size: int = 64,
-                    force: bool = False, *, max_length: int = 64, concurrency: int = 1,
-                    log: Callable[[str], None] = print) -> Path:
+def embed_item_text(
+    prepared_dir: str | Path,
+    encoder_path: str | Path | None = None,
+    batch_size: int = 64,
+    force: bool = False,
+    *,
+    max_length: int = 64,
+    concurrency: int = 1,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Embed every item's text with the frozen encoder and write `text_embeddings.parquet` (item_id, embedding)
     plus `text_embeddings.json` into the prepared directory. The result is a cache keyed by a fingerprint of the
     encoder and the texts: it is recomputed only when either changed, or with `force`."""
@@ -105,8 +119,10 @@ def embed_item_text(prepared_dir: str | Path, encoder_path: str | Path | None = 
     spec = FeatureSpec.load(prepared)
     columns = item_text_columns(spec)
     if not columns:
-        raise MsitError(f"{prepared}: the items have no text columns; declare them in the spec "
-                        f"(item: {{text: [title]}}) and re-run `msit data prepare`")
+        raise MsitError(
+            f"{prepared}: the items have no text columns; declare them in the spec "
+            f"(item: {{text: [title]}}) and re-run `msit data prepare`"
+        )
     items_path = prepared / ITEMS_FILE
     if not items_path.is_file():
         raise MsitError(f"no {ITEMS_FILE} in {prepared}: run `msit data prepare` first")
@@ -121,27 +137,40 @@ def embed_item_text(prepared_dir: str | Path, encoder_path: str | Path | None = 
     fingerprint = _texts_fingerprint(encoder_fp, columns, ids, texts)
     out, meta_path = prepared / EMBEDDINGS_FILE, prepared / EMBEDDINGS_META_FILE
     if not force and _fresh_cache(out, meta_path, fingerprint):
-        log(f"text embeddings in {out} are up to date ({encoder_label(encoder)}, {len(ids):,} items); "
-            f"force to recompute")
+        log(
+            f"text embeddings in {out} are up to date ({encoder_label(encoder)}, {len(ids):,} items); "
+            f"force to recompute"
+        )
         return out
 
     dim = encoder_dim(encoder)
-    log(f"embedding the text of {len(ids):,} items ({', '.join(columns)}) with {encoder_label(encoder)} "
-        f"(dim {dim}) on Ray Data ...")
+    log(
+        f"embedding the text of {len(ids):,} items ({', '.join(columns)}) with {encoder_label(encoder)} "
+        f"(dim {dim}) on Ray Data ..."
+    )
     t0 = time.perf_counter()
     batches: Iterable[pa.Table] = []
     if len(ids):
         init_ray()
         frame = pd.DataFrame({"item_id": ids, "text": texts})
-        blocks = [frame.iloc[i:i + ROWS_PER_BLOCK] for i in range(0, len(frame), ROWS_PER_BLOCK)]
+        blocks = [frame.iloc[i : i + ROWS_PER_BLOCK] for i in range(0, len(frame), ROWS_PER_BLOCK)]
         # from_pandas rather than read_parquet: the prepared directory need only exist on the driver's machine.
-        batches = ray.data.from_pandas(blocks).map_batches(
-            _EmbedBatch, fn_constructor_kwargs={"path": str(encoder), "max_length": max_length,
-                                                "batch_size": batch_size},
-            batch_size=batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=1).iter_batches(batch_format="pyarrow", batch_size=None)
-    schema = pa.schema([("item_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))],
-                       metadata={_FINGERPRINT_KEY: fingerprint.encode()})
+        batches = (
+            ray.data.from_pandas(blocks)
+            .map_batches(
+                _EmbedBatch,
+                fn_constructor_kwargs={"path": str(encoder), "max_length": max_length, "batch_size": batch_size},
+                batch_size=batch_size,
+                batch_format="pandas",
+                compute=ray.data.ActorPoolStrategy(size=concurrency),
+                num_cpus=1,
+            )
+            .iter_batches(batch_format="pyarrow", batch_size=None)
+        )
+    schema = pa.schema(
+        [("item_id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim))],
+        metadata={_FINGERPRINT_KEY: fingerprint.encode()},
+    )
 
     meta_path.unlink(missing_ok=True)  # from here on, the old cache is invalid whatever happens
     tmp = prepared / f".{EMBEDDINGS_FILE}.{uuid.uuid4().hex}"  # not mkstemp: that would make the file owner-only
@@ -158,11 +187,24 @@ def embed_item_text(prepared_dir: str | Path, encoder_path: str | Path | None = 
     finally:
         tmp.unlink(missing_ok=True)
     seconds = round(time.perf_counter() - t0, 3)
-    write_json_atomic(meta_path, {
-        "format_version": FORMAT_VERSION, "encoder": encoder.name, "encoder_path": str(encoder),
-        "encoder_fingerprint": encoder_fp, "recipe": RECIPE, "max_length": max_length, "dim": dim,
-        "text_columns": columns, "joiner": JOINER, "rows": rows,
-        "item_vocab_size": spec.fields["item_id"].vocab_size, "fingerprint": fingerprint, "seconds": seconds})
+    write_json_atomic(
+        meta_path,
+        {
+            "format_version": FORMAT_VERSION,
+            "encoder": encoder.name,
+            "encoder_path": str(encoder),
+            "encoder_fingerprint": encoder_fp,
+            "recipe": RECIPE,
+            "max_length": max_length,
+            "dim": dim,
+            "text_columns": columns,
+            "joiner": JOINER,
+            "rows": rows,
+            "item_vocab_size": spec.fields["item_id"].vocab_size,
+            "fingerprint": fingerprint,
+            "seconds": seconds,
+        },
+    )
     log(f"wrote {out} ({rows:,} items x {dim}) in {seconds:.1f}s ({rows / max(seconds, 1e-9):,.0f} items/s)")
     return out
 
@@ -178,13 +220,17 @@ def load_item_text_embeddings(prepared_dir: str | Path, n_items: int) -> np.ndar
         meta = json.loads(meta_path.read_text())
         table = pq.read_table(out)
     except (OSError, ValueError, pa.ArrowException) as e:
-        raise MsitError(f"the item text embeddings in {prepared} are unreadable ({e}): run "
-                        f"`msit data embed-text {prepared} --force`") from e
+        raise MsitError(
+            f"the item text embeddings in {prepared} are unreadable ({e}): run "
+            f"`msit data embed-text {prepared} --force`"
+        ) from e
     ids = table.column("item_id").to_numpy().astype(np.int64)
     dim = int(meta["dim"])
     if meta.get("item_vocab_size") != n_items or (len(ids) and (ids.max() >= n_items or ids.min() < FIRST_REAL)):
-        raise MsitError(f"the item text embeddings in {prepared} were made for {meta.get('item_vocab_size')} item "
-                        f"indices, not {n_items}: run `msit data embed-text {prepared} --force`")
+        raise MsitError(
+            f"the item text embeddings in {prepared} were made for {meta.get('item_vocab_size')} item "
+            f"indices, not {n_items}: run `msit data embed-text {prepared} --force`"
+        )
     column = table.column("embedding")
     values = column.combine_chunks().flatten() if column.num_chunks else pa.array([], pa.float32())
     matrix = np.zeros((n_items, dim), dtype=np.float32)
@@ -193,8 +239,13 @@ def load_item_text_embeddings(prepared_dir: str | Path, n_items: int) -> np.ndar
     return matrix
 
 
-def embed_scene_descriptions(prepared_dir: str | Path, encoder_path: str | Path | None = None, *,
-                             max_length: int = 64, log: Callable[[str], None] = print) -> np.ndarray:
+def embed_scene_descriptions(
+    prepared_dir: str | Path,
+    encoder_path: str | Path | None = None,
+    *,
+    max_length: int = 64,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
     """A (len(scenario vocabulary), dim) table indexed by scene_id. A scene without a description gets a zero
     row, so the model can tell "no description" from any described scene. A few strings: no Ray needed, and
     no model is loaded at all when no scene has a description."""

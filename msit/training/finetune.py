@@ -35,6 +35,7 @@ from msit.model.parameters import declared_names
 
 MODES = ("scene", "head", "full")
 
+
 @dataclass
 class FinetuneSpec:
     from_model: str  # the trained model directory to start from
@@ -54,8 +55,10 @@ class StartSummary:
 
     def lines(self) -> list[str]:
         grown = ", ".join(f"{name} {old:,}->{new:,}" for name, (old, new) in self.grown.items()) or "none"
-        return [f"copied {self.copied} tensors; grown tables (learned rows -> rows): {grown}",
-                f"{self.trainable:,} parameters train, {self.frozen:,} are frozen"]
+        return [
+            f"copied {self.copied} tensors; grown tables (learned rows -> rows): {grown}",
+            f"{self.trainable:,} parameters train, {self.frozen:,} are frozen",
+        ]
 
 
 def check_encoding_extends(model_dir: str | Path, data_spec: FeatureSpec, data_dir: str | Path) -> None:
@@ -64,14 +67,17 @@ def check_encoding_extends(model_dir: str | Path, data_spec: FeatureSpec, data_d
     prepared data serves it.)"""
     model_spec = load_model_spec(model_dir)
     for name, values in model_spec.vocabularies.items():
-        if data_spec.vocabularies.get(name, [])[:len(values)] != values:
-            raise MsitError(f"{data_dir} does not extend the encoding of {model_dir} (vocabulary {name!r} differs); "
-                            f"prepare the logs with `msit data prepare LOGS --encoding-from {model_dir} "
-                            "--extend-vocab`")
+        if data_spec.vocabularies.get(name, [])[: len(values)] != values:
+            raise MsitError(
+                f"{data_dir} does not extend the encoding of {model_dir} (vocabulary {name!r} differs); "
+                f"prepare the logs with `msit data prepare LOGS --encoding-from {model_dir} "
+                "--extend-vocab`"
+            )
 
 
-def start_from(model: Model, spec: FinetuneSpec, data_spec: FeatureSpec,
-               scenes: list[str] | None = None) -> StartSummary:
+def start_from(
+    model: Model, spec: FinetuneSpec, data_spec: FeatureSpec, scenes: list[str] | None = None
+) -> StartSummary:
     """Load the learned weights of `spec.from_model` into `model` (built for `data_spec`, the extended
     encoding) and freeze what the mode does not train. `scenes`: the scenes scene mode fine-tunes
     (default: the scenes new to the model). The parts that train are those the model's family declares
@@ -108,8 +114,10 @@ def scenes_to_tune(model_dir: str | Path, data_spec: FeatureSpec, scenes: list[s
         return data_spec.scene_ids(scenes)
     ids = [scene_id(slot) for slot in range(len(load_model_spec(model_dir).scenarios), len(data_spec.scenarios))]
     if not ids:
-        raise ConfigError(f"scene mode has no scene to fine-tune: the data has no scene new to {model_dir}; "
-                          "name the scenes to fine-tune (--scenes) or use --mode head or full")
+        raise ConfigError(
+            f"scene mode has no scene to fine-tune: the data has no scene new to {model_dir}; "
+            "name the scenes to fine-tune (--scenes) or use --mode head or full"
+        )
     return ids
 
 
@@ -155,7 +163,7 @@ def transplant(model: nn.Module, learned: dict[str, torch.Tensor]) -> StartSumma
             target.copy_(source)
             summary.copied += 1
         elif source.ndim and source.shape[1:] == target.shape[1:] and source.shape[0] < target.shape[0]:
-            target[:source.shape[0]].copy_(source)
+            target[: source.shape[0]].copy_(source)
             summary.grown[name] = (source.shape[0], target.shape[0])
         else:
             raise MsitError(f"cannot start {name} of shape {tuple(target.shape)} from shape {tuple(source.shape)}")

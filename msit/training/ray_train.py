@@ -119,9 +119,13 @@ def run_identity(cfg: TrainRunConfig) -> dict:
     it holds (its encoding fingerprint and row counts), not by its path. Not counted: output, run.*, scaling.*."""
     spec = FeatureSpec.load(cfg.data)
     train = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in RESUMABLE_TRAIN_FIELDS}
-    identity = {"model": dataclasses.asdict(cfg.model), "train": train, "scenes": cfg.scenes,
-                "finetune": dataclasses.asdict(cfg.finetune) if cfg.finetune is not None else None,
-                "data": {"encoding": spec.fingerprint(), "rows": spec.row_counts}}
+    identity = {
+        "model": dataclasses.asdict(cfg.model),
+        "train": train,
+        "scenes": cfg.scenes,
+        "finetune": dataclasses.asdict(cfg.finetune) if cfg.finetune is not None else None,
+        "data": {"encoding": spec.fingerprint(), "rows": spec.row_counts},
+    }
     return json.loads(json.dumps(identity, sort_keys=True, default=str))  # tuples as lists, as read back
 
 
@@ -140,15 +144,19 @@ def check_run_config(cfg: TrainRunConfig) -> None:
                 stored = json.loads(f.read())
                 old_digest, old = stored["hash"], stored["config"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); remove {run_dir} to start "
-                                  "afresh, or pick a new run name") from None
+                raise ConfigError(
+                    f"{path} is damaged ({type(e).__name__}: {e}); remove {run_dir} to start "
+                    "afresh, or pick a new run name"
+                ) from None
         if old_digest != digest or old != identity:
             changes = _differences(old, identity)
             shown = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
-            raise ConfigError(f"run {cfg.run.name!r} in {cfg.run.storage_path} was started with another config "
-                              f"({shown or 'hash ' + old_digest + ' -> ' + digest}); the same run name resumes "
-                              f"that run: pick a new run name (--name or run.name), or remove {run_dir} to start "
-                              "afresh")
+            raise ConfigError(
+                f"run {cfg.run.name!r} in {cfg.run.storage_path} was started with another config "
+                f"({shown or 'hash ' + old_digest + ' -> ' + digest}); the same run name resumes "
+                f"that run: pick a new run name (--name or run.name), or remove {run_dir} to start "
+                "afresh"
+            )
         return
     fs.create_dir(run_dir, recursive=True)
     with fs.open_output_stream(path) as f:
@@ -166,9 +174,13 @@ def _run_storage(cfg: TrainRunConfig) -> tuple[pafs.FileSystem, str]:
 def _differences(old, new, prefix: str = "") -> list[str]:
     """`key.path: old -> new` for every leaf that differs between two JSON values."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(set(old) | set(new), key=str)
-                for line in _differences(old.get(key, "(absent)"), new.get(key, "(absent)"),
-                                         f"{prefix}.{key}" if prefix else str(key))]
+        return [
+            line
+            for key in sorted(set(old) | set(new), key=str)
+            for line in _differences(
+                old.get(key, "(absent)"), new.get(key, "(absent)"), f"{prefix}.{key}" if prefix else str(key)
+            )
+        ]
     return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
@@ -197,8 +209,10 @@ def local_batch_size(batch_size: int, workers: int) -> int:
     """`train.batch_size` is the global batch: each of the W workers takes batch_size // W rows a step, and DDP
     averages the W gradients, so a step is the same as one over batch_size rows in one process."""
     if batch_size < workers:
-        raise ConfigError(f"train.batch_size {batch_size} is the global batch, split over {workers} workers: "
-                          f"it must be at least the number of workers")
+        raise ConfigError(
+            f"train.batch_size {batch_size} is the global batch, split over {workers} workers: "
+            f"it must be at least the number of workers"
+        )
     return batch_size // workers
 
 
@@ -224,8 +238,12 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # resume: weights, optimizer and the epoch counter
         saved, optimizer_state, skipped = resume_from(checkpoint, model, log=print if rank == 0 else None)
-        state = LoopState(first_epoch=saved["epoch"] + 1, best_auc=saved["best_val_auc"],
-                          best_epoch=saved["best_epoch"], history=saved["history"])
+        state = LoopState(
+            first_epoch=saved["epoch"] + 1,
+            best_auc=saved["best_val_auc"],
+            best_epoch=saved["best_epoch"],
+            history=saved["history"],
+        )
     prepare_for_training(model, cfg.train, device)  # deterministic kernels or not; compiled if asked
     ddp_model = ray.train.torch.prepare_model(model)  # DDP-wrapped (when world size > 1): training steps use it
     optimizer = make_optimizer(model, cfg.train)
@@ -246,8 +264,12 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
 
     def read_epoch(epoch: int):  # prefetch_batches: Ray Data converts and shuffles ahead in its own threads
         return train_shard.iter_torch_batches(
-            batch_size=batch_size, device=device, prefetch_batches=4,
-            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size), local_shuffle_seed=epoch_seed(epoch))
+            batch_size=batch_size,
+            device=device,
+            prefetch_batches=4,
+            local_shuffle_buffer_size=max(SHUFFLE_BUFFER_ROWS, 4 * batch_size),
+            local_shuffle_seed=epoch_seed(epoch),
+        )
 
     if train_rows_cached(cfg.data):
         read_epoch = KeptShard(read_epoch, batch_size, epoch_seed).epoch
@@ -258,9 +280,12 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
             yield model_batch(events, sequences, history_length)
 
     def validate() -> dict | None:  # every rank scores its shard of val; rank 0 computes the metrics over all
-        batches = (model_batch(events, sequences, history_length) for events in
-                   val_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device,
-                                                prefetch_batches=2))
+        batches = (
+            model_batch(events, sequences, history_length)
+            for events in val_shard.iter_torch_batches(
+                batch_size=cfg.train.eval_batch_size, device=device, prefetch_batches=2
+            )
+        )
         return validation_metrics(world, predictions(model, batches), spec.scene_names())
 
     def on_epoch(end: EpochEnd) -> None:  # report is collective: every rank calls it, rank 0 with the checkpoint
@@ -269,14 +294,26 @@ def train_loop_per_worker(config: dict) -> None:  # noqa: C901  (to split)
             return
         if skipped and end.epoch == state.first_epoch:
             end.state.history[-1]["skipped_checkpoints"] = skipped
-        train_state = {"epoch": end.epoch, "best_val_auc": end.state.best_auc, "best_epoch": end.state.best_epoch,
-                       **end.metrics, "history": end.state.history}
+        train_state = {
+            "epoch": end.epoch,
+            "best_val_auc": end.state.best_auc,
+            "best_epoch": end.state.best_epoch,
+            **end.metrics,
+            "history": end.state.history,
+        }
         _report_checkpoint(model, cfg, spec, optimizer, end.metrics, train_state)
 
-    loop = EpochLoop(cfg.train, step=lambda batch: train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp),
-                     train_batches=train_batches, validate=validate, on_epoch=on_epoch, world=world,
-                     after_batch=lambda epoch, batches: _fault_drill(cfg, context, epoch, batches=batches),
-                     after_epoch=lambda epoch: _fault_drill(cfg, context, epoch, batches=None), log=log)
+    loop = EpochLoop(
+        cfg.train,
+        step=lambda batch: train_step(ddp_model, batch, optimizer, cfg.train.grad_clip, amp),
+        train_batches=train_batches,
+        validate=validate,
+        on_epoch=on_epoch,
+        world=world,
+        after_batch=lambda epoch, batches: _fault_drill(cfg, context, epoch, batches=batches),
+        after_epoch=lambda epoch: _fault_drill(cfg, context, epoch, batches=None),
+        log=log,
+    )
     # Fine-tuning's epoch 0 is the starting point: it never exports a model worse on val than the one it began with.
     loop.run(state, start_point=cfg.finetune is not None)
 
@@ -306,7 +343,7 @@ class KeptShard:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.epoch_seed(epoch)))
         order = order.to(next(iter(self.rows.values())).device)
         for start in range(0, n, self.batch_size):
-            rows = order[start:start + self.batch_size]
+            rows = order[start : start + self.batch_size]
             yield {name: values[rows] for name, values in self.rows.items()}
 
 
@@ -374,12 +411,17 @@ def resume_from(checkpoint: ray.train.Checkpoint, model, log=None) -> tuple[dict
                 log(f"[msit] checkpoint {candidate.path} cannot be loaded: {e}", flush=True)
             continue
         if skipped and log:
-            log(f"[msit] resuming from the newest checkpoint that loads: {candidate.path} (epoch {state['epoch']}); "
-                f"skipped {skipped}", flush=True)
+            log(
+                f"[msit] resuming from the newest checkpoint that loads: {candidate.path} (epoch {state['epoch']}); "
+                f"skipped {skipped}",
+                flush=True,
+            )
         return state, optimizer_state, skipped
     run_dir = posixpath.dirname(checkpoint.path)
-    raise MsitError(f"no checkpoint of the run in {run_dir} loads ({len(skipped)} tried, each damaged); "
-                    f"remove {run_dir} to start afresh, or use a new run name")
+    raise MsitError(
+        f"no checkpoint of the run in {run_dir} loads ({len(skipped)} tried, each damaged); "
+        f"remove {run_dir} to start afresh, or use a new run name"
+    )
 
 
 def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
@@ -387,8 +429,14 @@ def _older_checkpoints(checkpoint: ray.train.Checkpoint) -> list[ray.train.Check
     run_dir, name = posixpath.split(checkpoint.path.rstrip("/"))
     assert checkpoint.filesystem is not None  # a checkpoint Train reports has its storage filesystem
     infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(run_dir))
-    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    older = sorted(
+        (
+            i.base_name
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_") and i.base_name < name
+        ),
+        reverse=True,
+    )
     return [ray.train.Checkpoint(posixpath.join(run_dir, n), filesystem=checkpoint.filesystem) for n in older]
 
 
@@ -407,8 +455,9 @@ def load_checkpoint(directory: Path, model) -> tuple[dict, dict]:
     try:
         optimizer_state = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises anything from a damaged zip or pickle stream)
-        raise MsitError(f"{path}: not an optimizer state ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
-                        ) from None
+        raise MsitError(
+            f"{path}: not an optimizer state ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+        ) from None
     return state, optimizer_state
 
 
@@ -443,16 +492,22 @@ def _fault_drill(cfg: TrainRunConfig, context, epoch: int, batches: int | None) 
 
 def resolve_paths(cfg):
     """Local paths of a train or tune config (data, output, run.storage_path) made absolute for workers."""
-    cfg = dataclasses.replace(cfg, data=absolute_path(cfg.data), output=absolute_path(cfg.output),
-                              run=dataclasses.replace(cfg.run, storage_path=absolute_path(cfg.run.storage_path)))
+    cfg = dataclasses.replace(
+        cfg,
+        data=absolute_path(cfg.data),
+        output=absolute_path(cfg.output),
+        run=dataclasses.replace(cfg.run, storage_path=absolute_path(cfg.run.storage_path)),
+    )
     if getattr(cfg, "finetune", None) is not None:
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
-            cfg.finetune, from_model=absolute_path(cfg.finetune.from_model)))
+        cfg = dataclasses.replace(
+            cfg, finetune=dataclasses.replace(cfg.finetune, from_model=absolute_path(cfg.finetune.from_model))
+        )
     return cfg
 
 
-def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget: float | None = None,
-                 log=print) -> TorchTrainer:
+def make_trainer(
+    cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget: float | None = None, log=print
+) -> TorchTrainer:
     """The TorchTrainer of a run. `cpu_budget`: the cluster CPUs this run may hold (default all of them;
     Tune gives each concurrent trial its share)."""
     spec = FeatureSpec.load(cfg.data)
@@ -461,8 +516,10 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
         if cfg.finetune.mode == "scene":
             scenes_to_tune(cfg.finetune.from_model, spec, cfg.scenes)  # fails here, not in every worker
         if cfg.model != load_model_config(cfg.finetune.from_model):
-            raise ConfigError(f"a fine-tuning run keeps the architecture of {cfg.finetune.from_model}: take its "
-                              "model config (msit finetune does)")
+            raise ConfigError(
+                f"a fine-tuning run keeps the architecture of {cfg.finetune.from_model}: take its "
+                "model config (msit finetune does)"
+            )
     datasets = {split: event_dataset(cfg, spec, split) for split in ("train", "val")}
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
     cpus, workers = cfg.scaling.cpus_per_worker, cfg.scaling.num_workers
@@ -470,24 +527,32 @@ def make_trainer(cfg: TrainRunConfig, callbacks: list | None = None, cpu_budget:
     if workers * cpus > budget - 1:
         # Workers holding every CPU starve Ray Data's read tasks and the run hangs silently: keep one free.
         cpus = max(budget - 1, 0.1 * workers) / workers
-        log(f"note: {workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
-            f"of the {budget:g} this run may use; using {cpus:.2f} CPU per worker")
+        log(
+            f"note: {workers} workers x {cfg.scaling.cpus_per_worker} CPU would leave Ray Data no CPU "
+            f"of the {budget:g} this run may use; using {cpus:.2f} CPU per worker"
+        )
     resources = {"CPU": cpus, **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {})}
     check_run_config(cfg)  # last: a run folder is claimed only by a config that passed every other check
-    log(f"training {cfg.model.family} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-        f"run {cfg.run.name!r} in {cfg.run.storage_path}")
+    log(
+        f"training {cfg.model.family} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+        f"run {cfg.run.name!r} in {cfg.run.storage_path}"
+    )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path, callbacks=callbacks,
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
-                                                         checkpoint_score_attribute="val_auc",
-                                                         checkpoint_score_order="max")),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+            ),
+        ),
         # dict is invariant; ray annotates dict[str, Dataset | Callable] where it means a Mapping
-        datasets=datasets, dataset_config=ShardedData(),  # type: ignore[arg-type]
+        datasets=datasets,  # type: ignore[arg-type]
+        dataset_config=ShardedData(),
     )
 
 
@@ -516,16 +581,23 @@ def event_dataset(cfg: TrainRunConfig, spec: FeatureSpec, split: str) -> ray.dat
         raise MsitError(f"{cfg.data} has no {split} split; run `msit data prepare` first")
     cached = split == "train" and train_rows_cached(cfg.data)
     # reseed_after_execution: a new order each epoch, still determined by the seed.
-    shuffle = ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True) \
-        if split == "train" and not cached else None
+    shuffle = (
+        ray.data.FileShuffleConfig(seed=cfg.train.seed, reseed_after_execution=True)
+        if split == "train" and not cached
+        else None
+    )
     dataset = ray.data.read_parquet(str(path), columns=event_columns(spec), shuffle=shuffle)
     if cfg.scenes:
         # ray's signature for fn has room for the batch alone, not the fn_kwargs it passes
-        dataset = dataset.map_batches(_rows_of_scenes, batch_format="pyarrow",  # type: ignore[arg-type]
-                                      fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)})
+        dataset = dataset.map_batches(
+            _rows_of_scenes,  # type: ignore[arg-type]
+            batch_format="pyarrow",
+            fn_kwargs={"scene_ids": spec.scene_ids(cfg.scenes)},
+        )
     if cached:
         dataset = dataset.materialize().randomize_block_order(
-            seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
+            seed=ray.data.RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True)
+        )
     if split != "train":
         dataset = dataset.map_batches(_same_rows, batch_format="pyarrow", batch_size=VAL_BLOCK_ROWS)
     return dataset

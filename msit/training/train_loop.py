@@ -74,7 +74,7 @@ class TorchWorld(World):
         for name, values in columns.items():
             values = values.to(self.device)
             padded = torch.zeros(max(sizes), dtype=values.dtype, device=self.device)
-            padded[:len(values)] = values
+            padded[: len(values)] = values
             parts = [torch.zeros_like(padded) for _ in range(self.size)]
             torch.distributed.all_gather(parts, padded)
             if self.rank == 0:
@@ -99,9 +99,12 @@ def predictions(model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, t
         for name in PREDICTION_FIELDS[1:]:
             parts[name].append(batch[name].long())
     device = next(model.parameters()).device
-    return {name: torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.float32 if name == "prob"
-                                                                else torch.int64, device=device)
-            for name, chunks in parts.items()}
+    return {
+        name: torch.cat(chunks)
+        if chunks
+        else torch.zeros(0, dtype=torch.float32 if name == "prob" else torch.int64, device=device)
+        for name, chunks in parts.items()
+    }
 
 
 def validation_metrics(world: World, local: dict[str, torch.Tensor], scene_names: dict[int, str]) -> dict | None:
@@ -116,8 +119,11 @@ def validation_metrics(world: World, local: dict[str, torch.Tensor], scene_names
 
 def flat_metrics(evaluation: dict) -> dict:
     """The per-epoch record of a `scene_metrics` result: val_auc, val_logloss, val_auc/<scene>."""
-    return {"val_auc": evaluation["overall"]["auc"], "val_logloss": evaluation["overall"]["logloss"],
-            **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()}}
+    return {
+        "val_auc": evaluation["overall"]["auc"],
+        "val_logloss": evaluation["overall"]["logloss"],
+        **{f"val_auc/{s}": m["auc"] for s, m in evaluation["scenes"].items()},
+    }
 
 
 @dataclass
@@ -185,14 +191,17 @@ class EpochLoop:
                 state.best_auc, state.best_epoch, state.best_val = metrics["val_auc"], epoch, evaluation
             if evaluation is not None:
                 state.history.append({**metrics, "first_epoch_of_attempt": state.first_epoch})
-                self.log(f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.4f}, "
-                         f"val log loss {metrics['val_logloss']:.4f}")
+                self.log(
+                    f"epoch {epoch}: train loss {metrics['train_loss']:.4f}, val AUC {metrics['val_auc']:.4f}, "
+                    f"val log loss {metrics['val_logloss']:.4f}"
+                )
             stop = self.world.decide(epoch - state.best_epoch >= self.cfg.patience)
             self.on_epoch(EpochEnd(epoch, metrics, state, improved, evaluation))
             if stop:
                 if evaluation is not None:
-                    self.log(f"early stop: no better val AUC for {self.cfg.patience} epochs; "
-                             f"best epoch {state.best_epoch}")
+                    self.log(
+                        f"early stop: no better val AUC for {self.cfg.patience} epochs; best epoch {state.best_epoch}"
+                    )
                 break
             self.after_epoch(epoch)
         return state
@@ -208,9 +217,14 @@ class EpochLoop:
         # Throughput of the training pass alone (validation and the hook excluded), over all ranks.
         total_loss, total_batches, total_samples = self.world.sum([loss_sum, batches, samples])
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch, "train_loss": total_loss / max(total_batches, 1),
-                   "train_samples": int(total_samples), "train_seconds": seconds,
-                   "train_samples_per_s": total_samples / seconds, "epoch_started_at": started_at}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": total_loss / max(total_batches, 1),
+            "train_samples": int(total_samples),
+            "train_seconds": seconds,
+            "train_samples_per_s": total_samples / seconds,
+            "epoch_started_at": started_at,
+        }
         evaluation = self.validate()
         if evaluation is not None:
             metrics |= flat_metrics(evaluation)

@@ -59,8 +59,13 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss + output.regularization if output.regularization is not None else loss
 
 
-def train_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, grad_clip: float = 5.0,
-               amp_dtype: torch.dtype | None = None) -> float:
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float = 5.0,
+    amp_dtype: torch.dtype | None = None,
+) -> float:
     """One optimizer step; `amp_dtype` (e.g. torch.bfloat16 on GPU) runs the forward pass under autocast."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -78,16 +83,19 @@ def predict(model: Model, data: EventSplit, batch_size: int = 4096) -> np.ndarra
     """Probabilities for every row, in order."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = [torch.sigmoid(model(batch).logits.float()).cpu()
-              for batch in data.batches(batch_size, model.history_length, device=device)]
+    chunks = [
+        torch.sigmoid(model(batch).logits.float()).cpu()
+        for batch in data.batches(batch_size, model.history_length, device=device)
+    ]
     return torch.cat(chunks).numpy() if chunks else np.zeros(0, dtype=np.float32)
 
 
 def evaluate(model: Model, data: EventSplit, spec: FeatureSpec, batch_size: int = 4096) -> dict:
     probs = predict(model, data, batch_size)
     events = data.events
-    return scene_metrics(events["label"].numpy(), probs, events["scene_id"].numpy(), events["user_id"].numpy(),
-                         spec.scene_names())
+    return scene_metrics(
+        events["label"].numpy(), probs, events["scene_id"].numpy(), events["user_id"].numpy(), spec.scene_names()
+    )
 
 
 def decays(p: nn.Parameter, kind: str) -> bool:
@@ -104,8 +112,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     for _, p, kind in parameters_with_kinds(model):
         if p.requires_grad:
             (decay if decays(p, kind) else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
 
 
 @dataclass
@@ -116,8 +125,16 @@ class FitResult:
     seconds: float = 0.0
 
 
-def fit(model: Model, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg: TrainConfig,
-        log: Callable[[str], None] = print, progress: bool = False, start_point: bool = False) -> FitResult:
+def fit(
+    model: Model,
+    train: EventSplit,
+    val: EventSplit,
+    spec: FeatureSpec,
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    start_point: bool = False,
+) -> FitResult:
     """Train with early stopping on val AUC (`train_loop.EpochLoop`, the loop Ray Train's workers run too);
     the model ends with its best epoch's weights. Each epoch is a fresh global permutation of `train`.
     `start_point`: the untrained (or fine-tuning's starting) model is epoch 0, the best to beat."""
@@ -142,10 +159,17 @@ def fit(model: Model, train: EventSplit, val: EventSplit, spec: FeatureSpec, cfg
             best_state["weights"] = copy.deepcopy(model.state_dict())
 
     loop = EpochLoop(
-        cfg, step=lambda batch: train_step(model, batch, optimizer, cfg.grad_clip), train_batches=train_batches,
-        validate=lambda: validation_metrics(loop.world, predictions(
-            model, val.batches(cfg.eval_batch_size, model.history_length, device=device)), spec.scene_names()),
-        on_epoch=keep_best, log=log)
+        cfg,
+        step=lambda batch: train_step(model, batch, optimizer, cfg.grad_clip),
+        train_batches=train_batches,
+        validate=lambda: validation_metrics(
+            loop.world,
+            predictions(model, val.batches(cfg.eval_batch_size, model.history_length, device=device)),
+            spec.scene_names(),
+        ),
+        on_epoch=keep_best,
+        log=log,
+    )
     start = time.perf_counter()
     state = loop.run(start_point=start_point)
     if "weights" in best_state:

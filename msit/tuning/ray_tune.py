@@ -50,8 +50,9 @@ class AshaSpec:
 @dataclass
 class SearchSpec:
     # model or train field -> a list of choices; for random/optuna also {log_uniform: [lo, hi]} or {uniform: [lo, hi]}
-    space: dict[str, Any] = field(default_factory=lambda: {HEADS: [1, 2, 4, 8],
-                                                           "fusion": ["attention", "concat", "gate", "sum"]})
+    space: dict[str, Any] = field(
+        default_factory=lambda: {HEADS: [1, 2, 4, 8], "fusion": ["attention", "concat", "gate", "sum"]}
+    )
     algorithm: str = "grid"  # grid: every valid combination; random / optuna: num_samples trials
     num_samples: int = 16
     seed: int = 0
@@ -63,13 +64,17 @@ class SearchSpec:
             raise ConfigError(f"search.algorithm must be one of {list(ALGORITHMS)}, got {self.algorithm!r}")
         unknown = sorted(set(self.space) - MODEL_FIELDS - TRAIN_FIELDS - {HEADS})
         if unknown:
-            raise ConfigError(f"search.space: unknown parameter(s) {unknown}; expected {HEADS!r} or fields of "
-                              f"model ({sorted(MODEL_FIELDS)}) or train ({sorted(TRAIN_FIELDS)})")
+            raise ConfigError(
+                f"search.space: unknown parameter(s) {unknown}; expected {HEADS!r} or fields of "
+                f"model ({sorted(MODEL_FIELDS)}) or train ({sorted(TRAIN_FIELDS)})"
+            )
         for name, domain in self.space.items():
             if not _is_choices(domain) and not (self.algorithm != "grid" and _range(domain)):
-                raise ConfigError(f"search.space.{name}: expected a non-empty list of choices"
-                                  + ("" if self.algorithm == "grid" else " or {log_uniform|uniform: [lo, hi]}")
-                                  + f", got {domain!r}")
+                raise ConfigError(
+                    f"search.space.{name}: expected a non-empty list of choices"
+                    + ("" if self.algorithm == "grid" else " or {log_uniform|uniform: [lo, hi]}")
+                    + f", got {domain!r}"
+                )
         if self.max_concurrent_trials < 1 or self.num_samples < 1:
             raise ConfigError("search.max_concurrent_trials and search.num_samples must be at least 1")
 
@@ -95,7 +100,7 @@ def _is_choices(domain: Any) -> bool:
 
 def _range(domain: Any) -> tuple[str, float, float] | None:
     if isinstance(domain, dict) and len(domain) == 1:
-        (kind, bounds), = domain.items()
+        ((kind, bounds),) = domain.items()
         if kind in ("log_uniform", "uniform") and isinstance(bounds, list) and len(bounds) == 2:
             return kind, float(bounds[0]), float(bounds[1])
     return None
@@ -109,9 +114,14 @@ def trial_config(base: TuneRunConfig, params: dict[str, Any], name: str) -> Trai
             model["interest_heads"] = model["transfer_heads"] = value
         else:
             (model if key in MODEL_FIELDS else train)[key] = value
-    return TrainRunConfig(data=base.data, output=base.output, model=ModelConfig(**model), train=TrainConfig(**train),
-                          scaling=dataclasses.replace(base.scaling),
-                          run=dataclasses.replace(base.run, name=name, storage_path=_train_storage(base)))
+    return TrainRunConfig(
+        data=base.data,
+        output=base.output,
+        model=ModelConfig(**model),
+        train=TrainConfig(**train),
+        scaling=dataclasses.replace(base.scaling),
+        run=dataclasses.replace(base.run, name=name, storage_path=_train_storage(base)),
+    )
 
 
 def _train_storage(cfg: TuneRunConfig) -> str:
@@ -160,8 +170,9 @@ def _optuna_space(cfg: TuneRunConfig):
     space = cfg.search.space
 
     def define(trial) -> dict[str, Any]:
-        width = trial.suggest_categorical("embed_dim", space["embed_dim"]) if "embed_dim" in space \
-            else cfg.model.embed_dim
+        width = (
+            trial.suggest_categorical("embed_dim", space["embed_dim"]) if "embed_dim" in space else cfg.model.embed_dim
+        )
         heads = {}
         for name, domain in space.items():
             if name == "embed_dim":
@@ -209,15 +220,23 @@ def run_search(cfg: TuneRunConfig, log=print) -> Path:
     experiment = f"{cfg.run.storage_path}/{cfg.run.name}"
     # Concurrent trials share the cluster: each may hold its share, and keeps a CPU of it for Ray Data.
     cpu_budget = ray.cluster_resources().get("CPU", 0) / search.max_concurrent_trials
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, base=cfg, cpu_budget=cpu_budget),
-                                    {"cpu": 0.01})  # the trial function only waits on its TorchTrainer
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base=cfg, cpu_budget=cpu_budget), {"cpu": 0.01}
+    )  # the trial function only waits on its TorchTrainer
     if tune.Tuner.can_restore(experiment):
         log(f"resuming search {cfg.run.name!r} from {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
-                                  grace_period=search.asha.grace_period,
-                                  reduction_factor=search.asha.reduction_factor) if search.asha.enabled else None
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=cfg.train.epochs,
+                grace_period=search.asha.grace_period,
+                reduction_factor=search.asha.reduction_factor,
+            )
+            if search.asha.enabled
+            else None
+        )
         if search.algorithm == "optuna":
             param_space, num_samples, search_alg = {}, search.num_samples, _optuna_searcher(cfg)
             count = num_samples
@@ -229,14 +248,24 @@ def run_search(cfg: TuneRunConfig, log=print) -> Path:
                 raise ConfigError("search.space: every combination is invalid for the model (see above)")
             param_space, num_samples, search_alg = {"params": tune.grid_search(trials)}, 1, None
             count = len(trials)
-        log(f"searching {count} trial(s), "
+        log(
+            f"searching {count} trial(s), "
             f"{search.max_concurrent_trials} at a time, {'ASHA' if scheduler else 'no early stopping'}; "
-            f"search {cfg.run.name!r} in {cfg.run.storage_path}")
+            f"search {cfg.run.name!r} in {cfg.run.storage_path}"
+        )
         tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(metric="val_auc", mode="max", scheduler=scheduler, search_alg=search_alg,
-                                        num_samples=num_samples, max_concurrent_trials=search.max_concurrent_trials),
-            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1))
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric="val_auc",
+                mode="max",
+                scheduler=scheduler,
+                search_alg=search_alg,
+                num_samples=num_samples,
+                max_concurrent_trials=search.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path, verbose=1),
+        )
     results = tuner.fit()
     return write_search_outputs(cfg, results, log)
 
@@ -267,11 +296,17 @@ def trials_table(results) -> pd.DataFrame:
             rows.append(row | {"epochs": 0, "error": str(result.error) if result.error else "no report"})
             continue
         best = history.loc[history["val_auc"].idxmax()]
-        row |= {"epochs": len(history), "val_auc": float(best["val_auc"]), "best_epoch": int(best["epoch"]),
-                "val_logloss": float(best["val_logloss"]), "final_val_auc": float(history["val_auc"].iloc[-1]),
-                "final_train_loss": float(history["train_loss"].iloc[-1]),
-                **{c: float(best[c]) for c in history.columns if c.startswith("val_auc/")},
-                "error": str(result.error) if result.error else "", "checkpoint_path": best.get("checkpoint_path")}
+        row |= {
+            "epochs": len(history),
+            "val_auc": float(best["val_auc"]),
+            "best_epoch": int(best["epoch"]),
+            "val_logloss": float(best["val_logloss"]),
+            "final_val_auc": float(history["val_auc"].iloc[-1]),
+            "final_train_loss": float(history["train_loss"].iloc[-1]),
+            **{c: float(best[c]) for c in history.columns if c.startswith("val_auc/")},
+            "error": str(result.error) if result.error else "",
+            "checkpoint_path": best.get("checkpoint_path"),
+        }
         rows.append(row)
     return pd.DataFrame(rows).sort_values("val_auc", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -293,16 +328,32 @@ def write_search_outputs(cfg: TuneRunConfig, results, log=print) -> Path:
     params = {k: _plain(best[k]) for k in cfg.search.space}
 
     best_cfg = trial_config(cfg, params, name=f"{cfg.run.name}-best")
-    best_cfg = dataclasses.replace(best_cfg, output=f"{cfg.output}_retrained",
-                                   run=dataclasses.replace(best_cfg.run, storage_path=cfg.run.storage_path))
+    best_cfg = dataclasses.replace(
+        best_cfg,
+        output=f"{cfg.output}_retrained",
+        run=dataclasses.replace(best_cfg.run, storage_path=cfg.run.storage_path),
+    )
     (out / "best_config.yaml").write_text(
         f"# best of search {cfg.run.name!r}: val AUC {best['val_auc']:.4f} at epoch {best['best_epoch']}\n"
-        "# retrain with: msit train --config " + str(out / "best_config.yaml") + "\n"
-        + yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(best_cfg))), sort_keys=False))
+        "# retrain with: msit train --config "
+        + str(out / "best_config.yaml")
+        + "\n"
+        + yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(best_cfg))), sort_keys=False)
+    )
     info = export_checkpoint(ray.train.Checkpoint(best["checkpoint_path"]), Path(cfg.output))
-    (out / "search.json").write_text(json.dumps({"best_params": params, "best_val_auc": float(best["val_auc"]),
-                                                 "best_trial": best["trial"], "trials": len(table),
-                                                 "failed": len(failed), "exported_epoch": info["epoch"]}, indent=1))
+    (out / "search.json").write_text(
+        json.dumps(
+            {
+                "best_params": params,
+                "best_val_auc": float(best["val_auc"]),
+                "best_trial": best["trial"],
+                "trials": len(table),
+                "failed": len(failed),
+                "exported_epoch": info["epoch"],
+            },
+            indent=1,
+        )
+    )
     heatmap = plot_heatmap(table, out / "heatmap.png")
     log(f"best: {params} (val AUC {best['val_auc']:.4f}); model exported to {cfg.output}")
     log(f"trials.csv, best_config.yaml{', heatmap.png' if heatmap else ''} in {out}")
@@ -331,13 +382,23 @@ def plot_heatmap(table: pd.DataFrame, path: Path) -> Path | None:
     image = ax.imshow(grid.to_numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(grid.columns)), grid.columns)
     ax.set_yticks(range(len(grid.index)), [str(h) for h in grid.index])
-    ax.set(xlabel="fusion", ylabel=heads.replace("_", " "),
-           title="best val AUC by heads x fusion (and the epochs that trial ran)")
+    ax.set(
+        xlabel="fusion",
+        ylabel=heads.replace("_", " "),
+        title="best val AUC by heads x fusion (and the epochs that trial ran)",
+    )
     middle = np.nanmean([np.nanmin(grid.to_numpy()), np.nanmax(grid.to_numpy())])
     for (i, j), value in np.ndenumerate(grid.to_numpy()):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.4f}\n{int(epochs.iloc[i, j])} epochs", ha="center", va="center", fontsize=9,
-                    color="black" if value > middle else "white")
+            ax.text(
+                j,
+                i,
+                f"{value:.4f}\n{int(epochs.iloc[i, j])} epochs",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if value > middle else "white",
+            )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
