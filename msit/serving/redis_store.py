@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeGuard
+from typing import TypeGuard, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -130,6 +130,9 @@ def pack_events(item_ids, scene_ids, labels, timestamps) -> np.ndarray:
     events = np.empty(len(item_ids), EVENT)
     events["item"], events["scene"], events["label"], events["timestamp"] = item_ids, scene_ids, labels, timestamps
     return events
+
+
+_P = TypeVar("_P", dict[str, NewEvents], list[str])  # the users still to write, as a round takes them
 
 
 class RedisHistoryStore:
@@ -247,18 +250,35 @@ class RedisHistoryStore:
         HistoryUnavailable if Redis fails; a user whose write went through before the failure keeps it, and
         sending the batch again with event ids applies the rest only."""
         result = Appended()
-        pending = {new.user_key: new for new in batch}  # one NewEvents per user
+        try:
+            self._write_until_done(
+                {new.user_key: new for new in batch},  # one NewEvents per user
+                lambda pending: self._append_round(pending, result),
+                "users' events could not be written",
+                "send them again",
+            )
+        except redis.RedisError as error:
+            raise self._unavailable(error, "appending events") from None
+        return result
+
+    def _write_until_done(self, pending: _P, write_round: Callable[[_P], _P], failed: str, advice: str) -> None:
+        """Compare-and-set rounds until no user is left whose record changed meanwhile (`write_round` returns
+        them), at most WRITE_ATTEMPTS: beyond, only heavy contention on some users is left to blame."""
         for _ in range(WRITE_ATTEMPTS):
+            pending = write_round(pending)
             if not pending:
-                return result
-            try:
-                pending = self._append_round(pending, result)
-            except redis.RedisError as error:
-                raise self._unavailable(error, "appending events") from None
+                return
         raise HistoryUnavailable(
-            f"the history store (Redis at {self.url}): {len(pending)} users' events could not "
-            f"be written in {WRITE_ATTEMPTS} attempts (concurrent writers); send them again"
+            f"the history store (Redis at {self.url}): {len(pending)} {failed} in {WRITE_ATTEMPTS} attempts "
+            f"(concurrent writers); {advice}"
         )
+
+    @staticmethod
+    def _landed(reply: list, next_token: bytes) -> bool:
+        """Whether a COMPARE_AND_SET reply means the write is in Redis: status 1, or status 0 with our own new
+        token (the write landed and its reply was lost, so the client sent it again)."""
+        status, current = reply
+        return status == 1 or current == next_token
 
     def _append_round(self, pending: dict[str, NewEvents], result: Appended) -> dict[str, NewEvents]:
         """One read-merge-write round; returns the users whose record changed meanwhile (to merge again)."""
@@ -301,9 +321,8 @@ class RedisHistoryStore:
                 client=pipe,
             )
         again = {}
-        for (new, _, next_token, _), (status, current) in zip(writes, pipe.execute(), strict=True):
-            # status 0 with our own token: the write landed and the reply was lost (the client retried it)
-            if status == 1 or current == next_token:
+        for (new, _, next_token, _), reply in zip(writes, pipe.execute(), strict=True):
+            if self._landed(reply, next_token):
                 result.applied += len(new.item_ids)
             else:
                 again[new.user_key] = new
@@ -324,17 +343,12 @@ class RedisHistoryStore:
         try:
             with tqdm(total=len(keys), desc="users", unit="user", disable=not progress) as bar:
                 for start in range(0, len(keys), chunk):
-                    pending = keys[start : start + chunk]
-                    for _ in range(WRITE_ATTEMPTS):
-                        pending = self._load_round(source, pending)
-                        if not pending:
-                            break
-                    else:
-                        raise HistoryUnavailable(
-                            f"the history store (Redis at {self.url}): {len(pending)} users "
-                            f"could not be loaded in {WRITE_ATTEMPTS} attempts (concurrent "
-                            f"writers); run the load again"
-                        )
+                    self._write_until_done(
+                        keys[start : start + chunk],
+                        lambda pending: self._load_round(source, pending),
+                        "users could not be loaded",
+                        "run the load again",
+                    )
                     bar.update(len(keys[start : start + chunk]))
         except redis.RedisError as error:
             raise self._unavailable(error, "loading histories") from None
@@ -361,11 +375,11 @@ class RedisHistoryStore:
                 client=pipe,
             )
             pipe.hset(self.record_key(key), mapping={k: v for k, v in fields.items() if k != b"t"})  # u, f:*
-        answers = pipe.execute()[0::2]
+        replies = pipe.execute()[0::2]  # the compare-and-sets' (each is followed by its HSET)
         return [
             key
-            for (key, _, fields, _), (status, current) in zip(writes, answers, strict=True)
-            if not (status == 1 or current == fields[b"t"])
+            for (key, _, fields, _), reply in zip(writes, replies, strict=True)
+            if not self._landed(reply, fields[b"t"])
         ]
 
     def _with_posted_events(self, user_key: str, snapshot: np.ndarray, stored: np.ndarray) -> np.ndarray:
