@@ -930,7 +930,7 @@ def drill_serve_redis_outage(work: Path) -> dict:
 
     import requests as http
     from ray import serve
-    from serve_bench import closed_loop, deploy, make_events
+    from serve_bench import closed_loop, deploy, load_histories, make_events
 
     from msit.data.feature_spec import FeatureSpec
     from msit.ray_env import init_ray
@@ -943,26 +943,7 @@ def drill_serve_redis_outage(work: Path) -> dict:
     redis_server.start()
     init_ray(num_cpus=4, quiet=True)
     try:
-        subprocess.run(
-            [
-                PYTHON,
-                "-m",
-                "msit.cli",
-                "history",
-                "load",
-                "--data",
-                str(data),
-                "--model",
-                str(model),
-                "--history",
-                redis_server.url,
-                "--quiet",
-            ],
-            env=_env(),
-            cwd=ROOT,
-            check=True,
-            timeout=300,
-        )
+        load_histories(data, model, redis_server.url, env=_env(), timeout=300)
         url = deploy(model, data, _port(), replicas=1, device="cpu", history=redis_server.url)
         asyncio.run(closed_loop(url, bodies, CONCURRENCY, 3.0))  # warm-up, not counted
         posted = make_events(data, spec, batches=1, size=20)[0]

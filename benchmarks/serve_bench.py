@@ -217,14 +217,21 @@ def kill_one_replica_during_load(url: str, requests: list[dict], seconds: float)
     }
 
 
+def load_histories(data: Path, model: Path, url: str, **run) -> None:
+    """`msit history load` of a prepared directory into Redis, as a user runs it (a command, not a call)."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "msit.cli", "history", "load", "--data", str(data), "--model", str(model)]
+    subprocess.run([*command, "--history", url, "--quiet"], check=True, cwd=ROOT, **run)
+
+
 REDIS_ROUNDS = 2  # in-memory and Redis deployments alternate, so that a drift in the machine's load hits both
 
 
 def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], args) -> dict:
     """The one-replica endpoint with its histories in memory and in a local Redis, alternately, at concurrency 32
     (`REDIS_ROUNDS` runs each; rps and latencies are their means); then events through the Redis one."""
-    import subprocess
-    import sys
     import tempfile
 
     from ray import serve
@@ -239,24 +246,7 @@ def redis_runs(model: Path, data: Path, spec, port: int, requests: list[dict], a
     runs: dict[str, list[dict]] = {"memory": [], "redis": []}
     with tempfile.TemporaryDirectory() as directory, LocalRedis(Path(directory)) as redis_server:
         started = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "msit.cli",
-                "history",
-                "load",
-                "--data",
-                str(data),
-                "--model",
-                str(model),
-                "--history",
-                redis_server.url,
-                "--quiet",
-            ],
-            check=True,
-            cwd=ROOT,
-        )
+        load_histories(data, model, redis_server.url)
         load_s = time.perf_counter() - started
         for _ in range(REDIS_ROUNDS):
             for store, history in (("memory", None), ("redis", redis_server.url)):
