@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from provenance import stamp
 
+from msit.allocator import keep_freed_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 
@@ -298,6 +300,7 @@ def main() -> None:
         parser.error(f"no model at {model}: run benchmarks/tune_ml100k.py first, or pass --model and --data")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     torch.set_num_threads(1)  # as a 1-CPU replica runs
+    keep_freed_memory()  # as a replica does (MsitScorer.__init__)
     provenance = stamp(args.device)
 
     from msit.data.feature_spec import FeatureSpec

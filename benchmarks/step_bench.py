@@ -41,10 +41,20 @@ TRAIN_BATCH, INFER_BATCH = 1024, 4096
 def measure(prepared: Path, family: str, steps: int, warmup: int, profile: bool, compile_step: bool) -> dict:
     import torch
 
+    import msit
     from msit.data.feature_spec import FeatureSpec
     from msit.data.prepared import load_sequences, load_split
     from msit.model import ModelConfig, build_for_data
-    from msit.training.trainer import TrainConfig, make_optimizer, seed_everything, train_step
+
+    package = Path(msit.__file__).parent
+    if (package / "training").is_dir():
+        from msit.training.trainer import TrainConfig, make_optimizer, seed_everything, train_step
+    else:  # code from before the layout of issue 18 (msit/trainer.py)
+        from msit.trainer import TrainConfig, make_optimizer, seed_everything, train_step  # type: ignore[no-redef]
+    if (package / "allocator.py").is_file():  # as training starts (trainer.prepare_for_training), where it exists
+        from msit.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     torch.set_num_threads(1)
     spec = FeatureSpec.load(prepared)

@@ -57,14 +57,14 @@ def item_table(seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def random_batch(size: int = 16, seed: int = 0, history_lengths=None) -> dict[str, torch.Tensor]:
+def random_batch(size: int = 16, seed: int = 0, history_lengths=None, width: int = HISTORY) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = (
-        torch.randint(0, HISTORY + 1, (size,), generator=g)
+        torch.randint(0, width + 1, (size,), generator=g)
         if history_lengths is None
         else torch.as_tensor(history_lengths)
     )
-    real = torch.arange(HISTORY)[None, :] < lengths[:, None]
+    real = torch.arange(width)[None, :] < lengths[:, None]
     pad = lambda t: torch.where(real, t, torch.zeros_like(t))  # noqa: E731
     return {
         USER_ID: torch.randint(1, N_USERS, (size,), generator=g),
@@ -73,9 +73,9 @@ def random_batch(size: int = 16, seed: int = 0, history_lengths=None) -> dict[st
         LABEL: torch.randint(0, 2, (size,), generator=g),
         "gender": torch.randint(0, 4, (size,), generator=g),
         "hour": torch.randint(0, 26, (size,), generator=g),
-        HISTORY_ITEM_IDS: pad(torch.randint(1, N_ITEMS, (size, HISTORY), generator=g)),
-        HISTORY_SCENE_IDS: pad(torch.randint(FIRST_REAL, len(SCENES) + FIRST_REAL, (size, HISTORY), generator=g)),
-        HISTORY_LABELS: pad(torch.randint(0, 2, (size, HISTORY), generator=g)),
-        HISTORY_TIME_GAPS: pad(torch.randint(1, 10**7, (size, HISTORY), generator=g)),
+        HISTORY_ITEM_IDS: pad(torch.randint(1, N_ITEMS, (size, width), generator=g)),
+        HISTORY_SCENE_IDS: pad(torch.randint(FIRST_REAL, len(SCENES) + FIRST_REAL, (size, width), generator=g)),
+        HISTORY_LABELS: pad(torch.randint(0, 2, (size, width), generator=g)),
+        HISTORY_TIME_GAPS: pad(torch.randint(1, 10**7, (size, width), generator=g)),
         HISTORY_LENGTH: lengths,
     }

@@ -36,6 +36,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from msit.allocator import keep_freed_memory
 from msit.config import absolute_path, from_dict
 from msit.errors import ConfigError
 from msit.serving.app import ApiSettings, create_app, token_from_env
@@ -103,6 +104,7 @@ Recommended = tuple[list[dict], int] | RequestError | ScoringError | HistoryUnav
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16, health_check_period_s=10, health_check_timeout_s=30)
 class MsitScorer:
     def __init__(self, settings: dict):
+        keep_freed_memory()  # a scoring batch reallocates the same MB-sized tensors every time
         self.settings = settings
         self.scorer: Scorer | None = None
         self.loaded = ("", "")  # the (model, data) of self.scorer

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from msit.allocator import keep_freed_memory
 from msit.data.feature_spec import FeatureSpec
 from msit.data.prepared import EventSplit
 from msit.evaluation.metrics import scene_metrics
@@ -40,8 +41,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """Seed, choose deterministic kernels (`cfg.deterministic`; by default on the CPU only) and, if
-    `cfg.compile`, compile the model in place (its state dict keeps its names)."""
+    """Keep freed memory in the process (`msit.allocator`), seed, choose deterministic kernels
+    (`cfg.deterministic`; by default on the CPU only) and, if `cfg.compile`, compile the model in place (its
+    state dict keeps its names)."""
+    keep_freed_memory()
     seed_everything(cfg.seed, device.type == "cpu" if cfg.deterministic is None else cfg.deterministic)
     if cfg.compile:
         model.compile()
