@@ -46,6 +46,13 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
         default=d.sparse_scene_share,
         help="share of events in the sparse scene (default %(default)s)",
     )
+    p.add_argument(
+        "--scene-relatedness",
+        type=float,
+        default=d.scene_relatedness,
+        help="r in [0, 1]: scenes s and t share a user's interest with correlation r^|s-t| (1: one interest for all; "
+        "default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
 
 
@@ -58,6 +65,7 @@ def _synth_config(args: argparse.Namespace):
         scenes=args.scenes,
         events_per_user=args.events_per_user,
         sparse_scene_share=args.sparse_scene_share,
+        scene_relatedness=args.scene_relatedness,
         seed=args.seed,
     )
 

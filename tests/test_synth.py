@@ -43,10 +43,9 @@ def _auc(scores, labels):
     return (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
 
 
-def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log):
-    """Ground truth: score an event by how the user responded to same-category items before.
-    Using the history from every scene must beat using the sparse scene's own history."""
-    cfg = synth.SynthConfig(users=1500, items=800, seed=3)
+def _ground_truth_scorer(log: pd.DataFrame, cfg: synth.SynthConfig):
+    """Score each event of the sparse scene by how the user responded to items like it before, from the history
+    positions a `weights(history_scenes)` function weighs (the generator's own item vectors: its ground truth)."""
     world = synth._World(cfg)
     df = log.assign(
         user_key=log.user_id.astype(str),
@@ -58,23 +57,46 @@ def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log
         history_length=50,
     )
     vec = world.item_vec
-    sparse = world.scene_names.index("video")
+    sparse = len(world.scene_names) - 1
     target = events["scene_id"] == sparse
     hist_items, hist_scenes = events["history_item_ids"][target], events["history_scene_ids"][target]
     signs = np.where(events["history_labels"][target] == 1, 1.0, -1.0) * (
         np.arange(50) < events["history_length"][target][:, None]
     )
-    target_vec = vec[events["item_id"][target]]
+    target_vec, labels = vec[events["item_id"][target]], events["label"][target]
 
-    def score(mask):
-        interest = np.einsum("rn,rnd->rd", signs * mask, vec[hist_items])
-        return np.einsum("rd,rd->r", interest, target_vec)
+    def auc_of(weights) -> float:
+        interest = np.einsum("rn,rnd->rd", signs * weights(hist_scenes), vec[hist_items])
+        return _auc(np.einsum("rd,rd->r", interest, target_vec), labels)
 
-    labels = events["label"][target]
-    auc_all = _auc(score(np.ones_like(signs)), labels)
-    auc_own = _auc(score((hist_scenes == sparse).astype(float)), labels)
+    return auc_of, sparse
+
+
+def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log):
+    """Using the history from every scene must beat using the sparse scene's own history."""
+    auc_of, sparse = _ground_truth_scorer(log, synth.SynthConfig(users=1500, items=800, seed=3))
+    auc_all = auc_of(np.ones_like)
+    auc_own = auc_of(lambda scenes: (scenes == sparse).astype(float))
     assert auc_all > auc_own + 0.05, (auc_all, auc_own)
     assert auc_all > 0.6
+
+
+def test_scene_relatedness_decides_what_another_scene_says():
+    """With scene_relatedness r = 0.5 the sparse (last) scene's interest follows its neighbour's (correlation 0.5)
+    and barely the first scene's (0.125): the neighbour's history alone predicts it, the first scene's is near
+    chance. With r = 1 (one interest for every scene) the first scene's history predicts it too."""
+    aucs = {}
+    for r in (0.5, 1.0):
+        cfg = synth.SynthConfig(users=1500, items=800, seed=3, scene_relatedness=r)
+        auc_of, sparse = _ground_truth_scorer(synth.generate(cfg), cfg)
+        near_scene = lambda scenes, neighbour=sparse - 1: (scenes == neighbour).astype(float)  # noqa: E731
+        aucs[r] = auc_of(near_scene), auc_of(lambda scenes: (scenes == 0).astype(float))
+    (near, far), (_, far_when_shared) = aucs[0.5], aucs[1.0]
+    assert near > far + 0.05 and far < 0.55, aucs
+    assert far_when_shared > far + 0.08, aucs
+    world = synth._World(synth.SynthConfig(scene_relatedness=0.5))
+    assert np.allclose(world.relatedness[-1], [0.125, 0.25, 0.5, 1.0])
+    assert np.allclose(world.mixing @ world.mixing.T, world.relatedness)  # what the draws follow
 
 
 @pytest.mark.parametrize(
@@ -83,6 +105,7 @@ def test_cross_scene_behaviour_predicts_the_sparse_scene_better_than_its_own(log
         ({"scenes": 1}, "scenes must be between"),
         ({"sparse_scene_share": 1.5}, "sparse_scene_share"),
         ({"items": 2, "scenes": 4}, "one item per scene"),
+        ({"scene_relatedness": 1.5}, "scene_relatedness"),
     ],
 )
 def test_invalid_configs_are_refused(kwargs, message):

@@ -1,8 +1,10 @@
 """`msit data synth`: a seeded synthetic scene log of any size, the default data of every command.
 
 The ground truth is built so that interest transfer matters:
-- every user has one latent interest vector `z_u`, shared by all scenes; in scene s it is
-  shifted, `z_us = z_u + shift_s + noise_us` (a per-scene shift of the same person's taste);
+- every user has a latent interest vector per scene, `z_us = m_us + shift_s + noise_us`: the scenes' parts
+  `m_us` are drawn correlated, corr(m_us, m_ut) = relatedness[s, t] = r^|s - t| for `scene_relatedness` r (a
+  chain: neighbouring scenes share a user's interest closely, distant ones barely; r = 1 is one interest shared
+  by every scene), plus a per-scene shift of everyone's taste and a little noise of the user's own;
 - items belong to one scene and one category; an item's vector is its category's centroid plus
   noise, and its title names the category, so text features carry signal too;
 - P(label = 1) = sigmoid(sharpness * <z_us, v_i> / sqrt(d) + item bias + scene bias + context);
@@ -70,6 +72,7 @@ class SynthConfig:
     sparse_scene_share: float = 0.04  # share of events in the last scene
     latent_dim: int = 8
     scene_shift: float = 0.6  # size of the per-scene shift of every user's interest
+    scene_relatedness: float = 1.0  # r: how closely scenes s and t share a user's interest is r^|s - t|
     sharpness: float = 2.5  # how strongly interest decides the label
     seed: int = 0
     users_per_shard: int = 50_000
@@ -84,8 +87,16 @@ class SynthConfig:
             raise ConfigError(f"need at least 1 user and one item per scene (users={self.users}, items={self.items})")
         if not 0 < self.sparse_scene_share < 1:
             raise ConfigError(f"sparse_scene_share must be in (0, 1), got {self.sparse_scene_share}")
+        if not 0 <= self.scene_relatedness <= 1:
+            raise ConfigError(f"scene_relatedness must be in [0, 1], got {self.scene_relatedness}")
         if self.events_per_user < 1:
             raise ConfigError(f"events_per_user must be at least 1, got {self.events_per_user}")
+
+
+def relatedness(r: float, scenes: int) -> np.ndarray:
+    """The ground truth's scene relatedness: (scenes, scenes), r^|s - t| (positive semi-definite for r in [0, 1])."""
+    positions = np.arange(scenes)
+    return r ** np.abs(positions[:, None] - positions[None, :]).astype(float)
 
 
 class _World:
@@ -95,6 +106,9 @@ class _World:
         rng = np.random.default_rng(cfg.seed)
         d, k = cfg.latent_dim, cfg.scenes
         self.scene_names = SCENE_NAMES[:k]
+        self.relatedness = relatedness(cfg.scene_relatedness, k)
+        values, vectors = np.linalg.eigh(self.relatedness)
+        self.mixing = vectors * np.sqrt(values.clip(min=0)) @ vectors.T  # its square root: mixing @ mixing.T = it
         self.scene_shift = rng.normal(0, cfg.scene_shift, (k, d))
         self.scene_bias = rng.normal(0, 0.3, k)
         centroids = rng.normal(0, 1, (cfg.categories, d))
@@ -133,8 +147,8 @@ class _World:
 def _shard(cfg: SynthConfig, world: _World, first_user: int, n_users: int) -> pd.DataFrame:
     rng = np.random.default_rng([cfg.seed, first_user])
     d, k = cfg.latent_dim, cfg.scenes
-    z = rng.normal(0, 1, (n_users, d))
-    z_scene = z[:, None, :] + world.scene_shift[None] + 0.3 * rng.normal(0, 1, (n_users, k, d))
+    shared = np.einsum("st,utd->usd", world.mixing, rng.normal(0, 1, (n_users, k, d)))  # corr across s: relatedness
+    z_scene = shared + world.scene_shift[None] + 0.3 * rng.normal(0, 1, (n_users, k, d))
     age_band = rng.choice(["18-24", "25-34", "35-44", "45+"], n_users, p=[0.3, 0.35, 0.2, 0.15])
     region = rng.choice(["north", "south", "east", "west"], n_users)
     mobile_share = rng.uniform(0.2, 0.9, n_users)
@@ -211,6 +225,12 @@ def write(cfg: SynthConfig, out: str | Path, fmt: str = "parquet", progress: boo
             else:
                 shard.to_csv(staging / "scene_log.csv", index=False, mode="a" if i else "w", header=not i)
         (staging / "spec.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
-        info = {"rows": rows, "config": asdict(cfg), "scenes": world.scene_names, "sparse_scene": world.scene_names[-1]}
+        info = {
+            "rows": rows,
+            "config": asdict(cfg),
+            "scenes": world.scene_names,
+            "sparse_scene": world.scene_names[-1],
+            "scene_relatedness": world.relatedness.round(6).tolist(),  # the ground truth the heat map should show
+        }
         (staging / SYNTH_INFO).write_text(json.dumps(info, indent=1))
     return info
