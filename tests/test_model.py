@@ -60,8 +60,9 @@ def test_explanations_are_distributions():
     assert (behaviour[~in_scene] == 0).all()  # padding and other scenes' events are never attended
 
 
-def test_padding_never_changes_the_score():
-    model = _model().eval()
+@pytest.mark.parametrize("scene_evidence", [False, True])
+def test_padding_never_changes_the_score(scene_evidence):
+    model = _model(scene_evidence=scene_evidence).eval()
     batch = random_batch(16, history_lengths=[3] * 16)
     noisy = dict(batch)
     for key in ("history_labels", "history_time_gaps"):
@@ -90,11 +91,19 @@ def _candidates_as_rows(batch: dict, item_ids: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("family", "fusion"), [*((f, "attention") for f in FAMILIES if f != "msit"), *(("msit", f) for f in FUSIONS)]
+    ("family", "fusion", "scene_evidence"),
+    [
+        *((f, "attention", False) for f in FAMILIES if f != "msit"),
+        *(("msit", f, False) for f in FUSIONS),
+        ("msit", "attention", True),
+        ("msit_no_transfer", "attention", True),
+    ],
 )
-def test_the_user_side_once_scores_every_candidate_as_the_whole_forward_does(family, fusion):
+def test_the_user_side_once_scores_every_candidate_as_the_whole_forward_does(family, fusion, scene_evidence):
     """encode_user once per row, then score C candidates against it == forward on each (row, candidate) as a row."""
-    model = _model(family=family, fusion=fusion, interest_heads=2, transfer_heads=2).eval()
+    model = _model(
+        family=family, fusion=fusion, interest_heads=2, transfer_heads=2, scene_evidence=scene_evidence
+    ).eval()
     batch = random_batch(6, seed=2)
     item_ids = torch.randint(1, 40, (6, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -190,7 +199,8 @@ def test_a_model_reads_windows_of_its_history_length_cut_from_the_sequences():
     assert not torch.equal(scores[0], scores[2])
 
 
-def test_msit_no_transfer_ignores_other_scenes_history_and_msit_reads_it():
+@pytest.mark.parametrize("scene_evidence", [False, True])
+def test_msit_no_transfer_ignores_other_scenes_history_and_msit_reads_it(scene_evidence):
     """Change only the real history events of scenes other than each row's target scene (their items, labels,
     time gaps, and which of the other scenes they are in): the ablation's scores stay, MSIT's move on exactly
     the rows that have such events. The target scene's own events and the padding are left as they were."""
@@ -215,7 +225,8 @@ def test_msit_no_transfer_ignores_other_scenes_history_and_msit_reads_it():
     own["history_item_ids"][real & ~other] = torch.randint(2, 40, (int((real & ~other).sum()),), generator=g)
 
     with torch.no_grad():
-        ablation, msit = _model(family="msit_no_transfer").eval(), _model(family="msit").eval()
+        ablation = _model(family="msit_no_transfer", scene_evidence=scene_evidence).eval()
+        msit = _model(family="msit", scene_evidence=scene_evidence).eval()
         before, after, own_changed = (ablation(b).logits for b in (batch, changed, own))
         torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
         assert (own_changed - before).abs().max() > 1e-3  # it does read the target scene's own history
@@ -223,6 +234,26 @@ def test_msit_no_transfer_ignores_other_scenes_history_and_msit_reads_it():
         moved = (msit(changed).logits - msit(batch).logits).abs()
     assert (moved[rows_with_other] > 1e-5).all()  # (the smallest move here is about 3e-4)
     assert (moved[~rows_with_other] < 1e-6).all()
+
+
+def test_scene_evidence_reads_how_many_events_and_positives_each_scene_has():
+    """Each row has one event, in its target scene: flipping its label changes that scene's evidence (its count
+    of positives) and no other scene's (they have no events, before and after)."""
+    batch = random_batch(16, seed=4, history_lengths=[1] * 16)
+    batch["history_scene_ids"][:, 0] = batch["scene_id"]
+    flipped = {k: v.clone() for k, v in batch.items()}
+    flipped["history_labels"][:, 0] = 1 - batch["history_labels"][:, 0]
+    with torch.no_grad():
+        counting = _model(scene_evidence=True).eval()
+        evidence = counting.interest.encode(counting.embed, batch)["history_evidence"]
+        assert evidence.shape == (16, len(SCENES), 16)
+        other = counting.interest.encode(counting.embed, flipped)["history_evidence"]
+    target = batch["scene_id"] - 2  # the target scene's slot
+    rows = torch.arange(16)
+    assert ((evidence - other)[rows, target].abs().amax(-1) > 1e-4).all()  # its counts of positives differ
+    untouched = torch.ones(16, len(SCENES), dtype=torch.bool)
+    untouched[rows, target] = False
+    assert torch.equal(evidence[untouched], other[untouched])
 
 
 def test_transfer_kl_regulariser_only_when_weighted():

@@ -97,6 +97,9 @@ class InterestNetwork(nn.Module):
         self.key = nn.Linear(d, d)
         self.value = nn.Linear(d, d)
         self.out = nn.Linear(d, d)
+        # Evidence per scene (log events, log positives, smoothed positive rate): how much the scene's history
+        # says and which way, which attention pooling (a weighted mean) cannot express.
+        self.evidence = nn.Linear(3, d) if cfg.scene_evidence else None
         self.empty = nn.Parameter(torch.zeros(n_scenes, d))
         nn.init.normal_(self.empty, std=0.02)
         self.register_buffer("scene_ids", known_scene_ids(n_scenes), persistent=False)  # slot s -> its id
@@ -123,11 +126,17 @@ class InterestNetwork(nn.Module):
 
         h, dh = self.heads, tokens.shape[-1] // self.heads
         in_scene = (scenes[:, None, :] == self.scene_ids[None, :, None]) & (items != 0)[:, None, :]  # (R, S, N)
-        return {
+        user: UserSide = {
             "history_keys": self.key(encoded).view(R, N, h, dh).transpose(1, 2),  # (R, heads, N, dh)
             "history_values": self.value(encoded).view(R, N, h, dh).transpose(1, 2),
             "history_in_scene": in_scene,
         }
+        if self.evidence is not None:
+            events = in_scene.sum(-1).to(tokens.dtype)  # (R, S)
+            positives = (in_scene & (batch[HISTORY_LABELS] == 1)[:, None, :]).sum(-1).to(tokens.dtype)
+            counts = torch.stack([events.log1p(), positives.log1p(), (positives + 1) / (events + 2) - 0.5], -1)
+            user["history_evidence"] = self.evidence(counts)  # (R, S, d)
+        return user
 
     def pool(
         self,
@@ -150,5 +159,7 @@ class InterestNetwork(nn.Module):
         pooled = (weights.view(R, h, S * C, -1) @ values).view(R, h, S, C, dh)
         pooled = pooled.permute(0, 3, 2, 1, 4).reshape(R, C, S, d)  # (R, C, S, d)
         interest = torch.where(has_history[:, None, :, None], self.out(pooled), self.empty)
+        if "history_evidence" in user:
+            interest = interest + user["history_evidence"][:, None]
         behaviour = weights.mean(1).transpose(1, 2) if explain else None  # (R, C, S, N)
         return interest, behaviour
