@@ -147,7 +147,10 @@ class _World:
 def _shard(cfg: SynthConfig, world: _World, first_user: int, n_users: int) -> pd.DataFrame:
     rng = np.random.default_rng([cfg.seed, first_user])
     d, k = cfg.latent_dim, cfg.scenes
-    shared = np.einsum("st,utd->usd", world.mixing, rng.normal(0, 1, (n_users, k, d)))  # corr across s: relatedness
+    if cfg.scene_relatedness == 1:  # one interest for every scene: drawn as before relatedness existed (same logs)
+        shared = rng.normal(0, 1, (n_users, d))[:, None, :]
+    else:  # correlated across scenes as world.relatedness says
+        shared = np.einsum("st,utd->usd", world.mixing, rng.normal(0, 1, (n_users, k, d)))
     z_scene = shared + world.scene_shift[None] + 0.3 * rng.normal(0, 1, (n_users, k, d))
     age_band = rng.choice(["18-24", "25-34", "35-44", "45+"], n_users, p=[0.3, 0.35, 0.2, 0.15])
     region = rng.choice(["north", "south", "east", "west"], n_users)
