@@ -1,7 +1,7 @@
 """What each of MSIT's additions beyond MODEL.md is worth on Ciao, at the point benchmarks/quality.py chose.
 
 For each addition quality.py turns on for the Ciao protocol (ADDITIONS: ModelConfig fields), MSIT is trained with
-that one addition switched off, at MSIT's chosen search point (read from benchmarks/results/quality.json) and the
+that one addition switched off, at MSIT's chosen search point (read from benchmarks/results/quality_runs.json) and the
 same seeds; the runs with everything on are quality.py's own (quality_runs.json). Val AUC decides whether an
 addition stays; test AUC and the small scenes' AUC are recorded beside it.
 Writes benchmarks/results/ciao_ablation.json.
