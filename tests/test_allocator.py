@@ -29,8 +29,8 @@ model = build_model(ModelConfig(embed_dim=32, history_length=50), tiny_spec(), i
 optimizer = make_optimizer(model, TrainConfig())
 batch = random_batch(1024, width=50)
 
-def faults_per_step(steps=4):
-    for _ in range(2):  # warm-up
+def faults_per_step(steps=8):  # 8 steps: the heap can still grow once in a while after warm-up
+    for _ in range(4):  # warm-up
         train_step(model, batch, optimizer)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
