@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from provenance import stamp
-from quality import ROOT, _data, chosen_point, model_config, prepared_dir, train_config
+from quality import ROOT, _data, chosen_point, model_config, train_config
 
 from msit.data.schema import scene_slots
 from msit.evaluation.report import plot_attention, run_model
@@ -71,7 +71,6 @@ def main() -> None:
     point = chosen_point(json.loads((RESULTS / "quality_runs.json").read_text())["runs"], PROTOCOL, "msit")
     if point is None:
         parser.error("quality_runs.json has no finished Ciao search for msit: run quality.py --protocols ciao first")
-    prepared_dir(PROTOCOL, Path(args.cache))
     spec, splits, table = _data(args.cache, PROTOCOL)
     seed_everything(args.seed)
     model = build_model(model_config("msit", point, protocol=PROTOCOL), spec, table)

@@ -32,7 +32,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -256,16 +256,20 @@ def markdown_table(report: dict, protocols: list[str]) -> str:
     return "\n".join(lines)
 
 
-@cache
-def _data(cache_dir: str, protocol: str) -> tuple:
-    data = prepared_dir(protocol, Path(cache_dir))
+@lru_cache(maxsize=3)  # a worker's runs use one prepared log at a time, and at most three
+def load_prepared(data: str) -> tuple:
+    """A prepared directory's spec, its three splits (sharing one copy of the sequences) and its item table."""
     spec = FeatureSpec.load(data)
-    sequences = load_sequences(data)  # one copy for the three splits
+    sequences = load_sequences(data)
     return (
         spec,
         {s: load_split(data, s, spec, sequences) for s in ("train", "val", "test")},
         load_item_table(data, spec),
     )
+
+
+def _data(cache_dir: str, protocol: str) -> tuple:
+    return load_prepared(str(prepared_dir(protocol, Path(cache_dir))))
 
 
 def run_config(

@@ -35,7 +35,6 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,8 @@ from provenance import stamp, stamp_of
 
 from msit.data.feature_spec import LAYOUT_VERSION, FeatureSpec
 from msit.data.prepare import PrepareConfig, prepare
-from msit.data.prepared import load_sequences, load_split
-from msit.model import ModelConfig, build_model, load_item_table
+from msit.data.prepared import load_split
+from msit.model import ModelConfig, build_model
 from msit.model.model_dir import load_model_dir, save_model_dir
 from msit.ray_env import init_ray
 from msit.training.finetune import FinetuneSpec
@@ -162,18 +161,11 @@ def prepared(name: str, frame: pd.DataFrame, cache: Path, encoding_from: Path | 
     return out
 
 
-@lru_cache(maxsize=2)  # a worker's runs come in order of case: two logs at a time are enough
-def _splits(data: str) -> tuple:
-    spec = FeatureSpec.load(data)
-    sequences = load_sequences(data)  # one copy for the three splits
-    return spec, {s: load_split(data, s, spec, sequences) for s in ("train", "val", "test")}
-
-
 def train_single(protocol: str, data: Path, family: str, seed: int, tag: str) -> tuple[torch.nn.Module, dict]:
     """Train one family on a prepared log (single process); the model at its best epoch and its run info."""
-    spec, splits = _splits(str(data))
+    spec, splits, table = quality.load_prepared(str(data))
     seed_everything(seed)
-    model = build_model(PROTOCOLS[protocol].model_config(family), spec, load_item_table(data, spec))
+    model = build_model(PROTOCOLS[protocol].model_config(family), spec, table)
     config = PROTOCOLS[protocol].train_config(family, seed)
     result = fit(model, splits["train"], splits["val"], spec, config, log=lambda m: print(f"[{tag}] {m}", flush=True))
     return model, {"train_s": result.seconds, "best_epoch": result.best_epoch}
@@ -184,7 +176,7 @@ def sparse_run(protocol: str, data: str, scene: str, fraction: float, family: st
     torch.set_num_threads(threads)
     tag = f"{protocol} {scene} f={fraction} {family} seed {seed}"
     model, info = train_single(protocol, Path(data), family, seed, tag)
-    spec, splits = _splits(data)
+    spec, splits, _ = quality.load_prepared(data)
     test = evaluate(model, splits["test"], spec)
     shown = test["overall"] if scene == "all" else test["scenes"][scene]
     print(f"[{tag}] test AUC of {scene}: {shown['auc']:.4f}", flush=True)
@@ -337,12 +329,11 @@ def run_sparse(name: str, runs: dict, args, cache: Path, events: pd.DataFrame, r
     """Every sparse case of a protocol not yet recorded, `args.jobs` at a time (prepared first, in this process)."""
     protocol = PROTOCOLS[name]
     done = {(r["scene"], r["fraction"], r["model"], r["seed"]) for r in runs["sparse"]}
-    cases = [("all", 1.0)] if 1.0 in args.fractions else []
-    cases += [(s, f) for s in protocol.scenes if s in args.scenes for f in args.fractions if f < 1.0]
+    fractions = [f for f in args.fractions if f in protocol.fractions]
+    cases = [("all", 1.0)] if 1.0 in fractions else []
+    cases += [(s, f) for s in protocol.scenes if s in args.scenes for f in fractions if f < 1.0]
     tasks = []
     for scene, fraction in cases:
-        if fraction not in protocol.fractions:
-            continue
         todo = [(m, seed) for m in args.models for seed in range(args.seeds) if (scene, fraction, m, seed) not in done]
         if todo:
             data = prepared(f"{scene}_{fraction}", sparse_log(events, scene, fraction), cache)
