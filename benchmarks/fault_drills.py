@@ -423,13 +423,13 @@ def two_node_cluster(work: Path, name: str, head_cpus: int, node_cpus: int):
     process group id and both node ids. Stopped with SIGTERM to each blocking `ray start` (never `ray stop`)."""
     import ray
 
-    from msit.ray_env import free_ports
+    from msit.ray_env import free_ports, worker_port_block
 
     env = _env()
     env["RAY_AUTH_MODE"] = "token"  # Ray 2.60 clients of a `ray start` cluster present its token
     temp = Path(tempfile.mkdtemp(prefix="msit-drill-", dir="/tmp"))  # short: socket paths are length-limited
     groups, logs = [], []
-    worker_low = 40_000 + os.getpid() % 500 * 40
+    worker_low, _ = worker_port_block(40)  # head: the first 20, node: the last 20
     try:
         gcs, dashboard, *head_ports = free_ports(7)
         logs.append((work / name / "head.log").open("w"))

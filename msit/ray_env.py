@@ -49,3 +49,16 @@ def free_ports(count: int) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+# Linux hands out ephemeral ports from 32768 up: free_ports' ports, and those of the workers of a Ray instance that
+# ray.init started. `ray start` puts workers on 10002-19999 by default. A block between the two collides with neither.
+_WORKER_PORTS_LOW, _WORKER_PORTS_HIGH = 20_000, 32_767
+
+
+def worker_port_block(count: int) -> tuple[int, int]:
+    """The first and last of `count` consecutive ports for a second cluster's workers (`--min/max-worker-port`),
+    chosen by this process's id so that concurrent test runs get different blocks."""
+    blocks = (_WORKER_PORTS_HIGH - _WORKER_PORTS_LOW + 1) // count
+    low = _WORKER_PORTS_LOW + os.getpid() % blocks * count
+    return low, low + count - 1

@@ -43,6 +43,31 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(mark)
 
 
+def _seed_everything() -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Every fixture and every test starts from the same random state, so that what it draws (a model's initial
+    weights, above all) does not depend on which tests ran before it in the process."""
+    _seed_everything()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    _seed_everything()
+    return (yield)
+
+
 def _ray_sessions() -> set[str]:
     root = Path(os.environ["RAY_TMPDIR"]) / "ray"
     return {p.name for p in root.glob("session_*")} if root.is_dir() else set()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from msit.model.model_dir import load_model_dir
-from msit.ray_env import free_ports
+from msit.ray_env import free_ports, worker_port_block
 
 pytestmark = pytest.mark.ray  # starts a Ray cluster of its own (`ray start --head`, its own temp dir)
 
@@ -26,7 +26,7 @@ def ray_head(tmp_path):
     """A second, separate Ray cluster (`ray start --head --block`) on its own ports, beside the session's
     instance; SIGTERM to the blocking `ray start` shuts down exactly this cluster (`ray stop` would kill both)."""
     gcs, dashboard, agent_http, agent_grpc, metrics, env_agent, client = free_ports(7)
-    worker_low = 30_000 + os.getpid() % 1000 * 20
+    worker_low, worker_high = worker_port_block(20)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "head.log").open("w")
     # Its own short temp dir (socket paths are length-limited): the address file it leaves behind stays there.
@@ -49,7 +49,7 @@ def ray_head(tmp_path):
             f"--runtime-env-agent-port={env_agent}",
             f"--ray-client-server-port={client}",
             f"--min-worker-port={worker_low}",
-            f"--max-worker-port={worker_low + 19}",
+            f"--max-worker-port={worker_high}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
