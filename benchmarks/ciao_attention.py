@@ -28,6 +28,7 @@ from provenance import stamp
 from quality import ROOT, _data, chosen_point, model_config, train_config
 
 from msit.data.schema import scene_slots
+from msit.evaluation.relatedness import rank_agreement, spearman
 from msit.evaluation.report import plot_attention, run_model
 from msit.model import build_model
 from msit.training.trainer import fit, seed_everything
@@ -53,10 +54,6 @@ def measured_relatedness(users: np.ndarray, slots: np.ndarray, labels: np.ndarra
 def finite(values: np.ndarray) -> list:
     """For JSON: NaN (not measured, or a scene without test rows) as null."""
     return np.where(np.isnan(values), None, values).tolist()
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
 
 
 def main() -> None:
@@ -85,10 +82,7 @@ def main() -> None:
     size = np.bincount(train_slots, minlength=n + 1)[:n] / len(train_slots)
 
     off = ~np.eye(n, dtype=bool) & ~np.isnan(attention)
-    measured = off & ~np.isnan(related)
-    per_target = [
-        spearman(attention[t, measured[t]], related[t, measured[t]]) for t in range(n) if measured[t].sum() >= 5
-    ]
+    agreement = rank_agreement(attention, related, min_row_pairs=5)
     own = np.diag(attention)
     report = {
         "point": point,
@@ -102,10 +96,10 @@ def main() -> None:
             **dict(zip(names, finite(own), strict=True)),
         },
         "spearman_vs_relatedness": {
-            "pooled": spearman(attention[measured], related[measured]),
-            "per_target_mean": float(np.mean(per_target)),
-            "targets": len(per_target),
-            "pairs": int(measured.sum()),
+            "pooled": agreement["pooled"],
+            "per_target_mean": agreement["per_target_mean"],
+            "targets": sum(v is not None for v in agreement["per_target"]),
+            "pairs": agreement["pairs"],
             "min_events": MIN_EVENTS,
             "min_users": MIN_USERS,
         },

@@ -53,6 +53,13 @@ def _add_synth_args(p: argparse.ArgumentParser) -> None:
         help="r in [0, 1]: scenes s and t share a user's interest with correlation r^|s-t| (1: one interest for all; "
         "default %(default)s)",
     )
+    p.add_argument(
+        "--scene-focus",
+        type=float,
+        default=d.scene_focus,
+        help="a >= 0: each user's events follow scene weights of their own, Gamma(a) draws (small a: a few scenes "
+        "per user; 0: every user follows the scenes' shares; default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default %(default)s)")
 
 
@@ -66,6 +73,7 @@ def _synth_config(args: argparse.Namespace):
         events_per_user=args.events_per_user,
         sparse_scene_share=args.sparse_scene_share,
         scene_relatedness=args.scene_relatedness,
+        scene_focus=args.scene_focus,
         seed=args.seed,
     )
 
@@ -216,7 +224,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from msit.evaluation.report import build_report
 
-    page = build_report(args.model, args.data, args.out, ablation_dir=args.ablation, split=args.split, log=_log)
+    page = build_report(
+        args.model,
+        args.data,
+        args.out,
+        ablation_dir=args.ablation,
+        split=args.split,
+        log=_log,
+        relatedness_file=args.relatedness,
+    )
     print(page)
 
 
@@ -503,8 +519,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"training curves: {run_outputs_dir(cfg) / 'curves.png'} (metrics.csv, tensorboard/ beside it)")
     from msit.evaluation.report import build_report
 
-    page = build_report(model_dir, out / "prepared", out / "report", log=lambda _: None)
-    print(f"transfer report (attention heat map, AUC cold -> warm): {page}")
+    page = build_report(
+        model_dir,
+        out / "prepared",
+        out / "report",
+        log=lambda line: print(line.strip(), flush=True) if "Spearman" in line else None,
+        relatedness_file=out / "synth" / synth.SYNTH_INFO,
+    )
+    print(f"transfer report (attention heat map against the true relatedness, AUC cold -> warm): {page}")
 
     from ray import serve
 
@@ -533,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_args(demo)
     _add_prepare_args(demo)
     _add_serve_args(demo)
-    demo.set_defaults(func=cmd_demo, users=3000)
+    # Scenes related as a chain (r^|s-t|), so that the report's heat map has a known structure to show
+    demo.set_defaults(func=cmd_demo, users=3000, scene_relatedness=0.5)
 
     p = sub.add_parser(
         "train",
@@ -666,6 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_data_split_args(p)
     p.add_argument("--ablation", help="a second model directory to compare with (e.g. family msit_no_transfer)")
+    p.add_argument(
+        "--relatedness",
+        help="the scenes' true relatedness to hold the heat map against: the synth.json of `msit data synth`",
+    )
     p.add_argument("--out", default="runs/report", help="output directory (default %(default)s)")
     p.set_defaults(func=cmd_report)
 

@@ -95,7 +95,16 @@ def test_extend_vocab_needs_encoding_from(tmp_path):
 
 
 def _tiny_model(family: str, text: bool) -> torch.nn.Module:
-    config = ModelConfig(family=family, embed_dim=16, mlp_dims=(32,), history_length=6, use_text=text, text_dim=8)
+    # With text, MSIT also has the optional transfer pair bias (a per-scene part), so every declared part is tried
+    config = ModelConfig(
+        family=family,
+        embed_dim=16,
+        mlp_dims=(32,),
+        history_length=6,
+        use_text=text,
+        text_dim=8,
+        transfer_pair_bias=text,
+    )
     return build_model(
         config,
         tiny_spec(),
@@ -120,6 +129,7 @@ def test_every_family_declares_fine_tuned_parts_that_exist_and_hold_its_paramete
     assert (family == "msit") == ("transfer" in head)
     if "msit" in family:
         assert ("scene text projection" in head) == text
+    assert ("transfer pair bias" in scene) == (family == "msit" and text)
 
     # Each scene's rows: some in every per-row part, and no row of one scene is another scene's.
     scene_ids = range(2, len(SCENES) + 2)

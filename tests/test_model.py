@@ -256,6 +256,25 @@ def test_scene_evidence_reads_how_many_events_and_positives_each_scene_has():
     assert torch.equal(evidence[untouched], other[untouched])
 
 
+def test_transfer_pair_bias_starts_at_zero_and_steers_the_transfer_attention():
+    """At initialisation the pair bias changes nothing (same weights otherwise, same logits); a large bias on
+    (target scene 0, source scene 2) puts nearly all of scene 0's attention on scene 2 and none of scene 1's."""
+    spec, table, batch = tiny_spec(), item_table(), random_batch(64, seed=5)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(transfer_layers=1), spec, table).eval()
+    with_bias = build_model(ModelConfig(transfer_layers=1, transfer_pair_bias=True), spec, table).eval()
+    missing, unexpected = with_bias.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["transfer.pair_bias.table"] and not unexpected
+    with torch.no_grad():
+        assert torch.equal(plain(batch).logits, with_bias(batch).logits)
+        with_bias.transfer.pair_bias.table[0, :, :, 2] = 30.0
+        attention = with_bias(batch).transfer_attention
+    slots = scene_slots(batch["scene_id"], len(SCENES))
+    assert (slots == 0).any() and (slots == 1).any()
+    assert (attention[slots == 0, 2] > 0.99).all()
+    assert (attention[slots == 1, 2] < 0.99).all()
+
+
 def test_transfer_kl_regulariser_only_when_weighted():
     assert _model()(random_batch(4)).regularization is None
     model = _model(transfer_kl_weight=0.5, dropout=0.5).train()  # weights stay distributions in training too

@@ -133,6 +133,35 @@ def test_metrics_match_evaluate(report, small_model, ablation_model):
     assert metrics["model"]["metrics"]["overall"]["auc"] != metrics["ablation"]["metrics"]["overall"]["auc"]
 
 
+def test_a_known_relatedness_is_held_against_the_heat_map(report, small_model, tmp_path):
+    """Given the scenes' true relatedness (a synth.json, its scenes in any order), the report states the rank
+    correlation of the mean attention with it and draws it: here the truth is the model's own mean attention
+    (Spearman 1) and then its negation (-1), written in reversed scene order to check the alignment."""
+    _, metrics, _ = report
+    model_dir, prepared = small_model
+    scenes = metrics["model"]["transfer_attention"]["target_scenes"]
+    attention = np.array(metrics["model"]["transfer_attention"]["matrix"], dtype=float)
+    assert np.isfinite(attention).all()
+    for sign in (1, -1):
+        truth = tmp_path / f"truth{sign}.json"
+        reverse = slice(None, None, -1)
+        truth.write_text(
+            json.dumps({"scenes": scenes[reverse], "scene_relatedness": (sign * attention)[reverse, reverse].tolist()})
+        )
+        out = tmp_path / f"out{sign}"
+        path = build_report(model_dir, prepared, out, log=lambda _: None, relatedness_file=truth)
+        got = json.loads((out / "metrics.json").read_text())["relatedness"]
+        assert got["spearman"]["model"]["pooled"] == pytest.approx(sign)
+        np.testing.assert_allclose(got["matrix"], sign * attention)
+        assert (out / "relatedness.png").read_bytes()[:4] == b"\x89PNG"
+        assert "true scene relatedness" in path.read_text().lower()
+    truth.write_text(
+        json.dumps({"scenes": scenes[:-1], "scene_relatedness": [[1.0] * (len(scenes) - 1)] * (len(scenes) - 1)})
+    )
+    with pytest.raises(MsitError, match=f"no relatedness for scene.*{scenes[-1]}"):
+        build_report(model_dir, prepared, tmp_path / "out", log=lambda _: None, relatedness_file=truth)
+
+
 def test_model_without_attention_gets_a_note(small_model, tmp_path):
     _, prepared = small_model
     baseline = _train_and_save(prepared, "shared_bottom", tmp_path / "baseline", train=False)

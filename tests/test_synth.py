@@ -1,5 +1,7 @@
 """The synthetic generator: seeded, sized as asked, and with cross-scene signal as its ground truth."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,9 +101,28 @@ def test_scene_relatedness_decides_what_another_scene_says():
     assert np.allclose(world.mixing @ world.mixing.T, world.relatedness)  # what the draws follow
 
 
+def test_scene_focus_concentrates_each_user_on_a_few_scenes_and_keeps_the_shares():
+    """With scene_focus a = 0.3 most users put most of their events in one or two scenes (the share of a user's
+    events in their busiest scene rises), while the scenes' overall shares stay near the configured ones; a = 0
+    leaves the log exactly as before the option existed."""
+    base = synth.SynthConfig(users=1500, items=800, seed=2)
+    plain, focused = synth.generate(base), synth.generate(dataclasses.replace(base, scene_focus=0.3))
+    assert plain.equals(synth.generate(dataclasses.replace(base, scene_focus=0.0)))
+    top_share = lambda log: log.groupby("user_id")["scenario"].agg(lambda s: s.value_counts(normalize=True).iloc[0])  # noqa: E731
+    assert top_share(focused).mean() > top_share(plain).mean() + 0.2, (
+        top_share(focused).mean(),
+        top_share(plain).mean(),
+    )
+    shares = focused["scenario"].value_counts(normalize=True)
+    expected = synth._World(base).scene_share
+    for name, share in zip(synth.SCENE_NAMES, expected, strict=False):
+        assert abs(shares[name] - share) < 0.1, (name, shares[name], share)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"scene_focus": -1.0}, "scene_focus"),
         ({"scenes": 1}, "scenes must be between"),
         ({"sparse_scene_share": 1.5}, "sparse_scene_share"),
         ({"items": 2, "scenes": 4}, "one item per scene"),

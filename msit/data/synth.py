@@ -8,7 +8,10 @@ The ground truth is built so that interest transfer matters:
 - items belong to one scene and one category; an item's vector is its category's centroid plus
   noise, and its title names the category, so text features carry signal too;
 - P(label = 1) = sigmoid(sharpness * <z_us, v_i> / sqrt(d) + item bias + scene bias + context);
-- the last scene is deliberately sparse (a small share of events).
+- the last scene is deliberately sparse (a small share of events);
+- with `scene_focus` a > 0, each user spreads their events over the scenes by weights of their own (the
+  scenes' shares times Gamma(a) draws: small a, few scenes per user), so that many users have little or
+  nothing in some scene and its prediction must come from the others, as on real products.
 A user's behaviour in the other scenes therefore reveals `z_u` long before the sparse scene's own
 few events do: a model that reads cross-scene behaviour must beat one that sees only the
 target scene (tests/test_synth.py checks this on the generated data itself).
@@ -73,6 +76,7 @@ class SynthConfig:
     latent_dim: int = 8
     scene_shift: float = 0.6  # size of the per-scene shift of every user's interest
     scene_relatedness: float = 1.0  # r: how closely scenes s and t share a user's interest is r^|s - t|
+    scene_focus: float = 0.0  # a: each user's scene weights are Gamma(a) draws (0: every user follows the shares)
     sharpness: float = 2.5  # how strongly interest decides the label
     seed: int = 0
     users_per_shard: int = 50_000
@@ -89,6 +93,8 @@ class SynthConfig:
             raise ConfigError(f"sparse_scene_share must be in (0, 1), got {self.sparse_scene_share}")
         if not 0 <= self.scene_relatedness <= 1:
             raise ConfigError(f"scene_relatedness must be in [0, 1], got {self.scene_relatedness}")
+        if self.scene_focus < 0:
+            raise ConfigError(f"scene_focus must be >= 0, got {self.scene_focus}")
         if self.events_per_user < 1:
             raise ConfigError(f"events_per_user must be at least 1, got {self.events_per_user}")
 
@@ -159,7 +165,12 @@ def _shard(cfg: SynthConfig, world: _World, first_user: int, n_users: int) -> pd
     n_events = 1 + rng.poisson(cfg.events_per_user - 1, n_users)
     user = np.repeat(np.arange(n_users), n_events)
     rows = len(user)
-    scene = rng.choice(k, rows, p=world.scene_share)
+    if cfg.scene_focus == 0:  # the same draws as before scene_focus existed (same logs)
+        scene = rng.choice(k, rows, p=world.scene_share)
+    else:  # each user's own scene weights, sampled per event by inverting the user's cumulative shares
+        weights = world.scene_share * rng.gamma(cfg.scene_focus, 1.0, (n_users, k)) + 1e-12
+        cumulative = np.cumsum(weights / weights.sum(1, keepdims=True), axis=1)
+        scene = (rng.random(rows)[:, None] > cumulative[user]).sum(1).clip(max=k - 1)
     counts = np.array([len(items) for items in world.scene_items])
     pick = (rng.random(rows) * counts[scene]).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from msit.data.prepared import EventSplit, load_split
 from msit.data.schema import HISTORY_LENGTH, HISTORY_SCENE_IDS, SCENE_ID, scene_slots
 from msit.evaluation.metrics import auc, scene_metrics
+from msit.evaluation.relatedness import load_relatedness, rank_agreement
 from msit.model.model_dir import LoadedModel, check_data_encoding, load_model_dir
 from msit.model.output import Model
 
@@ -181,7 +182,9 @@ def auc_by_bucket(
 # -------------------------------------------------------------------------------------------------- plots
 
 
-def plot_attention(matrix: np.ndarray, scenes: list[str], title: str, path: Path) -> Path:
+def plot_attention(
+    matrix: np.ndarray, scenes: list[str], title: str, path: Path, label: str = "mean attention"
+) -> Path:
     """Heat map, rows = target scene, columns = source scene, every cell annotated."""
     import matplotlib
 
@@ -199,7 +202,7 @@ def plot_attention(matrix: np.ndarray, scenes: list[str], title: str, path: Path
     ax.set_xticks(range(len(scenes)), scenes, rotation=45, ha="right")
     ax.set_yticks(range(len(scenes)), scenes)
     ax.set(xlabel="source scene", ylabel="target scene", title=title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="mean attention")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -323,6 +326,7 @@ def render_html(
     history_image: Path,
     rows: dict[str, list[int]],
     labels: list[str],
+    agreement: dict[str, dict] | None = None,
 ) -> str:
     model, ablation = results[0], (results[1] if len(results) > 1 else None)
     title = f"Transfer report: {model.model_dir.name}"
@@ -356,6 +360,16 @@ def render_html(
                 f"<h3>{html.escape(result.name)} ({html.escape(result.family)})</h3>"
                 + _image(image, f"transfer attention of the {result.name}")
             )
+        if agreement and result.name in agreement:
+            value = agreement[result.name]
+            parts.append(
+                '<p class="note">Against the true scene relatedness (below): rank correlation (Spearman) over '
+                f"the off-diagonal cells <b>{_num(value['pooled'], 3)}</b> pooled, {_num(value['per_target_mean'], 3)} "
+                "on average per target scene (1: the attention ranks source scenes exactly as they are related).</p>"
+            )
+    truth_image = attention_images.get("relatedness")
+    if truth_image is not None:
+        parts.append("<h3>True scene relatedness</h3>" + _image(truth_image, "true relatedness"))
     parts += [
         "<h2>AUC by history length in the target scene</h2>",
         '<p class="note">Rows bucketed by how many of the user\'s past events were in the scene of the row '
@@ -412,8 +426,11 @@ def build_report(
     ablation_dir: str | Path | None = None,
     split: str = "test",
     log: Log = print,
+    relatedness_file: str | Path | None = None,
 ) -> Path:
     """Evaluate the model (and the ablation) on `split` of `data_dir` and write the report into `out_dir`.
+    With `relatedness_file` (a synth.json: the scenes' true relatedness), the report holds each heat map against
+    it (msit.evaluation.relatedness) and draws the truth beside it.
 
     Returns the path of report.html. Raises MsitError if the data is not encoded like the models.
     """
@@ -425,6 +442,7 @@ def build_report(
     for name, directory in dirs.items():  # before the (possibly large) split is read
         check_data_encoding(directory, loaded[name].spec, data_dir)
     spec = loaded["model"].spec
+    truth = load_relatedness(relatedness_file, spec.scenarios) if relatedness_file is not None else None
     data = load_split(data_dir, split, spec)
     # Buckets by the model's own window (an ablation with another history_length is bucketed alike).
     max_length = loaded["model"].config.history_length
@@ -456,6 +474,15 @@ def build_report(
             f"{result.name} ({result.family}): mean transfer attention",
             out_dir / file,
         )
+    agreement = {
+        r.name: rank_agreement(r.attention, truth) for r in results if r.attention is not None and truth is not None
+    }
+    if truth is not None:
+        attention_images["relatedness"] = plot_attention(
+            truth, spec.scenarios, "true scene relatedness", out_dir / "relatedness.png", label="relatedness"
+        )
+        for name, value in agreement.items():
+            log(f"      {name}: Spearman of mean attention vs true relatedness {value['pooled']:.3f} (pooled)")
     history_image = plot_history_auc(results, rows, labels, out_dir / "auc_by_history.png")
     report = {
         "data_dir": str(data_dir),
@@ -463,10 +490,13 @@ def build_report(
         "history_bucket_edges": list(bucket_edges(max_length)),
         **{r.name: _result_json(r, spec.scenarios, rows, labels) for r in results},
     }
+    if truth is not None:
+        report["relatedness"] = {"file": str(relatedness_file), "matrix": truth.tolist(), "spearman": agreement}
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
     path = out_dir / "report.html"
     path.write_text(
-        render_html(results, data_dir, split, attention_images, history_image, rows, labels), encoding="utf-8"
+        render_html(results, data_dir, split, attention_images, history_image, rows, labels, agreement),
+        encoding="utf-8",
     )
     log(f"      wrote {path}")
     return path

@@ -26,6 +26,7 @@ class ModelConfig:
     use_text: bool = False  # add frozen text embeddings of items (see `msit data embed-text`)
     text_dim: int = 384  # width of those embeddings (all-MiniLM-L6-v2: 384)
     scene_evidence: bool = False  # add to each scene's interest what its history counts: events, positives, rate
+    transfer_pair_bias: bool = False  # a learned per-(target scene, head, source scene) bias on transfer logits
     transfer_kl_weight: float = 0.0  # λ of KL(transfer attention || uniform over scenes)
     num_experts: int = 4  # MMoE
     gap_buckets: int = 24  # log2 buckets of the time gap between a past event and the current one

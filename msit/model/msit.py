@@ -40,7 +40,7 @@ class MSIT(Model):
         self.interest = InterestNetwork(cfg, self.n_scenes, self.history_length)
         self.scenes = SceneEncoder(cfg, self.n_scenes, scene_text)
         self.fusion = Fusion(cfg)
-        self.transfer = InterestTransfer(cfg) if self.transfer_on else None
+        self.transfer = InterestTransfer(cfg, self.n_scenes) if self.transfer_on else None
         self.predictor = Predictor(cfg, n_inputs=4, scene_vocab=spec.fields["scene_id"].vocab)
 
     def head_parts(self) -> dict[str, Part]:
@@ -64,6 +64,8 @@ class MSIT(Model):
         }  # by slot: slot 0 is id FIRST_REAL
         if self.predictor.scene_bias is not None:
             parts["scene bias"] = ScenePart(self.predictor.scene_bias)
+        if self.transfer is not None and self.transfer.pair_bias is not None:
+            parts["transfer pair bias"] = ScenePart(self.transfer.pair_bias, FIRST_REAL)  # by target slot
         return parts
 
     def forward(self, batch: dict[str, torch.Tensor], explain: bool = False) -> ModelOutput:
