@@ -18,18 +18,31 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     # "local", not None: ray.init(None) would join whatever cluster /tmp/ray last recorded, even a dead one.
     # The dashboard (on 127.0.0.1) serves the state API, which Ray Train's placement-group cleaner needs: without
     # it, a Train run stopped from outside (a trial ASHA stops) keeps its CPUs and the next trials hang.
-    kwargs = (
+    kwargs: dict = (
         {"address": address}
         if address
         else {"address": "local", "num_cpus": num_cpus, "include_dashboard": True, "dashboard_host": "127.0.0.1"}
     )
-    # logging_level is typed int, but ray hands it to `logging`, which takes level names too
-    ray.init(
-        log_to_driver=not quiet,
-        configure_logging=True,
-        logging_level="WARNING",  # type: ignore[arg-type]
-        **kwargs,
-    )
+    chosen = os.environ.get("RAY_GCS_SERVER_PORT")  # read by ray.init when it starts the head
+    if not address:
+        # The state API in a worker finds its cluster by RAY_ADDRESS, else by looking for running instances, and
+        # fails with a second one on the machine ("Found multiple active Ray instances"): then the cleaner never
+        # frees a stopped trial's CPUs. So the new instance's GCS gets a port chosen here, and its workers the
+        # address.
+        port = int(chosen) if chosen else free_ports(1)[0]
+        kwargs["runtime_env"] = {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        # logging_level is typed int, but ray hands it to `logging`, which takes level names too
+        ray.init(
+            log_to_driver=not quiet,
+            configure_logging=True,
+            logging_level="WARNING",  # type: ignore[arg-type]
+            **kwargs,
+        )
+    finally:
+        if not address and not chosen:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
