@@ -13,23 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("commit", "tree_clean", "device", "command")
 
 RESULTS = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-# Written before results recorded their commit, and not regenerated yet: strict, so the mark has to go when it is.
-NOT_YET_STAMPED = {
-    "tune_ml100k_genre.json": "python benchmarks/tune_ml100k.py (~48 min on 2 cores, alone on the machine)",
-}
-
-
-def marked(path: Path):
-    if path.name in NOT_YET_STAMPED:
-        return pytest.param(path, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_STAMPED[path.name]))
-    return path
 
 
 def test_there_are_results_to_check():
     assert len(RESULTS) >= 10
 
 
-@pytest.mark.parametrize("path", [marked(p) for p in RESULTS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
 def test_a_results_file_records_its_provenance(path: Path):
     report = json.loads(path.read_text())
     missing = [key for key in REQUIRED if key not in report]
