@@ -523,8 +523,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
         model_dir,
         out / "prepared",
         out / "report",
-        log=lambda line: print(line.strip(), flush=True) if "Spearman" in line else None,
+        log=lambda _: None,
         relatedness_file=out / "synth" / synth.SYNTH_INFO,
+    )
+    spearman = json.loads((page.parent / "metrics.json").read_text())["relatedness"]["spearman"]["model"]
+    print(
+        f"transfer attention vs the generator's scene relatedness: Spearman {spearman['pooled']:.3f} pooled, "
+        f"{spearman['per_target_mean']:.3f} per target scene"
     )
     print(f"transfer report (attention heat map against the true relatedness, AUC cold -> warm): {page}")
 

@@ -327,6 +327,7 @@ def render_html(
     rows: dict[str, list[int]],
     labels: list[str],
     agreement: dict[str, dict] | None = None,
+    truth_image: Path | None = None,
 ) -> str:
     model, ablation = results[0], (results[1] if len(results) > 1 else None)
     title = f"Transfer report: {model.model_dir.name}"
@@ -367,7 +368,6 @@ def render_html(
                 f"the off-diagonal cells <b>{_num(value['pooled'], 3)}</b> pooled, {_num(value['per_target_mean'], 3)} "
                 "on average per target scene (1: the attention ranks source scenes exactly as they are related).</p>"
             )
-    truth_image = attention_images.get("relatedness")
     if truth_image is not None:
         parts.append("<h3>True scene relatedness</h3>" + _image(truth_image, "true relatedness"))
     parts += [
@@ -474,11 +474,11 @@ def build_report(
             f"{result.name} ({result.family}): mean transfer attention",
             out_dir / file,
         )
-    agreement = {
-        r.name: rank_agreement(r.attention, truth) for r in results if r.attention is not None and truth is not None
-    }
+    agreement: dict[str, dict] = {}
+    truth_image = None
     if truth is not None:
-        attention_images["relatedness"] = plot_attention(
+        agreement = {r.name: rank_agreement(r.attention, truth) for r in results if r.attention is not None}
+        truth_image = plot_attention(
             truth, spec.scenarios, "true scene relatedness", out_dir / "relatedness.png", label="relatedness"
         )
         for name, value in agreement.items():
@@ -495,7 +495,7 @@ def build_report(
     (out_dir / "metrics.json").write_text(json.dumps(_json_safe(report), indent=1))
     path = out_dir / "report.html"
     path.write_text(
-        render_html(results, data_dir, split, attention_images, history_image, rows, labels, agreement),
+        render_html(results, data_dir, split, attention_images, history_image, rows, labels, agreement, truth_image),
         encoding="utf-8",
     )
     log(f"      wrote {path}")
